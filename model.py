@@ -1,0 +1,286 @@
+"""
+The transformer: a decoder-only GPT laid out exactly like Hugging Face's Llama
+(Qwen3 when qk_norm is on), so export is a renaming of keys, not a conversion.
+
+    embed_tokens -> n_layer x [RMSNorm -> attention(RoPE, GQA) -> +residual,
+                               RMSNorm -> SwiGLU MLP -> +residual] -> RMSNorm -> lm_head
+
+No biases anywhere. Attention goes through F.scaled_dot_product_attention so CUDA
+picks the flash kernel. Also here: FLOPs per token (for MFU), the peak FLOP/s of
+known GPUs, and generation with a KV cache.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int = 50304     # the tokenizer's vocabulary; embeddings are padded to a multiple of 128
+    block_size: int = 1024      # longest sequence the model is trained on
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int = 12         # < n_head gives grouped-query attention; must divide n_head
+    n_embd: int = 768
+    mlp_ratio: float = 8 / 3    # SwiGLU hidden = mlp_ratio * n_embd, rounded up to a multiple of 128
+    rope_base: float = 10000.0
+    qk_norm: bool = False       # RMSNorm on each head's q and k before RoPE (Qwen3)
+    tie_embeddings: bool = False
+    norm_eps: float = 1e-5
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self):
+        # tensor-core matmuls want dimensions that are multiples of 64/128; the padded rows are never sampled
+        return math.ceil(self.vocab_size / 128) * 128
+
+    @property
+    def mlp_hidden_dim(self):
+        return math.ceil(self.mlp_ratio * self.n_embd / 128) * 128
+
+    def check(self):
+        problems = []
+        if self.n_embd % self.n_head:
+            problems.append(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        elif self.head_dim % 2:
+            problems.append(f"head_dim={self.head_dim} (n_embd/n_head) must be even for RoPE")
+        if self.n_head % self.n_kv_head:
+            problems.append(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+def rope_cos_sin(head_dim, length, base, device=None):
+    """cos/sin tables in Llama's rotate-half layout: frequencies repeated twice, shape (length, head_dim)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    # x: (B, heads, T, head_dim); cos/sin: (T, head_dim)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x * cos + rotated * sin).type_as(x)
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: (B, n_kv_head, max_len, head_dim)."""
+
+    def __init__(self, args, batch_size, max_len, device, dtype):
+        shape = (batch_size, args.n_kv_head, max_len, args.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layer)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layer)]
+        self.length = 0  # positions filled so far
+
+
+class Attention(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = args.n_head, args.n_kv_head, args.head_dim
+        self.q_proj = nn.Linear(args.n_embd, args.n_head * args.head_dim, bias=False)
+        self.k_proj = nn.Linear(args.n_embd, args.n_kv_head * args.head_dim, bias=False)
+        self.v_proj = nn.Linear(args.n_embd, args.n_kv_head * args.head_dim, bias=False)
+        self.o_proj = nn.Linear(args.n_head * args.head_dim, args.n_embd, bias=False)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(args.head_dim, args.norm_eps)
+            self.k_norm = RMSNorm(args.head_dim, args.norm_eps)
+        self.qk_norm = args.qk_norm
+
+    def forward(self, x, cos, sin, cache=None, layer=0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        is_causal = True
+        if cache is not None:
+            start = cache.length
+            cache.keys[layer][:, :, start:start + T] = k
+            cache.values[layer][:, :, start:start + T] = v
+            k, v = cache.keys[layer][:, :, :start + T], cache.values[layer][:, :, :start + T]
+            # a prefill from position 0 is an ordinary causal pass; one new token attends to everything cached
+            assert start == 0 or T == 1, "the KV cache takes a prefill at position 0, then one token at a time"
+            is_causal = start == 0
+        gqa = {"enable_gqa": True} if self.n_kv_head != self.n_head else {}
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, **gqa)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.n_embd, args.mlp_hidden_dim, bias=False)
+        self.up_proj = nn.Linear(args.n_embd, args.mlp_hidden_dim, bias=False)
+        self.down_proj = nn.Linear(args.mlp_hidden_dim, args.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.n_embd, args.norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = RMSNorm(args.n_embd, args.norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x, cos, sin, cache=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        args.check()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.padded_vocab_size, args.n_embd)
+        self.layers = nn.ModuleList([Block(args) for _ in range(args.n_layer)])
+        self.norm = RMSNorm(args.n_embd, args.norm_eps)
+        self.lm_head = nn.Linear(args.n_embd, args.padded_vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # non-persistent: recomputed from the args, so checkpoints and exports hold weights only
+        cos, sin = rope_cos_sin(args.head_dim, args.block_size, args.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        # GPT-2's scheme: every matrix N(0, 0.02), and the two projections that write into the
+        # residual stream (o_proj, down_proj) scaled by 1/sqrt(2 * n_layer): each block adds two
+        # such terms, so the residual's variance stays O(1) however deep the model is.
+        std = 0.02
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                p.fill_(1.0)
+            elif name.endswith("o_proj.weight") or name.endswith("down_proj.weight"):
+                p.normal_(0.0, std / math.sqrt(2 * self.args.n_layer))
+            else:
+                p.normal_(0.0, std)
+        cos, sin = rope_cos_sin(self.args.head_dim, self.args.block_size, self.args.rope_base, self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    def forward(self, idx, targets=None, loss_reduction="mean", cache=None):
+        """idx (B, T) token ids -> logits (B, T, padded_vocab), or the loss when targets are given.
+        Targets equal to -1 are ignored. loss_reduction='none' gives the per-token loss (B, T)."""
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        assert start + T <= self.args.block_size, f"sequence of {start + T} exceeds block_size={self.args.block_size}"
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        x = self.embed_tokens(idx)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, i)
+        x = self.norm(x)
+        if cache is not None:
+            cache.length += T
+        if targets is None:
+            return self.lm_head(x)
+        logits = self.lm_head(x).float()
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=-1, reduction=loss_reduction)
+        return loss.view(B, T) if loss_reduction == "none" else loss
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len=None):
+        """Training FLOPs per token: 6 per matmul weight (2 forward, 4 backward) for every matrix that
+        multiplies activations (all but the embedding lookup), plus attention's QK^T and AV.
+        Causal attention is counted at half of the full T x T, the work flash attention actually does."""
+        a = self.args
+        seq_len = seq_len or a.block_size
+        matmul_params = self.num_params() - self.embed_tokens.weight.numel()
+        if a.tie_embeddings:  # the shared matrix is used as lm_head, so it counts once
+            matmul_params += self.lm_head.weight.numel()
+        matmul_params -= sum(p.numel() for n, p in self.named_parameters() if p.dim() == 1)
+        attention = 6 * a.n_layer * a.n_head * a.head_dim * seq_len  # 12 * L * H * d * T / 2
+        return 6 * matmul_params + attention
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, stop_token=None):
+        """Continue idx (B, T) by max_new_tokens tokens with a KV cache; yields each new (B, 1) column.
+        temperature=0 is greedy. When the context fills block_size, the cache is refilled from the
+        most recent half so generation can go on past the trained length of context."""
+        a = self.args
+        dtype = self.embed_tokens.weight.dtype
+        if torch.is_autocast_enabled(idx.device.type):
+            dtype = torch.get_autocast_dtype(idx.device.type)
+        idx = idx[:, -a.block_size:]
+        cache = KVCache(a, idx.size(0), a.block_size, idx.device, dtype)
+        logits = self(idx, cache=cache)[:, -1, :]
+        context = idx
+        for _ in range(max_new_tokens):
+            logits = logits.float()
+            logits[:, a.vocab_size:] = float("-inf")  # vocabulary padding is never sampled
+            if temperature == 0:
+                next_token = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k:
+                    kth = torch.topk(logits, min(top_k, a.vocab_size)).values[:, -1:]
+                    logits[logits < kth] = float("-inf")
+                next_token = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            yield next_token
+            if stop_token is not None and bool((next_token == stop_token).all()):
+                return
+            context = torch.cat((context, next_token), dim=1)
+            if cache.length == a.block_size:
+                context = context[:, -(a.block_size // 2):]
+                cache.length = 0
+                logits = self(context, cache=cache)[:, -1, :]
+            else:
+                logits = self(next_token, cache=cache)[:, -1, :]
+
+
+# Dense bf16 peak FLOP/s (no sparsity) of the GPUs this is likely to run on, for MFU.
+# Matched against torch.cuda.get_device_name(); first match wins, so more specific names come first.
+PEAK_BF16_FLOPS = [
+    ("H100 NVL", 835e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),   # SXM
+    ("H200", 989e12),
+    ("H800", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A10G", 70e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+]
+
+
+def device_peak_flops(device_type):
+    """Peak dense bf16 FLOP/s of the current CUDA device, or None when unknown (or on the CPU)."""
+    if device_type != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    for key, flops in PEAK_BF16_FLOPS:
+        if key in name:
+            return flops
+    return None

@@ -1,0 +1,110 @@
+"""
+Tokenizers: a byte-level BPE trained here with rustbpe, or a tiktoken encoding by name,
+always used as a tiktoken.Encoding and always saved as text, never pickled:
+
+    tokenizer.tiktoken   tiktoken's rank file: one "base64(token bytes) rank" per line
+    tokenizer.json       name, split pattern and special tokens
+
+Every tokenizer carries the same special tokens, so a later stage (midtrain, chat finetune)
+reuses the pretrain tokenizer and no id ever changes:
+    <|endoftext|>                 begins every document (BOS) and separates documents
+    <|im_start|>, <|im_end|>      the chat template (ChatML): <|im_start|>role\\ncontent<|im_end|>\\n
+    <|reserved_0..4|>             kept free for later formats (tool calls, ...)
+"""
+import base64
+import json
+import os
+
+import numpy as np
+import tiktoken
+
+BOS = "<|endoftext|>"
+SPECIAL_TOKENS = [BOS, "<|im_start|>", "<|im_end|>"] + [f"<|reserved_{i}|>" for i in range(5)]
+
+# GPT-4's split pattern, but numbers split into groups of 1-2 digits instead of 1-3: with a small
+# vocabulary, merges are better spent on text than on every 3-digit number.
+SPLIT_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+)
+
+# tiktoken's published encodings usable by name. "gpt2" is the same BPE as r50k_base; r50k_base is
+# read from a single rank file (cached by tiktoken under TIKTOKEN_CACHE_DIR once downloaded).
+TIKTOKEN_NAMES = {"gpt2": "r50k_base", "r50k_base": "r50k_base", "cl100k_base": "cl100k_base",
+                  "o200k_base": "o200k_base"}
+
+
+def train_bpe(texts, vocab_size):
+    """Train a byte-level BPE of vocab_size tokens in all (specials included) on an iterator of strings."""
+    import rustbpe  # only needed to train
+    n_merged = vocab_size - len(SPECIAL_TOKENS)
+    if n_merged < 256:
+        raise ValueError(f"vocab_size={vocab_size} is too small: it needs 256 byte tokens + {len(SPECIAL_TOKENS)} specials at least")
+    bpe = rustbpe.Tokenizer()
+    bpe.train_from_iterator(texts, n_merged, pattern=SPLIT_PATTERN)
+    ranks = {bytes(token): rank for token, rank in bpe.get_mergeable_ranks()}
+    specials = {token: len(ranks) + i for i, token in enumerate(SPECIAL_TOKENS)}
+    return tiktoken.Encoding(name=f"bpe{vocab_size}", pat_str=bpe.get_pattern(), mergeable_ranks=ranks,
+                             special_tokens=specials)
+
+
+def from_tiktoken_name(name):
+    """A published tiktoken encoding, with this repo's special tokens appended after its own ids."""
+    base = tiktoken.get_encoding(TIKTOKEN_NAMES[name])
+    specials = dict(base._special_tokens)
+    next_id = base.n_vocab
+    for token in SPECIAL_TOKENS:
+        if token not in specials:
+            specials[token] = next_id
+            next_id += 1
+    return tiktoken.Encoding(name=name, pat_str=base._pat_str, mergeable_ranks=base._mergeable_ranks,
+                             special_tokens=specials)
+
+
+def tokenizer_state(enc):
+    """Everything that defines the tokenizer, as plain strings and ints (what checkpoints embed)."""
+    lines = [f"{base64.b64encode(token).decode()} {rank}" for token, rank in
+             sorted(enc._mergeable_ranks.items(), key=lambda item: item[1])]
+    return {"name": enc.name, "pattern": enc._pat_str, "special_tokens": dict(enc._special_tokens),
+            "ranks": "\n".join(lines) + "\n"}
+
+
+def tokenizer_from_state(state):
+    ranks = {}
+    for line in state["ranks"].splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return tiktoken.Encoding(name=state["name"], pat_str=state["pattern"], mergeable_ranks=ranks,
+                             special_tokens={k: int(v) for k, v in state["special_tokens"].items()})
+
+
+def save_tokenizer(enc, directory):
+    state = tokenizer_state(enc)
+    with open(os.path.join(directory, "tokenizer.tiktoken"), "w") as f:
+        f.write(state.pop("ranks"))
+    with open(os.path.join(directory, "tokenizer.json"), "w") as f:
+        json.dump({**state, "ranks_file": "tokenizer.tiktoken"}, f, indent=1)
+
+
+def load_tokenizer(directory):
+    """The tokenizer saved in a dataset (or export) directory."""
+    path = os.path.join(directory, "tokenizer.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no tokenizer.json in {directory}: prepare the data with prepare.py first")
+    with open(path) as f:
+        state = json.load(f)
+    with open(os.path.join(directory, state.pop("ranks_file"))) as f:
+        state["ranks"] = f.read()
+    return tokenizer_from_state(state)
+
+
+def bos_id(enc):
+    return enc._special_tokens[BOS]
+
+
+def token_byte_lengths(enc):
+    """UTF-8 bytes each token id stands for (0 for special tokens), to turn loss into bits per byte."""
+    lengths = np.zeros(enc.n_vocab, dtype=np.int64)
+    for token, rank in enc._mergeable_ranks.items():
+        lengths[rank] = len(token)
+    return lengths

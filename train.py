@@ -1,0 +1,387 @@
+"""
+Train a GPT. One process on one device:
+    python train.py configs/pretrain.py configs/tiny.py
+or data-parallel across GPUs and machines with torchrun:
+    torchrun --standalone --nproc_per_node=8 train.py configs/pretrain.py
+Every global below is a config variable; config files and --key=value override them (configurator.py).
+"""
+import json
+import math
+import os
+import resource
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+# ----------------------------------------------------------------------------------------------
+# config
+# I/O
+out_dir = "out/run"
+data_dir = "data/demo"          # a directory written by prepare.py
+init_from = "scratch"           # 'scratch' or 'resume' (the newest checkpoint in out_dir)
+eval_interval = 250             # evaluate and checkpoint every this many steps (and at the end)
+eval_iters = 20                 # micro-batches per evaluation (split across ranks)
+log_interval = 10               # a log line and a metrics.jsonl record every this many steps
+keep_last_checkpoints = 3       # older checkpoints are deleted once a newer one is complete
+wandb_project = ""              # '' disables wandb
+wandb_run_name = ""
+# model (see model.ModelArgs)
+n_layer = 12
+n_head = 12
+n_kv_head = 12
+n_embd = 768
+block_size = 1024               # tokens per training sequence
+vocab_size = 0                  # 0: the dataset's vocabulary (meta.json)
+mlp_ratio = 8 / 3
+rope_base = 10000.0
+qk_norm = False
+tie_embeddings = False
+# batch: sizes in sequences of block_size tokens
+micro_batch_size = 8            # sequences per forward/backward on each device
+batch_size = 64                 # sequences per optimizer step, over all devices and accumulation steps
+batch_size_schedule = None      # e.g. dict(strategy='doubling', start_batch_size=16, interval_steps=100, max_batch_size=64)
+# optimizer: AdamW, weight decay on matrices only
+learning_rate = 6e-4            # peak
+min_lr = 6e-5                   # the schedules end here
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0                 # max global grad norm; 0 disables clipping
+max_iters = 5000                # optimizer steps
+warmup_iters = 200              # linear warmup from 0, for every schedule
+lr_schedule = "cosine"          # 'cosine', 'linear' or 'wsd' (warmup-stable-decay)
+wsd_decay_frac = 0.2            # wsd: the last fraction of max_iters spent decaying to min_lr
+wsd_decay_shape = "linear"      # wsd: 'linear', 'cosine' or 'sqrt' (1 - sqrt(progress))
+# system
+device = "auto"                 # 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...
+dtype = "auto"                  # 'auto' (bfloat16 autocast on cuda, float32 on cpu), 'bfloat16', 'float32'
+compile = None                  # torch.compile the model; None: on for cuda, off for cpu
+peak_flops = 0.0                # device peak FLOP/s for MFU; 0: from model.PEAK_BF16_FLOPS (cuda only)
+seed = 1337
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
+# ----------------------------------------------------------------------------------------------
+
+from checkpoint import checkpoint_paths, load_checkpoint, save_checkpoint
+from model import GPT, ModelArgs, device_peak_flops
+from prepare import read_shard
+import tokenizer as tok
+
+# distributed: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
+ddp = "RANK" in os.environ
+if device == "auto":
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+device_type = "cuda" if device.startswith("cuda") else "cpu"
+if ddp:
+    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if device_type == "cuda":
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    # the timeout turns a rank that died or hung into an error on the others instead of a hang
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timedelta(minutes=10))
+else:
+    rank, local_rank, world_size = 0, 0, 1
+master = rank == 0
+if dtype == "auto":
+    dtype = "bfloat16" if device_type == "cuda" else "float32"
+if dtype not in ("bfloat16", "float32"):
+    sys.exit(f"config error: dtype must be 'auto', 'bfloat16' or 'float32', got {dtype!r}")
+autocast = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+if compile is None:
+    compile = device_type == "cuda"
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+
+
+def log(*args):
+    if master:
+        print(*args, flush=True)
+
+
+def fail(message):
+    print(f"error (rank {rank}): {message}", file=sys.stderr, flush=True)
+    if ddp:
+        dist.destroy_process_group()
+    sys.exit(1)
+
+
+# ---- schedules --------------------------------------------------------------------------------
+if lr_schedule not in ("cosine", "linear", "wsd"):
+    fail(f"lr_schedule must be 'cosine', 'linear' or 'wsd', got {lr_schedule!r}")
+if wsd_decay_shape not in ("linear", "cosine", "sqrt"):
+    fail(f"wsd_decay_shape must be 'linear', 'cosine' or 'sqrt', got {wsd_decay_shape!r}")
+
+
+def lr_at(step):
+    if step < warmup_iters:
+        return learning_rate * (step + 1) / warmup_iters
+    if lr_schedule == "wsd":
+        decay_start = max_iters - int(wsd_decay_frac * max_iters)
+        if step < decay_start:
+            return learning_rate
+        progress = (step - decay_start) / max(1, max_iters - decay_start)
+        remaining = {"linear": 1 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress)),
+                     "sqrt": 1 - math.sqrt(progress)}[wsd_decay_shape]
+        return min_lr + (learning_rate - min_lr) * remaining
+    progress = min(1.0, (step - warmup_iters) / max(1, max_iters - warmup_iters))
+    if lr_schedule == "cosine":
+        return min_lr + (learning_rate - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+    return learning_rate + (min_lr - learning_rate) * progress  # linear
+
+
+def batch_size_at(step):
+    """Global batch (sequences) at a step. The doubling schedule grows it by raising gradient
+    accumulation while the micro-batch stays fixed, so the compiled shapes never change."""
+    if batch_size_schedule is None:
+        return batch_size
+    s = batch_size_schedule
+    return min(s["max_batch_size"], s["start_batch_size"] * 2 ** (step // s["interval_steps"]))
+
+
+sequences_per_micro_step = micro_batch_size * world_size
+if batch_size_schedule is not None:
+    expected = {"strategy", "start_batch_size", "interval_steps", "max_batch_size"}
+    if not isinstance(batch_size_schedule, dict) or set(batch_size_schedule) != expected \
+            or batch_size_schedule["strategy"] != "doubling" or batch_size_schedule["interval_steps"] < 1:
+        fail(f"batch_size_schedule must be dict(strategy='doubling', start_batch_size=..., interval_steps=..., "
+             f"max_batch_size=...), got {batch_size_schedule!r}")
+    all_batch_sizes = sorted({batch_size_at(s) for s in range(0, max_iters + 1)})
+else:
+    all_batch_sizes = [batch_size]
+for size in all_batch_sizes:
+    if size <= 0 or size % sequences_per_micro_step:
+        multiples = [sequences_per_micro_step * k for k in (max(1, size // sequences_per_micro_step), size // sequences_per_micro_step + 1)]
+        fail(f"batch size {size} is not a multiple of micro_batch_size x world_size = {micro_batch_size} x {world_size} "
+             f"= {sequences_per_micro_step}; use e.g. {' or '.join(map(str, sorted(set(multiples))))}")
+
+
+def grad_accum_at(step):
+    return batch_size_at(step) // sequences_per_micro_step
+
+
+# ---- data -------------------------------------------------------------------------------------
+meta_path = os.path.join(data_dir, "meta.json")
+if not os.path.exists(meta_path):
+    fail(f"no dataset at {data_dir} (no meta.json): run python prepare.py first, or set --data_dir")
+with open(meta_path) as f:
+    meta = json.load(f)
+shards = {split: [read_shard(os.path.join(data_dir, name)) for name in meta["splits"][split]["shards"]]
+          for split in ("train", "val")}
+encoder = tok.load_tokenizer(data_dir)
+if vocab_size == 0:
+    vocab_size = meta["vocab_size"]
+if vocab_size < meta["vocab_size"]:
+    fail(f"vocab_size={vocab_size} is smaller than the dataset's vocabulary ({meta['vocab_size']}); use 0 to take it from the data")
+window_counts = {}
+for split, split_shards in shards.items():
+    # a window is block_size + 1 tokens (inputs and the targets shifted by one) inside one shard
+    counts = np.array([max(0, len(s) - block_size) for s in split_shards], dtype=np.int64)
+    if counts.sum() == 0:
+        fail(f"the {split} split of {data_dir} has no shard longer than block_size={block_size} tokens: "
+             f"use a smaller block_size or more data")
+    window_counts[split] = np.cumsum(counts)
+
+
+def sample_windows(split, count, rng_key):
+    """count random window starts, as (shard index, offset); a function of rng_key alone."""
+    rng = np.random.default_rng(rng_key)
+    positions = rng.integers(0, window_counts[split][-1], size=count)
+    shard_ids = np.searchsorted(window_counts[split], positions, side="right")
+    offsets = positions - np.concatenate(([0], window_counts[split]))[shard_ids]
+    return list(zip(shard_ids.tolist(), offsets.tolist()))
+
+
+def load_windows(split, windows):
+    tokens = np.stack([shards[split][i][offset:offset + block_size + 1] for i, offset in windows]).astype(np.int64)
+    tokens = torch.from_numpy(tokens)
+    if device_type == "cuda":  # pinned memory lets the copy run asynchronously with the GPU's work
+        tokens = tokens.pin_memory().to(device, non_blocking=True)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def train_micro_batches(start_step):
+    """The micro-batches of this rank from start_step on. The windows of step s are drawn from
+    (seed, s) alone and split between ranks without overlap, so resuming at any step, or at another
+    world size with the same global batch, sees exactly the same data."""
+    step = start_step
+    while True:
+        global_windows = sample_windows("train", batch_size_at(step), (seed, step))
+        per_rank = len(global_windows) // world_size
+        mine = global_windows[rank * per_rank:(rank + 1) * per_rank]
+        for k in range(grad_accum_at(step)):
+            yield load_windows("train", mine[k * micro_batch_size:(k + 1) * micro_batch_size])
+        step += 1
+
+
+# the same validation windows at every evaluation, split between ranks
+val_windows = sample_windows("val", eval_iters * micro_batch_size * world_size, (seed, 2**32))
+val_windows = val_windows[rank * eval_iters * micro_batch_size:(rank + 1) * eval_iters * micro_batch_size]
+token_bytes = torch.from_numpy(tok.token_byte_lengths(encoder)).to(device)
+
+
+@torch.no_grad()
+def evaluate():
+    """(mean val loss per token, bits per byte). Bits per byte does not depend on the tokenizer:
+    the summed loss in bits over the UTF-8 bytes the targets stand for (special tokens excluded)."""
+    model.eval()
+    # summed over the windows: loss over all targets, target count, loss on byte-carrying targets, their bytes
+    sums = torch.zeros(4, device=device, dtype=torch.float64)
+    for k in range(eval_iters):
+        x, y = load_windows("val", val_windows[k * micro_batch_size:(k + 1) * micro_batch_size])
+        with autocast:
+            losses = eval_model(x, y, loss_reduction="none").double()
+        nbytes = token_bytes[y]
+        sums += torch.stack([losses.sum(), losses.new_tensor(losses.numel()), (losses * (nbytes > 0)).sum(), nbytes.sum().double()])
+    if ddp:
+        dist.all_reduce(sums)
+    model.train()
+    loss_sum, count, byte_loss_sum, bytes_sum = sums.tolist()
+    return loss_sum / count, byte_loss_sum / (math.log(2) * bytes_sum)
+
+
+# ---- model, optimizer, resume -----------------------------------------------------------------
+existing = checkpoint_paths(out_dir)
+if init_from == "scratch" and existing:
+    fail(f"{out_dir} already holds checkpoints ({os.path.basename(existing[-1])}): continue with --init_from=resume, "
+         f"or choose a new --out_dir")
+if init_from not in ("scratch", "resume"):
+    fail(f"init_from must be 'scratch' or 'resume', got {init_from!r}")
+
+model_args = ModelArgs(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
+                       n_kv_head=n_kv_head, n_embd=n_embd, mlp_ratio=mlp_ratio, rope_base=rope_base,
+                       qk_norm=qk_norm, tie_embeddings=tie_embeddings)
+try:
+    model_args.check()
+except ValueError as e:
+    fail(f"model config: {e}")
+torch.manual_seed(seed)
+with torch.device(device):  # initialise directly on the device: a CPU init of a large model is slow
+    raw_model = GPT(model_args)
+step, tokens_seen = 0, 0
+
+# weight decay on matrices (and the embedding) only; norm gains are 1-D and stay undecayed
+matrices = [p for p in raw_model.parameters() if p.dim() >= 2]
+vectors = [p for p in raw_model.parameters() if p.dim() < 2]
+optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": weight_decay},
+                               {"params": vectors, "weight_decay": 0.0}],
+                              lr=learning_rate, betas=(beta1, beta2), fused=device_type == "cuda")
+
+if init_from == "resume":
+    if not existing:
+        fail(f"--init_from=resume but {out_dir} holds no checkpoint")
+    try:
+        checkpoint = load_checkpoint(out_dir, device)
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    if checkpoint["model_args"] != asdict(model_args):
+        fail(f"the checkpoint's model {checkpoint['model_args']} differs from the config's {asdict(model_args)}")
+    raw_model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    step, tokens_seen = checkpoint["step"], checkpoint["tokens_seen"]
+    log(f"resumed from {checkpoint['path']} at step {step}")
+    del checkpoint
+
+# compile first, then wrap in DDP: DDP then hooks the compiled graph's gradients, and the
+# checkpoints come from raw_model, so their keys never carry _orig_mod. or module. prefixes
+eval_model = torch.compile(raw_model) if compile else raw_model
+model = DDP(eval_model, device_ids=[local_rank] if device_type == "cuda" else None) if ddp else eval_model
+
+flops_per_token = raw_model.flops_per_token()
+peak = peak_flops or device_peak_flops(device_type)
+log("\n".join(f"{k} = {v!r}" for k, v in config.items()))
+log(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs/token | "
+    f"data: {meta['splits']['train']['tokens']:,} train tokens | device {device}, {dtype}, world size {world_size}, "
+    f"compile={compile}")
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    metrics_file = open(os.path.join(out_dir, "metrics.jsonl"), "a")
+    metrics_file.write(json.dumps({"config": config}) + "\n")
+    if wandb_project:
+        import wandb
+        wandb.init(project=wandb_project, name=wandb_run_name or None, config=config)
+
+
+def record(metrics):
+    if master:
+        metrics_file.write(json.dumps(metrics) + "\n")
+        metrics_file.flush()
+        if wandb_project:
+            wandb.log(metrics, step=metrics["step"])
+
+
+def peak_memory_mb():
+    if device_type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# ---- the loop ---------------------------------------------------------------------------------
+try:
+    start_step = step
+    batches = train_micro_batches(step)
+    x, y = next(batches)
+    last_log_time, last_log_step, last_log_tokens = time.time(), step, tokens_seen
+    while True:
+        last_step = step == max_iters
+        if step % eval_interval == 0 or last_step:
+            val_loss, val_bpb = evaluate()
+            log(f"step {step}: val loss {val_loss:.4f}, val bpb {val_bpb:.4f}")
+            record({"step": step, "val_loss": val_loss, "val_bpb": val_bpb, "tokens": tokens_seen})
+            if master and step > start_step:
+                save_checkpoint(out_dir, {
+                    "step": step, "tokens_seen": tokens_seen, "model": raw_model.state_dict(),
+                    "optimizer": optimizer.state_dict(), "model_args": asdict(model_args), "config": config,
+                    "tokenizer": tok.tokenizer_state(encoder), "data_dir": data_dir,
+                }, keep_last_checkpoints)
+            last_log_time = time.time()  # evaluation time does not count towards tokens/s
+        if last_step:
+            break
+
+        lr = lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        accum_steps = grad_accum_at(step)
+        loss_sum = torch.zeros((), device=device)  # accumulated on the device: no host sync per micro-step
+        for micro_step in range(accum_steps):
+            if ddp:  # all-reduce the gradients only on the last micro-step
+                model.require_backward_grad_sync = micro_step == accum_steps - 1
+            with autocast:
+                loss = model(x, y)
+            x, y = next(batches)  # the next batch is prepared while the device works on this one
+            (loss / accum_steps).backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip) if grad_clip > 0 else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens_seen += batch_size_at(step) * block_size
+        step += 1
+
+        if step % log_interval == 0 or step == max_iters:
+            loss_value = (loss_sum / accum_steps).item()  # the only host sync of the step, on log steps only
+            if ddp:
+                loss_value = loss_sum.new_tensor(loss_value)
+                dist.all_reduce(loss_value)  # a sum: gloo has no average
+                loss_value = loss_value.item() / world_size
+            now = time.time()
+            elapsed, steps_done = now - last_log_time, step - last_log_step
+            tokens_per_s = (tokens_seen - last_log_tokens) / elapsed
+            metrics = {"step": step, "loss": loss_value, "lr": lr, "batch_size": batch_size_at(step - 1),
+                       "grad_accum": accum_steps, "grad_norm": grad_norm.item() if grad_norm is not None else None,
+                       "tokens": tokens_seen, "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": tokens_per_s / world_size,
+                       "ms_per_step": 1000 * elapsed / steps_done, "peak_memory_mb": peak_memory_mb()}
+            if peak:
+                metrics["mfu"] = flops_per_token * tokens_per_s / (peak * world_size)
+            log(f"step {step}/{max_iters} | loss {loss_value:.4f} | lr {lr:.2e} | grad norm {metrics['grad_norm'] or 0:.3f} | "
+                f"{tokens_per_s:,.0f} tok/s | {metrics['ms_per_step']:.1f} ms/step"
+                + (f" | MFU {100 * metrics['mfu']:.1f}%" if peak else "") + f" | {metrics['peak_memory_mb']:,.0f} MB")
+            record(metrics)
+            last_log_time, last_log_step, last_log_tokens = now, step, tokens_seen
+finally:
+    if ddp:
+        dist.destroy_process_group()
