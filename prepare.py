@@ -274,8 +274,10 @@ class Progress:
 
 def build_tokenizer(args):
     if args.tokenizer == "bpe":
+        chars = 0
+
         def training_texts():
-            chars = 0
+            nonlocal chars
             for name, text in limited_documents(args):
                 if split_of(name, args.val_fraction) == "train":
                     yield text
@@ -284,11 +286,13 @@ def build_tokenizer(args):
                         return
         started = time.time()
         enc = tok.train_bpe(training_texts(), args.vocab_size)
+        if chars == 0:
+            fail("no text to train the tokenizer on: the sources are empty (or every document fell in the val split)")
         print(f"trained a BPE tokenizer of {enc.n_vocab} tokens in {time.time() - started:.1f}s", file=sys.stderr)
         return enc
     if args.tokenizer in tok.TIKTOKEN_NAMES:
         return tok.from_tiktoken_name(args.tokenizer)
-    if os.path.isdir(args.tokenizer):
+    if os.path.isfile(os.path.join(args.tokenizer, "tokenizer.json")):
         return tok.load_tokenizer(args.tokenizer)
     fail(f"unknown --tokenizer={args.tokenizer}: use bpe, one of {', '.join(tok.TIKTOKEN_NAMES)}, "
          f"or a directory holding a tokenizer.json")
@@ -319,7 +323,13 @@ def main(argv=None):
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
+    try:
+        write_dataset(args, out, tmp)
+    finally:  # on any failure, nothing but the old dataset (if any) is left
+        shutil.rmtree(tmp, ignore_errors=True)
 
+
+def write_dataset(args, out, tmp):
     enc = build_tokenizer(args)
     tok.save_tokenizer(enc, tmp)
     dtype = np.uint16 if enc.n_vocab <= 1 << 16 else np.uint32
@@ -344,7 +354,6 @@ def main(argv=None):
     progress.update(0, 0, final=True)
     for split, writer in writers.items():
         if writer.documents == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
             fail(f"no documents in the {split} split ({progress.documents} in all): "
                  + ("the sources hold no text" if progress.documents == 0 else "use more documents or another --val_fraction"))
 

@@ -1,0 +1,234 @@
+"""Fast end-to-end checks (about a minute on 2 CPU cores): python -m pytest"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+SHARED_GPT2 = os.path.join(ROOT, "..", "shared", "tokenizers", "gpt2.tiktoken")
+# a model small enough that a step takes milliseconds on a CPU
+TINY_MODEL = ["--n_layer=2", "--n_head=4", "--n_kv_head=2", "--n_embd=64", "--block_size=64", "--device=cpu",
+              "--compile=False", "--eval_iters=4"]
+
+
+def run(*args, check=True, cwd=ROOT):
+    result = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory):
+    """The demo corpus with a small vocabulary."""
+    out = str(tmp_path_factory.mktemp("data") / "demo")
+    run("prepare.py", f"--out={out}", "--vocab_size=1024")
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(demo_data, tmp_path_factory):
+    out_dir = str(tmp_path_factory.mktemp("out") / "run")
+    run("train.py", *TINY_MODEL, f"--data_dir={demo_data}", f"--out_dir={out_dir}", "--max_iters=40",
+        "--micro_batch_size=8", "--batch_size=16", "--learning_rate=1e-2", "--min_lr=1e-3", "--warmup_iters=4",
+        "--eval_interval=20", "--log_interval=1")
+    return out_dir
+
+
+def test_training_loss_falls_well_below_uniform(trained):
+    train, val = metrics(trained)
+    assert [r["step"] for r in train] == list(range(1, 41))
+    uniform = math.log(1024)
+    assert train[0]["loss"] > uniform - 0.5          # starts near the uniform guess
+    assert train[-1]["loss"] < uniform - 2.0          # and learns far past it within 40 steps
+    assert [r["step"] for r in val] == [0, 20, 40]
+    assert val[-1]["val_loss"] < uniform - 2.0 and 0 < val[-1]["val_bpb"] < val[0]["val_bpb"]
+    assert all(math.isfinite(r["grad_norm"]) and r["tokens_per_s"] > 0 for r in train)
+    assert train[-1]["tokens"] == 40 * 16 * 64
+    assert sorted(os.listdir(trained)) == ["ckpt_0000020.pt", "ckpt_0000040.pt", "metrics.jsonl"]
+
+
+def test_cosine_schedule_values(trained):
+    # metrics record the lr of the step just taken: record n holds lr_at(n - 1)
+    lr = {r["step"] - 1: r["lr"] for r in metrics(trained)[0]}
+    peak, low = 1e-2, 1e-3
+    assert lr[0] == pytest.approx(peak / 4) and lr[3] == pytest.approx(peak)  # warmup
+    assert lr[4] == pytest.approx(peak)                                       # cosine starts at the peak
+    assert lr[22] == pytest.approx((peak + low) / 2)                         # half way through 4..40
+    assert lr[39] == pytest.approx(low + (peak - low) * 0.5 * (1 + math.cos(math.pi * 35 / 36)))
+
+
+def test_sample_from_checkpoint(trained):
+    result = run("sample.py", f"--out_dir={trained}", "--start=def ", "--num_samples=1", "--max_new_tokens=30",
+                 "--temperature=0", "--device=cpu")
+    assert result.stdout.startswith("def ") and len(result.stdout) > 10
+    again = run("sample.py", f"--out_dir={trained}", "--start=def ", "--num_samples=1", "--max_new_tokens=30",
+                "--temperature=0", "--device=cpu")
+    assert again.stdout == result.stdout  # greedy is deterministic
+    assert "ckpt_0000040.pt" in result.stderr
+
+
+def test_linear_and_wsd_schedules_and_batch_doubling(demo_data, tmp_path):
+    common = [*TINY_MODEL, f"--data_dir={demo_data}", "--max_iters=12", "--warmup_iters=2", "--learning_rate=1e-3",
+              "--min_lr=1e-4", "--log_interval=1", "--eval_interval=100", "--micro_batch_size=4"]
+    run("train.py", *common, f"--out_dir={tmp_path}/linear", "--lr_schedule=linear", "--batch_size=8")
+    lr = {r["step"] - 1: r["lr"] for r in metrics(f"{tmp_path}/linear")[0]}
+    assert lr[1] == pytest.approx(1e-3) and lr[7] == pytest.approx(5.5e-4) and lr[11] == pytest.approx(1e-3 - 9e-4 * 0.9)
+
+    schedule = "--batch_size_schedule=dict(strategy='doubling', start_batch_size=8, interval_steps=4, max_batch_size=32)"
+    run("train.py", *common, f"--out_dir={tmp_path}/wsd", "--lr_schedule=wsd", "--wsd_decay_frac=0.5", schedule)
+    records = metrics(f"{tmp_path}/wsd")[0]
+    lr = {r["step"] - 1: r["lr"] for r in records}
+    assert lr[5] == pytest.approx(1e-3) and lr[6] == pytest.approx(1e-3) and lr[9] == pytest.approx(5.5e-4)
+    # steps 0-3: 8 sequences (2 micro-batches of 4), 4-7: 16, 8-11: 32
+    assert [r["grad_accum"] for r in records] == [2] * 4 + [4] * 4 + [8] * 4
+    assert records[-1]["tokens"] == (4 * 8 + 4 * 16 + 4 * 32) * 64
+
+
+def test_bad_batch_size_names_the_values_that_work(demo_data, tmp_path):
+    result = run("train.py", *TINY_MODEL, f"--data_dir={demo_data}", f"--out_dir={tmp_path}", "--micro_batch_size=8",
+                 "--batch_size=20", check=False)
+    assert result.returncode != 0
+    assert "batch size 20 is not a multiple of micro_batch_size x world_size = 8 x 1 = 8; use e.g. 16 or 24" in result.stderr
+
+
+def test_restart_refuses_to_overwrite_and_resume_continues(demo_data, tmp_path):
+    args = [*TINY_MODEL, f"--data_dir={demo_data}", f"--out_dir={tmp_path}", "--micro_batch_size=4", "--batch_size=4",
+            "--eval_interval=5", "--log_interval=1"]
+    run("train.py", *args, "--max_iters=5")
+    again = run("train.py", *args, "--max_iters=10", check=False)
+    assert again.returncode != 0 and "--init_from=resume" in again.stderr
+    run("train.py", *args, "--max_iters=10", "--init_from=resume")
+    steps = [r["step"] for r in metrics(str(tmp_path))[0]]
+    assert steps == list(range(1, 11))
+    assert os.path.exists(tmp_path / "ckpt_0000010.pt")
+
+
+# ---- configurator: exercised on a stand-in script, without importing torch -------------------
+CONFIG_SCRIPT = ("learning_rate = 6e-4; n_layer = 12; out_dir = 'out'; compile = None; schedule = None; "
+                 "exec(open('configurator.py').read()); print(repr((learning_rate, n_layer, out_dir, compile, schedule)))")
+
+
+def configure(*args):
+    return run("-c", CONFIG_SCRIPT, *args, check=False)
+
+
+def test_configurator_overrides_in_order(tmp_path):
+    first, second = tmp_path / "a.py", tmp_path / "b.py"
+    first.write_text("n_layer = 4\nout_dir = 'out/a'\n")
+    second.write_text("import math\n_helper = 3\nout_dir = out_dir + '-tiny'\nlearning_rate = math.sqrt(4) * 1e-3\n")
+    result = configure(str(first), str(second), "--n_layer=2", "--learning_rate=1", "--compile=True",
+                       "--schedule=dict(start=1)")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "(1.0, 2, 'out/a-tiny', True, {'start': 1})"
+    assert configure("--out_dir=a=b/c").stdout.strip().endswith("'a=b/c', None, None)")
+    assert configure("--out_dir=123").stdout.strip().endswith("'123', None, None)")
+
+
+def test_configurator_errors(tmp_path):
+    result = configure("--n_layers=3")
+    assert result.returncode != 0
+    assert result.stderr.strip() == "config error: unknown config key 'n_layers' in --n_layers; did you mean 'n_layer'?"
+    bad_file = tmp_path / "bad.py"
+    bad_file.write_text("learning_rte = 1e-3\n")
+    result = configure(str(bad_file))
+    assert result.returncode != 0 and "'learning_rte'" in result.stderr and "'learning_rate'" in result.stderr
+    result = configure("--n_layer=2.5")
+    assert result.returncode != 0
+    assert "n_layer expects int (like the default 12), got float 2.5" in result.stderr
+    result = configure("no_such_config.py")
+    assert result.returncode != 0 and "config file not found: no_such_config.py" in result.stderr
+    result = configure("--n_layer")
+    assert result.returncode != 0 and "has no value" in result.stderr
+
+
+# ---- tokenizer and shards ---------------------------------------------------------------------
+def test_tokenizer_round_trip(tmp_path):
+    import tokenizer as tok
+    texts = ["def add(a, b):\n    return a + b\n", "Hello, world! Ünïcödé text 1234.\n"] * 50
+    enc = tok.train_bpe(iter(texts), 300)
+    assert enc.n_vocab == 300 and tok.bos_id(enc) == 300 - len(tok.SPECIAL_TOKENS)
+    tok.save_tokenizer(enc, str(tmp_path))
+    loaded = tok.load_tokenizer(str(tmp_path))
+    for text in texts[:2] + ["unseen: 日本語 🙂 \t\r\n"]:
+        ids = loaded.encode_ordinary(text)
+        assert ids == enc.encode_ordinary(text) and loaded.decode(ids) == text
+    assert loaded.encode("<|im_start|>", allowed_special="all") == [enc._special_tokens["<|im_start|>"]]
+    assert tok.token_byte_lengths(loaded)[tok.bos_id(loaded)] == 0
+    assert sum(tok.token_byte_lengths(loaded)[loaded.encode_ordinary(texts[1])]) == len(texts[1].encode())
+
+
+@pytest.mark.skipif(not os.path.exists(SHARED_GPT2), reason="../shared/tokenizers/gpt2.tiktoken not present")
+def test_gpt2_tokenizer_offline(tmp_path, monkeypatch):
+    import hashlib
+    import shutil
+    import tokenizer as tok
+    # tiktoken looks for r50k_base in its cache under the sha1 of the download address
+    url = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
+    shutil.copy(SHARED_GPT2, tmp_path / hashlib.sha1(url.encode()).hexdigest())
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    enc = tok.from_tiktoken_name("gpt2")
+    assert enc.encode_ordinary("Hello world") == [15496, 995]
+    assert tok.bos_id(enc) == 50256 and enc._special_tokens["<|im_start|>"] == 50257 and enc.n_vocab == 50264
+    tok.save_tokenizer(enc, str(tmp_path))
+    assert tok.load_tokenizer(str(tmp_path)).encode_ordinary("Hello world") == [15496, 995]
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
+def test_shard_round_trip(tmp_path, dtype):
+    from prepare import read_shard, write_shard
+    tokens = np.random.default_rng(0).integers(0, np.iinfo(dtype).max, size=1000, dtype=np.int64).astype(dtype)
+    path = str(tmp_path / "shard.bin")
+    write_shard(path, tokens)
+    assert os.path.getsize(path) == 32 + 1000 * np.dtype(dtype).itemsize
+    assert np.array_equal(read_shard(path), tokens) and read_shard(path).dtype == dtype
+    with open(path, "r+b") as f:
+        f.truncate(32 + 999 * np.dtype(dtype).itemsize)
+    with pytest.raises(ValueError, match="truncated"):
+        read_shard(path)
+
+
+def test_prepare_text_and_jsonl_sources(tmp_path):
+    (tmp_path / "docs").mkdir()
+    for i in range(30):
+        (tmp_path / "docs" / f"{i}.txt").write_text(f"Document {i}. The quick brown fox jumps over the lazy dog.\n")
+    with open(tmp_path / "docs" / "more.jsonl", "w") as f:
+        for i in range(30):
+            f.write(json.dumps({"text": f"Record {i}: lorem ipsum dolor sit amet."}) + "\n")
+    out = tmp_path / "ds"
+    run("prepare.py", str(tmp_path / "docs"), f"--out={out}", "--vocab_size=300", "--val_fraction=0.2", "--workers=2")
+    meta = json.loads((out / "meta.json").read_text())
+    splits = meta["splits"]
+    assert splits["train"]["documents"] + splits["val"]["documents"] == 60 and splits["val"]["documents"] > 0
+    from prepare import read_shard
+    import tokenizer as tok
+    enc = tok.load_tokenizer(str(out))
+    tokens = np.concatenate([read_shard(str(out / name)) for name in splits["train"]["shards"]])
+    assert len(tokens) == splits["train"]["tokens"] and tokens[0] == meta["bos_id"]
+    documents = enc.decode(tokens.tolist()).split("<|endoftext|>")[1:]
+    assert len(documents) == splits["train"]["documents"]
+    assert all(d.startswith(("Document ", "Record ")) for d in documents)
+
+
+def test_prepare_bad_input(tmp_path):
+    result = run("prepare.py", str(tmp_path / "missing.txt"), f"--out={tmp_path}/a", check=False)
+    assert result.returncode != 0 and "no such file, directory or glob" in result.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"body": "no text field"}\n')
+    result = run("prepare.py", str(bad), f"--out={tmp_path}/b", check=False)
+    assert result.returncode != 0 and f"{bad}:2: no string field 'text'" in result.stderr
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n")
+    result = run("prepare.py", str(empty), f"--out={tmp_path}/c", "--tokenizer=" + str(tmp_path), check=False)
+    assert result.returncode != 0
+    assert not any(os.path.exists(tmp_path / name) for name in ("a", "b", "c"))  # no dataset that looks complete
