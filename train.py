@@ -382,6 +382,10 @@ try:
                 + (f" | MFU {100 * metrics['mfu']:.1f}%" if peak else "") + f" | {metrics['peak_memory_mb']:,.0f} MB")
             record(metrics)
             last_log_time, last_log_step, last_log_tokens = now, step, tokens_seen
+except BaseException as e:
+    if not isinstance(e, SystemExit):
+        print(f"error on rank {rank} at step {step}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+    raise
 finally:
     if ddp:
         dist.destroy_process_group()

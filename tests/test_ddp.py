@@ -1,0 +1,67 @@
+"""Data-parallel training with torchrun and gloo on the CPU: equivalent to one process, and no hangs."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+TINY = ["--n_layer=2", "--n_head=4", "--n_kv_head=2", "--n_embd=64", "--block_size=64", "--device=cpu",
+        "--compile=False", "--eval_iters=2", "--log_interval=1", "--micro_batch_size=4", "--batch_size=8",
+        "--learning_rate=1e-2", "--warmup_iters=2"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("data") / "demo")
+    subprocess.run([sys.executable, "prepare.py", f"--out={out}", "--vocab_size=512"], cwd=ROOT, check=True,
+                   capture_output=True)
+    return out
+
+
+def train(launcher, *args, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*launcher, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def losses(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+
+
+def final_parameters(out_dir):
+    from checkpoint import load_checkpoint
+    return load_checkpoint(out_dir)["model"]
+
+
+def test_two_processes_match_one(data, tmp_path):
+    args = [*TINY, f"--data_dir={data}", "--max_iters=5", "--eval_interval=5"]
+    one = train([sys.executable, "train.py"], *args, f"--out_dir={tmp_path}/one")
+    assert one.returncode == 0, one.stderr
+    two = train([*TORCHRUN, "train.py"], *args, f"--out_dir={tmp_path}/two")
+    assert two.returncode == 0, two.stderr
+    assert "world size 2" in two.stdout
+    assert losses(f"{tmp_path}/one") == pytest.approx(losses(f"{tmp_path}/two"), rel=1e-5)
+    a, b = final_parameters(f"{tmp_path}/one"), final_parameters(f"{tmp_path}/two")
+    assert a.keys() == b.keys() and not any(k.startswith(("module.", "_orig_mod.")) for k in a)
+    for key in a:  # fp32, summed in another order: equal to rounding
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_batch_that_does_not_divide_across_ranks_is_refused(data, tmp_path):
+    result = train([*TORCHRUN, "train.py"], *TINY, f"--data_dir={data}", f"--out_dir={tmp_path}", "--batch_size=12")
+    assert result.returncode != 0
+    assert "batch size 12 is not a multiple of micro_batch_size x world_size = 4 x 2 = 8; use e.g. 8 or 16" in result.stderr
+
+
+def test_an_exception_on_one_rank_ends_the_run_without_hanging(data, tmp_path):
+    started = time.time()
+    result = train([*TORCHRUN, "tests/crash_rank.py"], *TINY, f"--data_dir={data}", f"--out_dir={tmp_path}",
+                   "--max_iters=50", "--eval_interval=1000", timeout=120)
+    assert result.returncode != 0
+    assert time.time() - started < 100
+    assert "rank 1" in result.stderr and "injected failure" in result.stderr
