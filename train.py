@@ -54,6 +54,13 @@ weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0                 # max global grad norm; 0 disables clipping
+# Muon (muon.py) for the hidden matrices (attention and MLP projections); the rest stays on AdamW
+use_muon = False
+muon_lr = 0.02                  # peak; the LR schedule scales it like learning_rate
+muon_weight_decay = 0.0
+muon_momentum = 0.95
+muon_momentum_warmup_steps = 300  # momentum rises linearly from muon_momentum_start to muon_momentum
+muon_momentum_start = 0.85
 max_iters = 5000                # optimizer steps
 warmup_iters = 200              # linear warmup from 0, for every schedule
 lr_schedule = "cosine"          # 'cosine', 'linear' or 'wsd' (warmup-stable-decay)
@@ -119,6 +126,7 @@ if wsd_decay_shape not in ("linear", "cosine", "sqrt"):
 
 
 def lr_at(step):
+    """AdamW's learning rate at a step; Muon's is muon_lr scaled by the same factor."""
     if step < warmup_iters:
         return learning_rate * (step + 1) / warmup_iters
     if lr_schedule == "wsd":
@@ -133,6 +141,11 @@ def lr_at(step):
     if lr_schedule == "cosine":
         return min_lr + (learning_rate - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
     return learning_rate + (min_lr - learning_rate) * progress  # linear
+
+
+def muon_momentum_at(step):
+    warmup = min(1.0, step / muon_momentum_warmup_steps) if muon_momentum_warmup_steps > 0 else 1.0
+    return muon_momentum_start + (muon_momentum - muon_momentum_start) * warmup
 
 
 def batch_size_at(step):
@@ -265,12 +278,19 @@ with torch.device(device):  # initialise directly on the device: a CPU init of a
     raw_model = GPT(model_args)
 step, tokens_seen = 0, 0
 
-# weight decay on matrices (and the embedding) only; norm gains are 1-D and stay undecayed
-matrices = [p for p in raw_model.parameters() if p.dim() >= 2]
+# AdamW: weight decay on matrices (and the embedding) only; norm gains are 1-D and stay undecayed.
+# With use_muon, the matrices inside the blocks go to Muon instead.
+hidden_matrices = [p for name, p in raw_model.named_parameters() if name.startswith("layers.") and p.dim() == 2] if use_muon else []
+adamw_matrices = [p for p in raw_model.parameters() if p.dim() >= 2 and id(p) not in set(map(id, hidden_matrices))]
 vectors = [p for p in raw_model.parameters() if p.dim() < 2]
-optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": weight_decay},
-                               {"params": vectors, "weight_decay": 0.0}],
-                              lr=learning_rate, betas=(beta1, beta2), fused=device_type == "cuda")
+optimizers = [torch.optim.AdamW([{"params": adamw_matrices, "weight_decay": weight_decay},
+                                 {"params": vectors, "weight_decay": 0.0}],
+                                lr=learning_rate, betas=(beta1, beta2), fused=device_type == "cuda")]
+if use_muon:
+    from muon import Muon
+    optimizers.append(Muon(hidden_matrices, lr=muon_lr, weight_decay=muon_weight_decay, momentum=muon_momentum))
+counts = [("AdamW, decayed", adamw_matrices), ("AdamW, not decayed", vectors), ("Muon", hidden_matrices)]
+log(" | ".join(f"{name}: {len(ps)} tensors, {sum(p.numel() for p in ps):,} parameters" for name, ps in counts if ps))
 
 if init_from == "resume":
     if not existing:
@@ -282,7 +302,10 @@ if init_from == "resume":
     if checkpoint["model_args"] != asdict(model_args):
         fail(f"the checkpoint's model {checkpoint['model_args']} differs from the config's {asdict(model_args)}")
     raw_model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    if len(checkpoint["optimizers"]) != len(optimizers):
+        fail(f"the checkpoint has {len(checkpoint['optimizers'])} optimizer(s), this config {len(optimizers)} (use_muon differs?)")
+    for opt, opt_state in zip(optimizers, checkpoint["optimizers"]):
+        opt.load_state_dict(opt_state)
     step, tokens_seen = checkpoint["step"], checkpoint["tokens_seen"]
     log(f"resumed from {checkpoint['path']} at step {step}")
     del checkpoint
@@ -336,7 +359,7 @@ try:
             if master and step > start_step:
                 save_checkpoint(out_dir, {
                     "step": step, "tokens_seen": tokens_seen, "model": raw_model.state_dict(),
-                    "optimizer": optimizer.state_dict(), "model_args": asdict(model_args), "config": config,
+                    "optimizers": [opt.state_dict() for opt in optimizers], "model_args": asdict(model_args), "config": config,
                     "tokenizer": tok.tokenizer_state(encoder), "data_dir": data_dir,
                 }, keep_last_checkpoints)
             last_log_time = time.time()  # evaluation time does not count towards tokens/s
@@ -344,8 +367,12 @@ try:
             break
 
         lr = lr_at(step)
-        for group in optimizer.param_groups:
+        for group in optimizers[0].param_groups:
             group["lr"] = lr
+        if use_muon:
+            for group in optimizers[1].param_groups:
+                group["lr"] = muon_lr * lr / learning_rate
+                group["momentum"] = muon_momentum_at(step)
         accum_steps = grad_accum_at(step)
         loss_sum = torch.zeros((), device=device)  # accumulated on the device: no host sync per micro-step
         for micro_step in range(accum_steps):
@@ -357,8 +384,9 @@ try:
             (loss / accum_steps).backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip) if grad_clip > 0 else None
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        for opt in optimizers:
+            opt.step()
+        raw_model.zero_grad(set_to_none=True)
         tokens_seen += batch_size_at(step) * block_size
         step += 1
 

@@ -1,0 +1,101 @@
+"""
+Muon: MomentUm Orthogonalized by Newton-Schulz, for the hidden weight matrices of a transformer.
+
+Each step takes SGD momentum (Nesterov) of the gradient and replaces it by the nearest
+semi-orthogonal matrix, U V^T of its SVD U S V^T, approximated by a few Newton-Schulz
+iterations in bf16. Every direction of the update then moves at the same rate, however
+unevenly the raw gradient is spread over them.
+
+Sources: Keller Jordan, "Muon: An optimizer for hidden layers in neural networks" (2024 blog
+post, and the modded-nanogpt repository), for the method and the quintic coefficients;
+Jingyuan Liu et al., "Muon is Scalable for LLM Training" (Moonshot AI, 2025), for decoupled
+weight decay and the update scale below.
+
+Update scale: 0.2 * sqrt(max(rows, cols)). An orthogonalized update has RMS 1/sqrt(max(rows, cols)),
+so this makes its RMS 0.2, about AdamW's, for every shape: one learning rate fits all matrices,
+and AdamW's learning rate and weight decay are a good starting point for Muon's.
+
+Distributed: gradients arrive already averaged across ranks (DDP). Every rank keeps the full
+momentum (cheap, elementwise, and it makes the state independent of the world size), but the
+Newton-Schulz work, the expensive part, is split: matrices are grouped by shape, each rank
+orthogonalizes its slice of every group as one batched matmul, and an all-gather gives every
+rank all the results. One process issues no collectives.
+"""
+import torch
+import torch.distributed as dist
+
+# quintic iteration X <- a X + b (X X^T) X + c (X X^T)^2 X; these coefficients push every singular
+# value in (0, 1] towards 1 quickly, ending in roughly [0.7, 1.2] rather than exactly at 1
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(G, steps=5, dtype=torch.bfloat16):
+    """Approximately orthogonalize the last two dims of G (a matrix or a batch of same-shape matrices)."""
+    a, b, c = NS_COEFFICIENTS
+    X = G.to(dtype)
+    transposed = X.size(-2) > X.size(-1)
+    if transposed:  # iterate on the wide orientation: X X^T is then the smaller Gram matrix
+        X = X.mT
+    # Frobenius norm >= spectral norm, so this puts every singular value in [0, 1]
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        A = X @ X.mT
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
+    return X.mT if transposed else X
+
+
+# torch >= 2.13 renames all_gather_into_tensor to all_gather_single
+all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def update_scale(shape):
+    return 0.2 * max(shape[-2], shape[-1]) ** 0.5
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for 2-D parameters. lr and weight_decay mean what they mean for AdamW (see update_scale)."""
+
+    def __init__(self, params, lr=6e-4, weight_decay=0.0, momentum=0.95, nesterov=True, ns_steps=5):
+        params = list(params)
+        if any(p.dim() != 2 for p in params):
+            raise ValueError("Muon takes 2-D parameters only; give the others to AdamW")
+        # one group per shape, in a fixed order, so every rank agrees on who orthogonalizes what
+        shapes = sorted({tuple(p.shape) for p in params})
+        groups = [{"params": [p for p in params if tuple(p.shape) == shape]} for shape in shapes]
+        super().__init__(groups, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                                      ns_steps=ns_steps))
+
+    @torch.no_grad()
+    def step(self):
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            momentum = group["momentum"]
+            updates = []
+            for p in params:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buffer = state["momentum_buffer"]
+                buffer.lerp_(p.grad, 1 - momentum)
+                updates.append(p.grad.lerp(buffer, momentum) if group["nesterov"] else buffer)
+            # this rank's slice of the group, padded so that every rank's slice has the same size
+            per_rank = -(-len(params) // world_size)
+            mine = updates[rank * per_rank:(rank + 1) * per_rank]
+            stacked = torch.zeros((per_rank, *params[0].shape), device=params[0].device, dtype=torch.bfloat16)
+            if mine:
+                stacked[:len(mine)] = torch.stack(mine)
+            orthogonal = newton_schulz(stacked, group["ns_steps"])
+            if distributed:
+                gathered = torch.empty((world_size * per_rank, *params[0].shape), device=orthogonal.device,
+                                       dtype=orthogonal.dtype)
+                all_gather(gathered, orthogonal.contiguous())
+                orthogonal = gathered
+            scale = update_scale(params[0].shape)
+            for p, update in zip(params, orthogonal):
+                p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled weight decay
+                p.add_(update.to(p.dtype), alpha=-group["lr"] * scale)
