@@ -410,6 +410,8 @@ try:
                 + (f" | MFU {100 * metrics['mfu']:.1f}%" if peak else "") + f" | {metrics['peak_memory_mb']:,.0f} MB")
             record(metrics)
             last_log_time, last_log_step, last_log_tokens = now, step, tokens_seen
+    if ddp:  # leave together: a rank that tears down while another still writes can abort the group
+        dist.barrier()
 except BaseException as e:
     if not isinstance(e, SystemExit):
         print(f"error on rank {rank} at step {step}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)

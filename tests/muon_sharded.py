@@ -1,0 +1,34 @@
+"""Three Muon steps on a small model's hidden matrices, with the same gradients on every rank;
+saves the parameters to the path given as argv[1] (rank 0). Run single-process or under torchrun."""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model import GPT, ModelArgs
+from muon import Muon
+
+
+def run(out_path):
+    torch.manual_seed(0)
+    model = GPT(ModelArgs(vocab_size=128, block_size=16, n_layer=3, n_head=4, n_kv_head=2, n_embd=32))
+    hidden = [p for name, p in model.named_parameters() if name.startswith("layers.") and p.dim() == 2]
+    optimizer = Muon(hidden, lr=0.01, weight_decay=0.1)
+    for step in range(3):
+        generator = torch.Generator().manual_seed(100 + step)
+        for p in hidden:
+            p.grad = torch.randn(p.shape, generator=generator)
+        optimizer.step()
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        torch.save({"params": [p.detach().clone() for p in hidden],
+                    "momentum": [optimizer.state[p]["momentum_buffer"].clone() for p in hidden]}, out_path)
+
+
+if __name__ == "__main__":
+    if "RANK" in os.environ:
+        dist.init_process_group("gloo")
+    run(sys.argv[1])
+    if dist.is_initialized():
+        dist.destroy_process_group()
