@@ -54,7 +54,9 @@ def update_scale(shape):
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon for 2-D parameters. lr and weight_decay mean what they mean for AdamW (see update_scale)."""
+    """Muon for 2-D parameters. lr and weight_decay mean what they mean for AdamW (see update_scale).
+    Like torch's fused AdamW, it skips the whole step (momentum and weights) when the attribute
+    found_inf is set to a device scalar that is nonzero, so a bad step is skipped without a host sync."""
 
     def __init__(self, params, lr=6e-4, weight_decay=0.0, momentum=0.95, nesterov=True, ns_steps=5):
         params = list(params)
@@ -75,14 +77,17 @@ class Muon(torch.optim.Optimizer):
             if not params:
                 continue
             momentum = group["momentum"]
+            found_inf = getattr(self, "found_inf", None)
+            keep = None if found_inf is None else (found_inf == 0).to(params[0].dtype)  # 1: apply, 0: skip
             updates = []
             for p in params:
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)
                 buffer = state["momentum_buffer"]
-                buffer.lerp_(p.grad, 1 - momentum)
-                updates.append(p.grad.lerp(buffer, momentum) if group["nesterov"] else buffer)
+                grad = p.grad if keep is None else torch.where(keep.bool(), p.grad, 0.0)  # where, not *: NaN * 0 is NaN
+                buffer.lerp_(grad, 1 - momentum if keep is None else (1 - momentum) * keep)
+                updates.append(grad.lerp(buffer, momentum) if group["nesterov"] else buffer)
             # this rank's slice of the group, padded so that every rank's slice has the same size
             per_rank = -(-len(params) // world_size)
             mine = updates[rank * per_rank:(rank + 1) * per_rank]
@@ -97,5 +102,9 @@ class Muon(torch.optim.Optimizer):
                 orthogonal = gathered
             scale = update_scale(params[0].shape)
             for p, update in zip(params, orthogonal):
-                p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled weight decay
-                p.add_(update.to(p.dtype), alpha=-group["lr"] * scale)
+                if keep is None:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled weight decay
+                    p.add_(update.to(p.dtype), alpha=-group["lr"] * scale)
+                else:
+                    p.mul_(1 - group["lr"] * group["weight_decay"] * keep)
+                    p.sub_(update.to(p.dtype) * (group["lr"] * scale * keep))

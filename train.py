@@ -9,6 +9,7 @@ import json
 import math
 import os
 import resource
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -25,11 +26,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 # I/O
 out_dir = "out/run"
 data_dir = "data/demo"          # a directory written by prepare.py
-init_from = "scratch"           # 'scratch' or 'resume' (the newest checkpoint in out_dir)
+init_from = "scratch"           # 'scratch'; 'resume': the newest checkpoint in out_dir (scratch if there is none);
+                                # or an earlier stage's out_dir or checkpoint file: its weights only
+                                # (fresh optimizer, step and schedule)
 eval_interval = 250             # evaluate and checkpoint every this many steps (and at the end)
 eval_iters = 20                 # micro-batches per evaluation (split across ranks)
 log_interval = 10               # a log line and a metrics.jsonl record every this many steps
 keep_last_checkpoints = 3       # older checkpoints are deleted once a newer one is complete
+keep_every_checkpoints = 0      # also keep every checkpoint whose step is a multiple of this, forever (0: none)
+max_bad_steps = 20              # stop after this many steps in a row with a non-finite loss or gradient
 wandb_project = ""              # '' disables wandb
 wandb_run_name = ""
 # model (see model.ModelArgs)
@@ -75,7 +80,8 @@ seed = 1337
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 # ----------------------------------------------------------------------------------------------
 
-from checkpoint import checkpoint_paths, load_checkpoint, save_checkpoint
+from checkpoint import (checkpoint_paths, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
+                        wait_for_checkpoint)
 from model import GPT, ModelArgs, device_peak_flops
 from prepare import read_shard
 import tokenizer as tok
@@ -113,7 +119,7 @@ def log(*args):
 
 def fail(message):
     print(f"error (rank {rank}): {message}", file=sys.stderr, flush=True)
-    if ddp:
+    if ddp and dist.is_initialized():
         dist.destroy_process_group()
     sys.exit(1)
 
@@ -258,17 +264,35 @@ def evaluate():
     return loss_sum / count, byte_loss_sum / (math.log(2) * bytes_sum)
 
 
-# ---- model, optimizer, resume -----------------------------------------------------------------
-existing = checkpoint_paths(out_dir)
-if init_from == "scratch" and existing:
-    fail(f"{out_dir} already holds checkpoints ({os.path.basename(existing[-1])}): continue with --init_from=resume, "
-         f"or choose a new --out_dir")
-if init_from not in ("scratch", "resume"):
-    fail(f"init_from must be 'scratch' or 'resume', got {init_from!r}")
+# ---- model, optimizers, and where to start from -----------------------------------------------
+# A plain start over a run's checkpoints is refused, never silently overwritten; 'resume' is
+# always safe to use (it starts from scratch only where there is no checkpoint at all).
+if init_from == "scratch" and checkpoint_paths(out_dir):
+    fail(f"{out_dir} already holds checkpoints ({os.path.basename(checkpoint_paths(out_dir)[-1])}): "
+         f"continue with --init_from=resume, or choose a new --out_dir")
+source = None  # the checkpoint to start from
+try:
+    if init_from == "resume" and checkpoint_paths(out_dir):
+        source = load_checkpoint(out_dir, device)
+    elif init_from not in ("scratch", "resume"):
+        source = load_checkpoint(init_from, device)  # stage handoff
+except (ValueError, FileNotFoundError) as e:
+    fail(str(e))
+if init_from == "resume" and source is None:
+    log(f"no checkpoint in {out_dir}: starting from scratch")
 
 model_args = ModelArgs(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
                        n_kv_head=n_kv_head, n_embd=n_embd, mlp_ratio=mlp_ratio, rope_base=rope_base,
                        qk_norm=qk_norm, tie_embeddings=tie_embeddings)
+if source is not None:
+    # the model is the checkpoint's; a later stage's config need not repeat its shape
+    if source["tokenizer"] != tok.tokenizer_state(encoder) or source["model_args"]["vocab_size"] != vocab_size:
+        fail(f"the tokenizer of {source['path']} (vocabulary {source['model_args']['vocab_size']}) differs from "
+             f"{data_dir}'s (vocabulary {vocab_size}): prepare the data with --tokenizer=<the earlier dataset's directory>")
+    differences = {k: v for k, v in source["model_args"].items() if asdict(model_args)[k] != v}
+    if differences:
+        log(f"model shape from {source['path']} (differs from the config in {differences})")
+    model_args = ModelArgs(**source["model_args"])
 try:
     model_args.check()
 except ValueError as e:
@@ -279,36 +303,81 @@ with torch.device(device):  # initialise directly on the device: a CPU init of a
 step, tokens_seen = 0, 0
 
 # AdamW: weight decay on matrices (and the embedding) only; norm gains are 1-D and stay undecayed.
-# With use_muon, the matrices inside the blocks go to Muon instead.
+# With use_muon, the matrices inside the blocks go to Muon instead. Fused AdamW (on CPU too) can
+# skip a step on a device-side flag (found_inf), which the divergence guard below relies on.
 hidden_matrices = [p for name, p in raw_model.named_parameters() if name.startswith("layers.") and p.dim() == 2] if use_muon else []
 adamw_matrices = [p for p in raw_model.parameters() if p.dim() >= 2 and id(p) not in set(map(id, hidden_matrices))]
 vectors = [p for p in raw_model.parameters() if p.dim() < 2]
 optimizers = [torch.optim.AdamW([{"params": adamw_matrices, "weight_decay": weight_decay},
                                  {"params": vectors, "weight_decay": 0.0}],
-                                lr=learning_rate, betas=(beta1, beta2), fused=device_type == "cuda")]
+                                lr=learning_rate, betas=(beta1, beta2), fused=True)]
 if use_muon:
     from muon import Muon
     optimizers.append(Muon(hidden_matrices, lr=muon_lr, weight_decay=muon_weight_decay, momentum=muon_momentum))
 counts = [("AdamW, decayed", adamw_matrices), ("AdamW, not decayed", vectors), ("Muon", hidden_matrices)]
 log(" | ".join(f"{name}: {len(ps)} tensors, {sum(p.numel() for p in ps):,} parameters" for name, ps in counts if ps))
 
-if init_from == "resume":
-    if not existing:
-        fail(f"--init_from=resume but {out_dir} holds no checkpoint")
-    try:
-        checkpoint = load_checkpoint(out_dir, device)
-    except (ValueError, FileNotFoundError) as e:
-        fail(str(e))
-    if checkpoint["model_args"] != asdict(model_args):
-        fail(f"the checkpoint's model {checkpoint['model_args']} differs from the config's {asdict(model_args)}")
-    raw_model.load_state_dict(checkpoint["model"])
-    if len(checkpoint["optimizers"]) != len(optimizers):
-        fail(f"the checkpoint has {len(checkpoint['optimizers'])} optimizer(s), this config {len(optimizers)} (use_muon differs?)")
-    for opt, opt_state in zip(optimizers, checkpoint["optimizers"]):
-        opt.load_state_dict(opt_state)
-    step, tokens_seen = checkpoint["step"], checkpoint["tokens_seen"]
-    log(f"resumed from {checkpoint['path']} at step {step}")
-    del checkpoint
+parent = None  # the checkpoint this run's weights started from
+if source is not None:
+    raw_model.load_state_dict(source["model"])
+    if init_from == "resume":
+        if len(source["optimizers"]) != len(optimizers):
+            fail(f"{source['path']} has {len(source['optimizers'])} optimizer state(s), this config "
+                 f"{len(optimizers)}: use_muon must stay as it was")
+        for opt, opt_state in zip(optimizers, source["optimizers"]):
+            opt.load_state_dict(opt_state)
+        step, tokens_seen, parent = source["step"], source["tokens_seen"], source["parent"]
+        set_rng_state(source["rng"][rank if rank < len(source["rng"]) else 0])
+        log(f"resumed from {source['path']} at step {step}")
+    else:
+        parent = source["path"]
+        log(f"weights from {parent} (step {source['step']}); fresh optimizer, step count and schedule")
+    del source
+
+
+def gather_rng_states():
+    """Every rank's generator states (a collective); numpy's and python's are rank 0's for all."""
+    local = rng_state()
+    states = [dict(local) for _ in range(world_size)]
+    if ddp:
+        for key in ("torch_cpu", "torch_cuda"):
+            if local[key] is not None:
+                gathered = [torch.empty_like(local[key].to(device)) for _ in range(world_size)]
+                dist.all_gather(gathered, local[key].to(device))
+                for r in range(world_size):
+                    states[r][key] = gathered[r].cpu()
+    return states
+
+
+def write_checkpoint():
+    """All ranks call this; rank 0 writes (in the background) while the others go on."""
+    started = time.time()
+    rng_states = gather_rng_states()
+    if master:
+        save_checkpoint(out_dir, {
+            "step": step, "tokens_seen": tokens_seen, "batch_size": batch_size_at(step),
+            "model": raw_model.state_dict(), "optimizers": [opt.state_dict() for opt in optimizers],
+            "rng": rng_states, "model_args": asdict(model_args), "config": config,
+            "tokenizer": tok.tokenizer_state(encoder), "data_dir": data_dir, "parent": parent,
+        }, keep_last_checkpoints, keep_every_checkpoints, background=True)
+        log(f"checkpoint at step {step}: training paused {time.time() - started:.2f}s (written in the background)")
+
+
+# SIGTERM / SIGUSR1 (what SLURM and cloud schedulers send before they kill): finish the step,
+# checkpoint, exit 0. A second signal exits at once (a half-written checkpoint stays a *.tmp).
+stop_signal = None
+
+
+def on_stop_signal(signum, frame):
+    global stop_signal
+    if stop_signal is not None:
+        os._exit(128 + signum)
+    stop_signal = signum
+    print(f"rank {rank}: got {signal.Signals(signum).name}; stopping after this step", file=sys.stderr, flush=True)
+
+
+signal.signal(signal.SIGTERM, on_stop_signal)
+signal.signal(signal.SIGUSR1, on_stop_signal)
 
 # compile first, then wrap in DDP: DDP then hooks the compiled graph's gradients, and the
 # checkpoints come from raw_model, so their keys never carry _orig_mod. or module. prefixes
@@ -349,6 +418,9 @@ try:
     start_step = step
     batches = train_micro_batches(step)
     x, y = next(batches)
+    # divergence guard, on the device: the count of non-finite steps in a row and in all
+    bad_in_a_row = torch.zeros((), device=device, dtype=torch.int64)
+    bad_total = torch.zeros((), device=device, dtype=torch.int64)
     last_log_time, last_log_step, last_log_tokens = time.time(), step, tokens_seen
     while True:
         last_step = step == max_iters
@@ -356,12 +428,8 @@ try:
             val_loss, val_bpb = evaluate()
             log(f"step {step}: val loss {val_loss:.4f}, val bpb {val_bpb:.4f}")
             record({"step": step, "val_loss": val_loss, "val_bpb": val_bpb, "tokens": tokens_seen})
-            if master and step > start_step:
-                save_checkpoint(out_dir, {
-                    "step": step, "tokens_seen": tokens_seen, "model": raw_model.state_dict(),
-                    "optimizers": [opt.state_dict() for opt in optimizers], "model_args": asdict(model_args), "config": config,
-                    "tokenizer": tok.tokenizer_state(encoder), "data_dir": data_dir,
-                }, keep_last_checkpoints)
+            if step > start_step:
+                write_checkpoint()
             last_log_time = time.time()  # evaluation time does not count towards tokens/s
         if last_step:
             break
@@ -383,10 +451,16 @@ try:
             x, y = next(batches)  # the next batch is prepared while the device works on this one
             (loss / accum_steps).backward()
             loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip) if grad_clip > 0 else None
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+        # a non-finite loss gives non-finite (all-reduced, so the same on every rank) gradients: then
+        # every optimizer skips the step on this flag, with no host sync
+        bad = ~torch.isfinite(grad_norm)
         for opt in optimizers:
+            opt.found_inf = bad.float()
             opt.step()
         raw_model.zero_grad(set_to_none=True)
+        bad_in_a_row = (bad_in_a_row + 1) * bad
+        bad_total += bad
         tokens_seen += batch_size_at(step) * block_size
         step += 1
 
@@ -396,20 +470,40 @@ try:
                 loss_value = loss_sum.new_tensor(loss_value)
                 dist.all_reduce(loss_value)  # a sum: gloo has no average
                 loss_value = loss_value.item() / world_size
+            if bad_in_a_row.item() >= max_bad_steps:
+                fail(f"the loss or gradients were not finite for {bad_in_a_row.item()} steps in a row (to step {step}); "
+                     f"no update was applied and no checkpoint written since: lower the learning rate or resume "
+                     f"from an earlier checkpoint")
             now = time.time()
             elapsed, steps_done = now - last_log_time, step - last_log_step
             tokens_per_s = (tokens_seen - last_log_tokens) / elapsed
             metrics = {"step": step, "loss": loss_value, "lr": lr, "batch_size": batch_size_at(step - 1),
-                       "grad_accum": accum_steps, "grad_norm": grad_norm.item() if grad_norm is not None else None,
+                       "grad_accum": accum_steps, "grad_norm": grad_norm.item(), "skipped_steps": bad_total.item(),
                        "tokens": tokens_seen, "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": tokens_per_s / world_size,
                        "ms_per_step": 1000 * elapsed / steps_done, "peak_memory_mb": peak_memory_mb()}
             if peak:
                 metrics["mfu"] = flops_per_token * tokens_per_s / (peak * world_size)
-            log(f"step {step}/{max_iters} | loss {loss_value:.4f} | lr {lr:.2e} | grad norm {metrics['grad_norm'] or 0:.3f} | "
+            log(f"step {step}/{max_iters} | loss {loss_value:.4f} | lr {lr:.2e} | grad norm {metrics['grad_norm']:.3f} | "
                 f"{tokens_per_s:,.0f} tok/s | {metrics['ms_per_step']:.1f} ms/step"
-                + (f" | MFU {100 * metrics['mfu']:.1f}%" if peak else "") + f" | {metrics['peak_memory_mb']:,.0f} MB")
+                + (f" | MFU {100 * metrics['mfu']:.1f}%" if peak else "") + f" | {metrics['peak_memory_mb']:,.0f} MB"
+                + (f" | {metrics['skipped_steps']} skipped steps" if metrics["skipped_steps"] else ""))
             record(metrics)
             last_log_time, last_log_step, last_log_tokens = now, step, tokens_seen
+
+        # preemption: all ranks must stop at the same step; they agree (a collective) on log steps
+        stop = stop_signal is not None
+        if ddp and step % log_interval == 0:
+            flag = torch.tensor([float(stop)], device=device)
+            dist.all_reduce(flag)
+            stop = flag.item() > 0
+        elif ddp:
+            stop = False
+        if stop and step < max_iters:
+            log(f"stopping at step {step} on a signal")
+            write_checkpoint()
+            break
+    if master:
+        wait_for_checkpoint()
     if ddp:  # leave together: a rank that tears down while another still writes can abort the group
         dist.barrier()
 except BaseException as e:
@@ -417,5 +511,7 @@ except BaseException as e:
         print(f"error on rank {rank} at step {step}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
     raise
 finally:
-    if ddp:
+    if master:
+        wait_for_checkpoint()
+    if ddp and dist.is_initialized():
         dist.destroy_process_group()
