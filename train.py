@@ -5,6 +5,7 @@ or data-parallel across GPUs and machines with torchrun:
     torchrun --standalone --nproc_per_node=8 train.py configs/pretrain.py
 Every global below is a config variable; config files and --key=value override them (configurator.py).
 """
+import glob
 import json
 import math
 import os
@@ -184,6 +185,34 @@ def grad_accum_at(step):
     return batch_size_at(step) // sequences_per_micro_step
 
 
+# ---- where to start from ----------------------------------------------------------------------
+# A plain start over a run's checkpoints is refused, never silently overwritten; 'resume' is
+# always safe to use (it starts from scratch only where there is no checkpoint at all).
+if master:  # temporary files of writes that a crash interrupted: nothing loads them
+    for stale in glob.glob(os.path.join(out_dir, "ckpt_*.pt.tmp")):
+        os.remove(stale)
+if init_from == "scratch" and checkpoint_paths(out_dir):
+    fail(f"{out_dir} already holds checkpoints ({os.path.basename(checkpoint_paths(out_dir)[-1])}): "
+         f"continue with --init_from=resume, or choose a new --out_dir")
+source = None  # the checkpoint to start from
+try:
+    if init_from == "resume" and checkpoint_paths(out_dir):
+        source = load_checkpoint(out_dir, device)
+    elif init_from not in ("scratch", "resume"):
+        source = load_checkpoint(init_from, device)  # stage handoff
+except (ValueError, FileNotFoundError) as e:
+    fail(str(e))
+if init_from == "resume" and source is None:
+    log(f"no checkpoint in {out_dir}: starting from scratch")
+if source is not None:
+    # the model is the checkpoint's: a later stage's config need not repeat its shape
+    differences = {k: v for k, v in source["model_args"].items() if k in config and config[k] != v}
+    if differences:
+        log(f"model shape from {source['path']}, not the config: {differences}")
+    globals().update(differences)
+    config.update(differences)
+
+
 # ---- data -------------------------------------------------------------------------------------
 meta_path = os.path.join(data_dir, "meta.json")
 if not os.path.exists(meta_path):
@@ -195,7 +224,7 @@ shards = {split: [read_shard(os.path.join(data_dir, name)) for name in meta["spl
 encoder = tok.load_tokenizer(data_dir)
 if vocab_size == 0:
     vocab_size = meta["vocab_size"]
-if vocab_size < meta["vocab_size"]:
+if vocab_size < meta["vocab_size"] and source is None:
     fail(f"vocab_size={vocab_size} is smaller than the dataset's vocabulary ({meta['vocab_size']}); use 0 to take it from the data")
 window_counts = {}
 for split, split_shards in shards.items():
@@ -264,35 +293,12 @@ def evaluate():
     return loss_sum / count, byte_loss_sum / (math.log(2) * bytes_sum)
 
 
-# ---- model, optimizers, and where to start from -----------------------------------------------
-# A plain start over a run's checkpoints is refused, never silently overwritten; 'resume' is
-# always safe to use (it starts from scratch only where there is no checkpoint at all).
-if init_from == "scratch" and checkpoint_paths(out_dir):
-    fail(f"{out_dir} already holds checkpoints ({os.path.basename(checkpoint_paths(out_dir)[-1])}): "
-         f"continue with --init_from=resume, or choose a new --out_dir")
-source = None  # the checkpoint to start from
-try:
-    if init_from == "resume" and checkpoint_paths(out_dir):
-        source = load_checkpoint(out_dir, device)
-    elif init_from not in ("scratch", "resume"):
-        source = load_checkpoint(init_from, device)  # stage handoff
-except (ValueError, FileNotFoundError) as e:
-    fail(str(e))
-if init_from == "resume" and source is None:
-    log(f"no checkpoint in {out_dir}: starting from scratch")
-
 model_args = ModelArgs(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
                        n_kv_head=n_kv_head, n_embd=n_embd, mlp_ratio=mlp_ratio, rope_base=rope_base,
                        qk_norm=qk_norm, tie_embeddings=tie_embeddings)
-if source is not None:
-    # the model is the checkpoint's; a later stage's config need not repeat its shape
-    if source["tokenizer"] != tok.tokenizer_state(encoder) or source["model_args"]["vocab_size"] != vocab_size:
-        fail(f"the tokenizer of {source['path']} (vocabulary {source['model_args']['vocab_size']}) differs from "
-             f"{data_dir}'s (vocabulary {vocab_size}): prepare the data with --tokenizer=<the earlier dataset's directory>")
-    differences = {k: v for k, v in source["model_args"].items() if asdict(model_args)[k] != v}
-    if differences:
-        log(f"model shape from {source['path']} (differs from the config in {differences})")
-    model_args = ModelArgs(**source["model_args"])
+if source is not None and (source["tokenizer"] != tok.tokenizer_state(encoder) or source["model_args"] != asdict(model_args)):
+    fail(f"the tokenizer of {source['path']} (vocabulary {source['model_args']['vocab_size']}) differs from "
+         f"{data_dir}'s (vocabulary {meta['vocab_size']}): prepare the data with --tokenizer=<the earlier dataset's directory>")
 try:
     model_args.check()
 except ValueError as e:

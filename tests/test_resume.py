@@ -1,0 +1,175 @@
+"""Exact resume, crashes at any instant, preemption, stage handoff and the divergence guard."""
+import glob
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from checkpoint import checkpoint_paths, load_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--n_layer=2", "--n_head=4", "--n_kv_head=2", "--n_embd=64", "--block_size=64", "--device=cpu",
+        "--compile=False", "--eval_iters=1", "--log_interval=1", "--micro_batch_size=4", "--learning_rate=1e-2",
+        "--warmup_iters=2"]
+# the batch doubles at steps 4 and 8: a stop at step 6 and the end at 12 fall in different phases
+SCHEDULE = "--batch_size_schedule={'strategy': 'doubling', 'start_batch_size': 4, 'interval_steps': 4, 'max_batch_size': 16}"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("data") / "demo")
+    subprocess.run([sys.executable, "prepare.py", f"--out={out}", "--vocab_size=512"], cwd=ROOT, check=True,
+                   capture_output=True)
+    return out
+
+
+def train(*args, launcher=(sys.executable,), script="train.py", env=None, check=True):
+    result = subprocess.run([*launcher, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def losses(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+
+
+def assert_same_state(a, b, exact=True):
+    tensors_a = {**a["model"], **{f"opt{i}.{k}": v for i, o in enumerate(a["optimizers"]) for k, v in flatten(o["state"])}}
+    tensors_b = {**b["model"], **{f"opt{i}.{k}": v for i, o in enumerate(b["optimizers"]) for k, v in flatten(o["state"])}}
+    assert tensors_a.keys() == tensors_b.keys()
+    for key in tensors_a:
+        if exact:
+            assert torch.equal(tensors_a[key], tensors_b[key]), key
+        else:  # fp32 summed in another order across world sizes
+            torch.testing.assert_close(tensors_a[key], tensors_b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def flatten(state):
+    return [(f"{i}.{name}", value) for i, entry in state.items() for name, value in entry.items()]
+
+
+@pytest.mark.parametrize("optimizer", [[], ["--use_muon=True", "--muon_lr=1e-2"]], ids=["adamw", "muon"])
+def test_resume_is_bit_identical(data, tmp_path, optimizer):
+    args = [*TINY, *optimizer, SCHEDULE, f"--data_dir={data}", "--max_iters=12", "--eval_interval=6"]
+    train(*args, f"--out_dir={tmp_path}/full")
+    os.makedirs(tmp_path / "resumed")  # the same run, stopped after step 6
+    shutil.copy(tmp_path / "full" / "ckpt_0000006.pt", tmp_path / "resumed")
+    train(*args, f"--out_dir={tmp_path}/resumed", "--init_from=resume")
+    full, resumed = load_checkpoint(str(tmp_path / "full")), load_checkpoint(str(tmp_path / "resumed"))
+    assert full["step"] == resumed["step"] == 12 and full["tokens_seen"] == resumed["tokens_seen"]
+    assert_same_state(full, resumed)
+    full_losses, resumed_losses = losses(tmp_path / "full"), losses(tmp_path / "resumed")
+    assert sorted(resumed_losses) == list(range(7, 13))
+    assert all(resumed_losses[s] == full_losses[s] for s in range(7, 13))
+
+
+def test_resume_on_another_world_size(data, tmp_path):
+    args = [*TINY, "--batch_size=8", f"--data_dir={data}", "--max_iters=12", "--eval_interval=6"]
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    train(*args, f"--out_dir={tmp_path}/two", launcher=torchrun)
+    train(*args, f"--out_dir={tmp_path}/one", "--max_iters=12")
+    # the state a 2-process run saves is the whole state: the same tensors a 1-process run saves
+    two_half, one_half = load_checkpoint(str(tmp_path / "two/ckpt_0000006.pt")), load_checkpoint(str(tmp_path / "one/ckpt_0000006.pt"))
+    assert_same_state(two_half, one_half, exact=False)
+    assert len(two_half["rng"]) == 2
+    os.makedirs(tmp_path / "resumed")
+    shutil.copy(tmp_path / "two" / "ckpt_0000006.pt", tmp_path / "resumed")
+    result = train(*args, f"--out_dir={tmp_path}/resumed", "--init_from=resume")
+    assert "resumed from" in result.stdout and "world size 1" in result.stdout
+    assert_same_state(load_checkpoint(str(tmp_path / "two")), load_checkpoint(str(tmp_path / "resumed")), exact=False)
+
+
+def test_killed_at_random_moments_ends_bit_identical(data, tmp_path):
+    args = [*TINY, "--batch_size=8", f"--data_dir={data}", "--max_iters=120", "--eval_interval=2",
+            "--keep_last_checkpoints=2"]
+    train(*args, f"--out_dir={tmp_path}/reference")
+    out_dir = tmp_path / "killed"
+    command = [sys.executable, "train.py", *args, f"--out_dir={out_dir}", "--init_from=resume"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    rng = random.Random(0)
+    kills, kills_during_write = 0, 0
+    for attempt in range(40):
+        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        if attempt % 2 == 0:  # kill the moment a checkpoint write is under way
+            while process.poll() is None and not glob.glob(str(out_dir / "*.tmp")):
+                time.sleep(0.0005)
+            during_write = process.poll() is None
+        else:  # or at a random moment
+            time.sleep(rng.uniform(1.5, 4.0))
+            during_write = False
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            kills += 1
+            kills_during_write += during_write
+        if kills >= 6 and kills_during_write >= 2:
+            break
+    assert kills >= 6 and kills_during_write >= 2
+    finish = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert finish.returncode == 0, finish.stderr[-3000:]
+    assert_same_state(load_checkpoint(str(tmp_path / "reference")), load_checkpoint(str(out_dir)))
+    assert [os.path.basename(p) for p in checkpoint_paths(str(out_dir))] == ["ckpt_0000118.pt", "ckpt_0000120.pt"]
+    assert not glob.glob(str(out_dir / "*.tmp"))
+
+
+def test_sigterm_checkpoints_the_current_step_and_exits_zero(data, tmp_path):
+    command = [sys.executable, "train.py", *TINY, "--batch_size=4", f"--data_dir={data}", f"--out_dir={tmp_path}",
+               "--max_iters=100000", "--eval_interval=100000"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not (tmp_path / "metrics.jsonl").exists() or len(losses(tmp_path)) < 3:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr
+    last_step = max(losses(tmp_path))
+    assert [os.path.basename(p) for p in checkpoint_paths(str(tmp_path))] == [f"ckpt_{last_step:07d}.pt"]
+    assert f"stopping at step {last_step} on a signal" in stdout and "SIGTERM" in stderr
+
+
+def test_stage_handoff_takes_weights_only_and_checks_the_vocabulary(data, tmp_path):
+    train(*TINY, "--batch_size=8", f"--data_dir={data}", f"--out_dir={tmp_path}/pretrain", "--max_iters=20",
+          "--eval_interval=20")
+    # a later stage: its own config need not repeat the model shape
+    result = train("--device=cpu", "--compile=False", "--eval_iters=1", "--log_interval=1", "--micro_batch_size=4",
+                   "--batch_size=4", f"--data_dir={data}", f"--out_dir={tmp_path}/midtrain", "--max_iters=4",
+                   "--eval_interval=4", f"--init_from={tmp_path}/pretrain", "--warmup_iters=2")
+    assert "fresh optimizer, step count and schedule" in result.stdout
+    pretrain, midtrain = load_checkpoint(str(tmp_path / "pretrain")), load_checkpoint(str(tmp_path / "midtrain"))
+    assert midtrain["step"] == 4 and midtrain["parent"] == pretrain["path"]
+    assert midtrain["optimizers"][0]["state"][0]["step"].item() == 4  # a fresh AdamW
+    pretrain_losses = losses(tmp_path / "pretrain")
+    # it starts where pretraining ended, not from a fresh initialisation
+    assert losses(tmp_path / "midtrain")[1] < pretrain_losses[1] - 0.5
+    assert abs(losses(tmp_path / "midtrain")[1] - pretrain_losses[20]) < 0.5
+    subprocess.run([sys.executable, "prepare.py", f"--out={tmp_path}/other", "--vocab_size=600"], cwd=ROOT, check=True,
+                   capture_output=True)
+    result = train(*TINY, f"--data_dir={tmp_path}/other", f"--out_dir={tmp_path}/bad", f"--init_from={tmp_path}/pretrain",
+                   check=False)
+    assert result.returncode != 0 and "differs from" in result.stderr and "--tokenizer=" in result.stderr
+    assert not os.path.exists(tmp_path / "bad" / "ckpt_0000001.pt")
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops(data, tmp_path):
+    args = [*TINY, "--batch_size=4", f"--data_dir={data}", "--max_iters=12", "--eval_interval=4"]
+    train(*args, f"--out_dir={tmp_path}/once", script="tests/nan_loss.py", env={"NAN_CALLS": "6"})
+    with open(tmp_path / "once" / "metrics.jsonl") as f:
+        records = [r for r in map(json.loads, f) if "loss" in r]
+    assert [r["skipped_steps"] for r in records] == [0] * 5 + [1] * 7
+    assert all(torch.isfinite(t).all() for t in load_checkpoint(str(tmp_path / "once"))["model"].values())
+
+    result = train(*args, f"--out_dir={tmp_path}/diverged", "--max_bad_steps=3", script="tests/nan_loss.py",
+                   env={"NAN_FROM": "6"}, check=False)
+    assert result.returncode != 0
+    assert "not finite for 3 steps in a row" in result.stderr
+    # the checkpoint at step 4 is the last: nothing written after the loss went bad
+    assert [os.path.basename(p) for p in checkpoint_paths(str(tmp_path / "diverged"))] == ["ckpt_0000004.pt"]
