@@ -49,42 +49,61 @@ with torch.device(device):
                               n_kv_head=n_kv_head, n_embd=n_embd, mlp_ratio=mlp_ratio, rope_base=rope_base,
                               qk_norm=qk_norm, tie_embeddings=tie_embeddings))
 model = torch.compile(raw_model) if compile else raw_model
-optimizer = torch.optim.AdamW([{"params": [p for p in raw_model.parameters() if p.dim() >= 2], "weight_decay": weight_decay},
-                               {"params": [p for p in raw_model.parameters() if p.dim() < 2], "weight_decay": 0.0}],
-                              lr=learning_rate, betas=(beta1, beta2), fused=device_type == "cuda")
+optimizers, optimizer_summary = raw_model.configure_optimizers(
+    learning_rate, weight_decay, (beta1, beta2), use_muon, muon_lr, muon_weight_decay, muon_momentum)
 x = torch.randint(0, vocab_size, (micro_batch_size, block_size), device=device)
 y = torch.randint(0, vocab_size, (micro_batch_size, block_size), device=device)
 
 
-def bare_step():
+def forward_backward():
     for _ in range(grad_accum):
         with autocast:
             loss = model(x, y)
         (loss / grad_accum).backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+
+
+def optimizer_step(index=None):
+    for opt in optimizers if index is None else [optimizers[index]]:
+        opt.step()
+
+
+def bare_step():
+    forward_backward()
+    optimizer_step()
+    raw_model.zero_grad(set_to_none=True)
+
+
+def time_ms(function, steps):
+    """Mean milliseconds per call: CUDA events on the GPU, the wall clock on the CPU."""
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            function()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / steps
+    started = time.perf_counter()
+    for _ in range(steps):
+        function()
+    return 1000 * (time.perf_counter() - started) / steps
 
 
 for _ in range(warmup_steps):
     bare_step()
 if device_type == "cuda":
-    torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(bench_steps):
-        bare_step()
-    end.record()
-    torch.cuda.synchronize()
-    bare_ms = start.elapsed_time(end) / bench_steps
+bare_ms = time_ms(bare_step, bench_steps)
+if device_type == "cuda":
     peak_memory_mb = torch.cuda.max_memory_allocated() / 2**20
 else:
-    started = time.perf_counter()
-    for _ in range(bench_steps):
-        bare_step()
-    bare_ms = 1000 * (time.perf_counter() - started) / bench_steps
     import resource
     peak_memory_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# each optimizer's step on its own, on the gradients of one more forward/backward
+forward_backward()
+optimizer_ms = [time_ms(lambda: optimizer_step(i), bench_steps) for i in range(len(optimizers))]
+raw_model.zero_grad(set_to_none=True)
 
 tokens_per_step = batch_size * block_size
 flops_per_token = raw_model.flops_per_token()
@@ -96,8 +115,10 @@ result = {
     "model_flops_per_s": flops_per_token * tokens_per_step / bare_ms * 1000,
     "mfu": flops_per_token * tokens_per_step / bare_ms * 1000 / peak if peak else None,
     "peak_memory_mb": peak_memory_mb,
+    "adamw_step_ms": optimizer_ms[0], "muon_step_ms": optimizer_ms[1] if use_muon else None,
+    "optimizer_share": sum(optimizer_ms) / bare_ms,
 }
-del model, raw_model, optimizer  # free the device for train.py
+del model, raw_model, optimizers  # free the device for train.py
 
 if full_step:
     # train.py on the same config; logging once per warmup and once per timed interval keeps its
@@ -122,7 +143,10 @@ rows = [("device", result["device"]), ("dtype / compile", f"{dtype} / {compile}"
         ("bare step", f"{bare_ms:.1f} ms"), ("tokens/s", f"{result['tokens_per_s']:,.0f}"),
         ("model TFLOP/s", f"{result['model_flops_per_s'] / 1e12:.3f}"),
         ("MFU", f"{100 * result['mfu']:.1f}%" if result["mfu"] else "n/a (unknown peak; set --peak_flops)"),
-        ("peak memory", f"{peak_memory_mb:,.0f} MB")]
+        ("peak memory", f"{peak_memory_mb:,.0f} MB"), ("AdamW step", f"{optimizer_ms[0]:.2f} ms")]
+if use_muon:
+    rows.append(("Muon step", f"{optimizer_ms[1]:.2f} ms"))
+rows.append(("optimizer share", f"{100 * result['optimizer_share']:.1f}% of the bare step"))
 if full_step:
     rows += [("train.py step", f"{result['full_ms_per_step']:.1f} ms"), ("loop overhead", f"{100 * result['loop_overhead']:+.1f}%")]
 for name, value in rows:

@@ -19,6 +19,7 @@ import os
 import random
 import re
 import threading
+import time
 
 import numpy as np
 import torch
@@ -78,6 +79,7 @@ def _cpu_copy(value):
 
 
 def _write_checkpoint(out_dir, state, keep_last, keep_every):
+    started = time.time()
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"ckpt_{state['step']:07d}.pt")
     tmp = path + ".tmp"
@@ -95,6 +97,7 @@ def _write_checkpoint(out_dir, state, keep_last, keep_every):
         for old in checkpoint_paths(out_dir)[:-keep_last]:
             if not (keep_every and int(CHECKPOINT_NAME.search(old).group(1)) % keep_every == 0):
                 os.remove(old)
+    print(f"wrote {path} ({os.path.getsize(path) / 2**20:,.1f} MiB) in {time.time() - started:.2f}s", flush=True)
     return path
 
 

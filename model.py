@@ -205,6 +205,28 @@ class GPT(nn.Module):
                                ignore_index=-1, reduction=loss_reduction)
         return loss.view(B, T) if loss_reduction == "none" else loss
 
+    def configure_optimizers(self, learning_rate, weight_decay, betas, use_muon=False, muon_lr=0.0,
+                             muon_weight_decay=0.0, muon_momentum=0.95):
+        """[AdamW] or [AdamW, Muon], and a line saying which parameters went where.
+        AdamW decays matrices (and the embedding) only; 1-D norm gains are not decayed. With use_muon
+        the matrices inside the blocks (attention and MLP projections) go to Muon; the embedding and
+        the output head stay on AdamW. AdamW is fused, on CPU too: it can then skip a step on a
+        device-side flag (found_inf), which train.py's divergence guard relies on."""
+        hidden = [p for name, p in self.named_parameters() if name.startswith("layers.") and p.dim() == 2] if use_muon else []
+        hidden_ids = set(map(id, hidden))
+        matrices = [p for p in self.parameters() if p.dim() >= 2 and id(p) not in hidden_ids]
+        vectors = [p for p in self.parameters() if p.dim() < 2]
+        optimizers = [torch.optim.AdamW([{"params": matrices, "weight_decay": weight_decay},
+                                         {"params": vectors, "weight_decay": 0.0}],
+                                        lr=learning_rate, betas=betas, fused=True)]
+        if use_muon:
+            from muon import Muon
+            optimizers.append(Muon(hidden, lr=muon_lr, weight_decay=muon_weight_decay, momentum=muon_momentum))
+        groups = [("AdamW, decayed", matrices), ("AdamW, not decayed", vectors), ("Muon", hidden)]
+        summary = " | ".join(f"{name}: {len(ps)} tensors, {sum(p.numel() for p in ps):,} parameters"
+                             for name, ps in groups if ps)
+        return optimizers, summary
+
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 

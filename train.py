@@ -308,20 +308,9 @@ with torch.device(device):  # initialise directly on the device: a CPU init of a
     raw_model = GPT(model_args)
 step, tokens_seen = 0, 0
 
-# AdamW: weight decay on matrices (and the embedding) only; norm gains are 1-D and stay undecayed.
-# With use_muon, the matrices inside the blocks go to Muon instead. Fused AdamW (on CPU too) can
-# skip a step on a device-side flag (found_inf), which the divergence guard below relies on.
-hidden_matrices = [p for name, p in raw_model.named_parameters() if name.startswith("layers.") and p.dim() == 2] if use_muon else []
-adamw_matrices = [p for p in raw_model.parameters() if p.dim() >= 2 and id(p) not in set(map(id, hidden_matrices))]
-vectors = [p for p in raw_model.parameters() if p.dim() < 2]
-optimizers = [torch.optim.AdamW([{"params": adamw_matrices, "weight_decay": weight_decay},
-                                 {"params": vectors, "weight_decay": 0.0}],
-                                lr=learning_rate, betas=(beta1, beta2), fused=True)]
-if use_muon:
-    from muon import Muon
-    optimizers.append(Muon(hidden_matrices, lr=muon_lr, weight_decay=muon_weight_decay, momentum=muon_momentum))
-counts = [("AdamW, decayed", adamw_matrices), ("AdamW, not decayed", vectors), ("Muon", hidden_matrices)]
-log(" | ".join(f"{name}: {len(ps)} tensors, {sum(p.numel() for p in ps):,} parameters" for name, ps in counts if ps))
+optimizers, optimizer_summary = raw_model.configure_optimizers(
+    learning_rate, weight_decay, (beta1, beta2), use_muon, muon_lr, muon_weight_decay, muon_momentum)
+log(optimizer_summary)
 
 parent = None  # the checkpoint this run's weights started from
 if source is not None:
