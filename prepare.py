@@ -292,10 +292,13 @@ def build_tokenizer(args):
         return enc
     if args.tokenizer in tok.TIKTOKEN_NAMES:
         return tok.from_tiktoken_name(args.tokenizer)
+    if args.tokenizer.startswith("hf:"):  # the tokenizer of a Hugging Face model directory
+        from export_hf import tokenizer_from_hf
+        return tokenizer_from_hf(args.tokenizer[3:])
     if os.path.isfile(os.path.join(args.tokenizer, "tokenizer.json")):
         return tok.load_tokenizer(args.tokenizer)
     fail(f"unknown --tokenizer={args.tokenizer}: use bpe, one of {', '.join(tok.TIKTOKEN_NAMES)}, "
-         f"or a directory holding a tokenizer.json")
+         f"a directory holding a tokenizer.json, or hf:<model directory>")
 
 
 def main(argv=None):
@@ -303,7 +306,7 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sources", nargs="*", help="files, directories, globs or a Hugging Face dataset name (default: the demo corpus)")
     parser.add_argument("--out", default=None, help="output directory (default: data/demo, or data/<name of the first source>)")
-    parser.add_argument("--tokenizer", default="bpe", help="bpe (train one here), gpt2, cl100k_base, o200k_base, or a directory with a saved tokenizer")
+    parser.add_argument("--tokenizer", default="bpe", help="bpe (train one here), gpt2, cl100k_base, o200k_base, a directory with a saved tokenizer, or hf:<Hugging Face model directory>")
     parser.add_argument("--vocab_size", type=int, default=4096, help="vocabulary of a trained BPE, special tokens included")
     parser.add_argument("--tokenizer_train_chars", type=int, default=2_000_000_000, help="train the BPE on at most this many characters")
     parser.add_argument("--val_fraction", type=float, default=None, help="fraction of documents held out for validation (default: 0.05 for the demo, else 0.005)")

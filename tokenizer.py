@@ -93,6 +93,8 @@ def load_tokenizer(directory):
         raise FileNotFoundError(f"no tokenizer.json in {directory}: prepare the data with prepare.py first")
     with open(path) as f:
         state = json.load(f)
+    if "ranks_file" not in state:
+        raise ValueError(f"{path} is not a tokenizer saved by this repo (a Hugging Face model's? use hf:{directory})")
     with open(os.path.join(directory, state.pop("ranks_file"))) as f:
         state["ranks"] = f.read()
     return tokenizer_from_state(state)
@@ -100,6 +102,43 @@ def load_tokenizer(directory):
 
 def bos_id(enc):
     return enc._special_tokens[BOS]
+
+
+# The chat template (ChatML) as Jinja, for Hugging Face's apply_chat_template; encode_chat is the
+# same rendering, token for token, with the loss mask that finetuning uses.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def encode_chat(enc, messages, add_generation_prompt=False):
+    """(ids, mask): the conversation rendered as
+        <|endoftext|><|im_start|>role\ncontent<|im_end|>\n ... [<|im_start|>assistant\n]
+    mask[i] is 1 where token i is a target finetuning learns: the assistant's content and its
+    <|im_end|>. Raises ValueError for a message that is not {"role": one of CHAT_ROLES, "content": str}."""
+    specials = enc._special_tokens
+    ids, mask = [specials[BOS]], [0]
+    for message in messages:
+        if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES or not isinstance(message.get("content"), str):
+            raise ValueError(f"a message must be {{'role': {'|'.join(CHAT_ROLES)}, 'content': str}}, got {str(message)[:100]}")
+        header = f"{message['role']}\n"
+        segment = enc.encode_ordinary(header + message["content"])  # encoded as one piece, as a tokenizer of the rendered text would
+        learn = message["role"] == "assistant"
+        # a token is content (and learned) if it ends past the header's bytes
+        end = 0
+        header_bytes = len(header.encode("utf-8"))
+        segment_mask = []
+        for token in segment:
+            end += len(enc.decode_single_token_bytes(token))
+            segment_mask.append(int(learn and end > header_bytes))
+        ids += [specials["<|im_start|>"]] + segment + [specials["<|im_end|>"]] + enc.encode_ordinary("\n")
+        mask += [0] + segment_mask + [int(learn)] + [0]
+    if add_generation_prompt:
+        ids += [specials["<|im_start|>"]] + enc.encode_ordinary("assistant\n")
+        mask += [0] * (len(ids) - len(mask))
+    return ids, mask
 
 
 def token_byte_lengths(enc):

@@ -198,6 +198,9 @@ source = None  # the checkpoint to start from
 try:
     if init_from == "resume" and checkpoint_paths(out_dir):
         source = load_checkpoint(out_dir, device)
+    elif init_from.startswith("hf:"):  # a Hugging Face Llama/Qwen3 model on disk
+        from export_hf import load_hf_checkpoint
+        source = load_hf_checkpoint(init_from[3:])
     elif init_from not in ("scratch", "resume"):
         source = load_checkpoint(init_from, device)  # stage handoff
 except (ValueError, FileNotFoundError) as e:
@@ -296,7 +299,10 @@ def evaluate():
 model_args = ModelArgs(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
                        n_kv_head=n_kv_head, n_embd=n_embd, mlp_ratio=mlp_ratio, rope_base=rope_base,
                        qk_norm=qk_norm, tie_embeddings=tie_embeddings)
-if source is not None and (source["tokenizer"] != tok.tokenizer_state(encoder) or source["model_args"] != asdict(model_args)):
+if source is not None:
+    model_args = ModelArgs(**source["model_args"])
+same_tokenizer = source is None or all(source["tokenizer"][k] == tok.tokenizer_state(encoder)[k] for k in ("pattern", "special_tokens", "ranks"))
+if not same_tokenizer or model_args.vocab_size != meta["vocab_size"]:
     fail(f"the tokenizer of {source['path']} (vocabulary {source['model_args']['vocab_size']}) differs from "
          f"{data_dir}'s (vocabulary {meta['vocab_size']}): prepare the data with --tokenizer=<the earlier dataset's directory>")
 try:

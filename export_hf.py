@@ -1,0 +1,262 @@
+"""
+Export a checkpoint as a Hugging Face transformers model (Llama layout; Qwen3 when qk_norm is on):
+    python export_hf.py --ckpt=out/finetune --hf_dir=hf/my-model [--dtype=bfloat16]
+writes config.json, generation_config.json, model.safetensors (or shards and an index above
+max_shard_size_mb), tokenizer.json and tokenizer_config.json (with the chat template), so that
+    AutoModelForCausalLM.from_pretrained(dir), AutoTokenizer.from_pretrained(dir)
+work offline. Needs only safetensors: the JSON files are written directly.
+
+The reverse, load_hf_checkpoint(dir), reads such a directory (ours, or a Llama/Qwen3-layout model
+whose tokenizer is a byte-level BPE) as a checkpoint for train.py's --init_from=hf:<dir>.
+"""
+import json
+import os
+import shutil
+import sys
+
+import torch
+
+# ----------------------------------------------------------------------------------------------
+ckpt = "out/run"                # a run directory (its newest checkpoint) or a checkpoint file
+hf_dir = "hf/model"
+dtype = "bfloat16"              # 'bfloat16' or 'float32'
+max_shard_size_mb = 5000        # larger models are split into shards of at most this size
+# ----------------------------------------------------------------------------------------------
+
+import tokenizer as tok  # (a module, not names: configurator.py treats simple-typed globals as config)
+
+# ModelArgs fields and what they become; a checkpoint with any other field is refused
+KNOWN_MODEL_ARGS = {"vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "mlp_ratio",
+                    "rope_base", "qk_norm", "tie_embeddings", "norm_eps"}
+
+
+def hf_config(model_args, dtype_name, special_tokens):
+    from model import ModelArgs
+    unknown = set(model_args) - KNOWN_MODEL_ARGS
+    if unknown:
+        raise ValueError(f"the model uses {sorted(unknown)}, which the Llama/Qwen3 layout cannot express")
+    a = ModelArgs(**model_args)
+    config = {
+        "architectures": ["Qwen3ForCausalLM" if a.qk_norm else "LlamaForCausalLM"],
+        "model_type": "qwen3" if a.qk_norm else "llama",
+        "vocab_size": a.padded_vocab_size,
+        "hidden_size": a.n_embd,
+        "intermediate_size": a.mlp_hidden_dim,
+        "num_hidden_layers": a.n_layer,
+        "num_attention_heads": a.n_head,
+        "num_key_value_heads": a.n_kv_head,
+        "head_dim": a.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": a.block_size,
+        "rms_norm_eps": a.norm_eps,
+        "rope_theta": a.rope_base,
+        "rope_scaling": None,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "tie_word_embeddings": a.tie_embeddings,
+        "bos_token_id": special_tokens[tok.BOS],
+        "eos_token_id": special_tokens[tok.BOS],
+        "torch_dtype": dtype_name,
+        "use_cache": True,
+    }
+    if a.qk_norm:
+        config.update({"use_sliding_window": False, "sliding_window": None, "max_window_layers": a.n_layer})
+    return config
+
+
+def bytes_to_unicode():
+    """GPT-2's reversible map from bytes to printable characters, used by byte-level BPE vocabularies."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = printable[:], 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def recover_merges(ranks):
+    """tiktoken keeps only ranks; a BPE tokenizer.json wants merges. A token's merge is the last step
+    of byte-pair merging its bytes using only tokens of lower rank."""
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        if len(token) < 2:
+            continue
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 2:
+            best = min(range(len(parts) - 1), key=lambda i: ranks.get(parts[i] + parts[i + 1], float("inf")))
+            if ranks.get(parts[best] + parts[best + 1], float("inf")) >= rank:
+                break
+            parts[best:best + 2] = [parts[best] + parts[best + 1]]
+        if len(parts) != 2:
+            raise ValueError(f"token {token!r} (rank {rank}) is not a merge of two lower-ranked tokens")
+        merges.append(parts)
+    return merges
+
+
+def tokenizer_json(enc):
+    to_unicode = bytes_to_unicode()
+    text = lambda token: "".join(to_unicode[b] for b in token)  # noqa: E731
+    ranks = enc._mergeable_ranks
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for t, i in sorted(enc._special_tokens.items(), key=lambda x: x[1])],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": enc._pat_str}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                  "vocab": {text(token): rank for token, rank in ranks.items()},
+                  "merges": [[text(a), text(b)] for a, b in recover_merges(ranks)]},
+    }
+
+
+def export(checkpoint, hf_dir, dtype_name="bfloat16", max_shard_size_mb=5000):
+    from safetensors.torch import save_file
+    if dtype_name not in ("bfloat16", "float32"):
+        raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {dtype_name!r}")
+    enc = tok.tokenizer_from_state(checkpoint["tokenizer"])
+    missing = [t for t in tok.SPECIAL_TOKENS[:3] if t not in enc._special_tokens]
+    if missing:
+        raise ValueError(f"the tokenizer lacks the special tokens {missing}")
+    config = hf_config(checkpoint["model_args"], dtype_name, enc._special_tokens)
+    tensors = {}
+    for name, tensor in checkpoint["model"].items():
+        if name == "lm_head.weight" and config["tie_word_embeddings"]:
+            continue  # transformers ties it to the embedding
+        hf_name = name if name.startswith("lm_head.") else "model." + name
+        tensors[hf_name] = tensor.detach().to(getattr(torch, dtype_name)).contiguous()
+
+    tmp = hf_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    shards, current, size = [], {}, 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > max_shard_size_mb * 2**20:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = tensor
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(tmp, file), metadata={"format": "pt"})
+            weight_map.update({name: file for name in shard})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        write_json(os.path.join(tmp, "model.safetensors.index.json"), {"metadata": {"total_size": total}, "weight_map": weight_map})
+    write_json(os.path.join(tmp, "config.json"), config)
+    specials = enc._special_tokens
+    write_json(os.path.join(tmp, "generation_config.json"), {
+        "bos_token_id": specials[tok.BOS], "eos_token_id": [specials[tok.BOS], specials["<|im_end|>"]],
+        "pad_token_id": specials[tok.BOS]})
+    write_json(os.path.join(tmp, "tokenizer.json"), tokenizer_json(enc))
+    write_json(os.path.join(tmp, "tokenizer_config.json"), {
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tok.BOS, "eos_token": tok.BOS, "pad_token": tok.BOS,
+        "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+        "model_max_length": checkpoint["model_args"]["block_size"], "chat_template": tok.CHAT_TEMPLATE})
+    old = hf_dir.rstrip("/") + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(hf_dir):
+        os.rename(hf_dir, old)
+    os.rename(tmp, hf_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return config
+
+
+def write_json(path, value):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=1, ensure_ascii=False)
+
+
+def load_hf_checkpoint(directory):
+    """A Llama- or Qwen3-layout safetensors model and its byte-level BPE tokenizer, as a checkpoint
+    dict (model, model_args, tokenizer, step, path) that train.py can start a stage from."""
+    from safetensors.torch import load_file
+    with open(os.path.join(directory, "config.json")) as f:
+        config = json.load(f)
+    model_type = config.get("model_type")
+    if model_type not in ("llama", "qwen3"):
+        raise ValueError(f"{directory}: model_type {model_type!r} is not supported (llama or qwen3 only)")
+    unsupported = [key for key, ok in [
+        ("rope_scaling", not config.get("rope_scaling") and (config.get("rope_parameters") or {}).get("rope_type", "default") == "default"),
+        ("attention_bias", not config.get("attention_bias", False)),
+        ("mlp_bias", not config.get("mlp_bias", False)),
+        ("hidden_act", config.get("hidden_act", "silu") == "silu"),
+        ("sliding_window", not config.get("use_sliding_window", False)),
+        ("head_dim", config.get("head_dim", config["hidden_size"] // config["num_attention_heads"])
+         == config["hidden_size"] // config["num_attention_heads"]),
+        ("vocab_size", config["vocab_size"] % 128 == 0),
+    ] if not ok]
+    if unsupported:
+        raise ValueError(f"{directory}: unsupported settings {unsupported}")
+    rope_base = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    n_embd = config["hidden_size"]
+    mlp_hidden = config["intermediate_size"]
+    if mlp_hidden % 128:
+        raise ValueError(f"{directory}: intermediate_size {mlp_hidden} is not a multiple of 128")
+    tensors = {}
+    files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+    if not files:
+        raise ValueError(f"{directory}: no .safetensors files")
+    for file in files:
+        tensors.update(load_file(os.path.join(directory, file)))
+    state = {(name[len("model."):] if name.startswith("model.") else name): t.float() for name, t in tensors.items()}
+    tie = config.get("tie_word_embeddings", False)
+    if tie:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    enc = tokenizer_from_hf(directory)
+    if enc.n_vocab > config["vocab_size"]:
+        raise ValueError(f"{directory}: the tokenizer has {enc.n_vocab} tokens, the model {config['vocab_size']}")
+    model_args = {"vocab_size": enc.n_vocab, "block_size": config.get("max_position_embeddings", 2048),
+                  "n_layer": config["num_hidden_layers"], "n_head": config["num_attention_heads"],
+                  "n_kv_head": config.get("num_key_value_heads", config["num_attention_heads"]), "n_embd": n_embd,
+                  "mlp_ratio": mlp_hidden / n_embd, "rope_base": float(rope_base), "qk_norm": model_type == "qwen3",
+                  "tie_embeddings": tie, "norm_eps": config.get("rms_norm_eps", 1e-5)}
+    from model import ModelArgs
+    if ModelArgs(**model_args).padded_vocab_size != config["vocab_size"]:
+        raise ValueError(f"{directory}: vocab_size {config['vocab_size']} is not the tokenizer's {enc.n_vocab} "
+                         f"padded to a multiple of 128")
+    return {"model": state, "model_args": model_args, "tokenizer": tok.tokenizer_state(enc), "step": 0,
+            "path": "hf:" + directory}
+
+
+def tokenizer_from_hf(directory):
+    import tiktoken
+    with open(os.path.join(directory, "tokenizer.json"), encoding="utf-8") as f:
+        spec = json.load(f)
+    model, pre = spec["model"], spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    split = [s for s in steps if s.get("type") == "Split"]
+    if model.get("type") != "BPE" or spec.get("normalizer") or len(split) != 1 or "Regex" not in split[0]["pattern"] \
+            or not any(s.get("type") == "ByteLevel" for s in steps):
+        raise ValueError(f"{directory}: only byte-level BPE tokenizers with a regex split are supported")
+    to_byte = {c: b for b, c in bytes_to_unicode().items()}
+    ranks = {bytes(to_byte[c] for c in token): rank for token, rank in model["vocab"].items()}
+    specials = {t["content"]: t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+    missing = [t for t in tok.SPECIAL_TOKENS[:3] if t not in specials]
+    if missing:
+        raise ValueError(f"{directory}: the tokenizer lacks the special tokens {missing} that this repo's stages use")
+    return tiktoken.Encoding(name=os.path.basename(directory.rstrip("/")), pat_str=split[0]["pattern"]["Regex"],
+                             mergeable_ranks=ranks, special_tokens=specials)
+
+
+if __name__ == "__main__":
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
+    from checkpoint import load_checkpoint
+    try:
+        checkpoint = load_checkpoint(ckpt)
+        config = export(checkpoint, hf_dir, dtype, max_shard_size_mb)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"export_hf.py: error: {e}")
+    print(f"exported {checkpoint['path']} (step {checkpoint['step']}) to {hf_dir} as {config['architectures'][0]}, {dtype}")

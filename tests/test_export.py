@@ -1,0 +1,151 @@
+"""export_hf.py: the exported model and tokenizer through transformers, against this repo's own."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import tokenizer as tok
+from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from export_hf import export, load_hf_checkpoint
+from model import GPT, ModelArgs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEXT = "def f(x):\n    return {'ü': x ** 2}  # 日本語 🙂 1234567\n\n<|im_start|>user\nhi<|im_end|>\n\t trailing  "
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What does json.dumps do?"},
+                {"role": "assistant", "content": "Serialize obj to a JSON formatted str."}]
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    texts = [open(os.path.join(ROOT, name)).read() for name in ("model.py", "train.py", "README.md")]
+    return tok.train_bpe(iter(texts * 2), 700)
+
+
+def make_checkpoint(directory, encoder, **overrides):
+    args = dict(vocab_size=encoder.n_vocab, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, rope_base=500.0)
+    torch.manual_seed(0)
+    model = GPT(ModelArgs(**{**args, **overrides}))
+    with torch.no_grad():  # norm gains away from 1, so a wrong norm would show
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+    save_checkpoint(str(directory), {"step": 1, "tokens_seen": 0, "model": model.state_dict(), "optimizers": [],
+                                     "model_args": vars(model.args), "config": {}, "tokenizer": tok.tokenizer_state(encoder),
+                                     "data_dir": "", "parent": None})
+    return load_checkpoint(str(directory))
+
+
+@pytest.mark.parametrize("variant", [{}, {"qk_norm": True}, {"tie_embeddings": True, "n_kv_head": 4}],
+                         ids=["llama", "qwen3", "tied"])
+def test_exported_logits_match(tmp_path, encoder, variant):
+    checkpoint = make_checkpoint(tmp_path / "run", encoder, **variant)
+    config = export(checkpoint, str(tmp_path / "hf"), "float32")
+    assert config["model_type"] == ("qwen3" if variant.get("qk_norm") else "llama")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    model, _ = model_from_checkpoint(checkpoint)
+    idx = torch.tensor([encoder.encode(TEXT, allowed_special="all")[:64]])
+    with torch.no_grad():
+        difference = (hf_model(idx).logits - model.eval()(idx)).abs().max().item()
+    assert difference <= 1e-4
+    # and back: init_from='hf:<dir>' reads the same model
+    again, enc_again = model_from_checkpoint(load_hf_checkpoint(str(tmp_path / "hf")))
+    with torch.no_grad():
+        assert (again.eval()(idx) - model(idx)).abs().max().item() <= 1e-6
+    assert enc_again.encode(TEXT, allowed_special="all") == encoder.encode(TEXT, allowed_special="all")
+
+
+def test_sharded_export_loads(tmp_path, encoder):
+    checkpoint = make_checkpoint(tmp_path / "run", encoder)
+    export(checkpoint, str(tmp_path / "hf"), "bfloat16", max_shard_size_mb=0.1)
+    with open(tmp_path / "hf" / "model.safetensors.index.json") as f:
+        files = set(json.load(f)["weight_map"].values())
+    assert len(files) > 3 and not (tmp_path / "hf" / "model.safetensors").exists()
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
+    assert hf_model.dtype == torch.bfloat16
+
+
+def test_tokenizer_and_chat_template(tmp_path, encoder):
+    export(make_checkpoint(tmp_path / "run", encoder), str(tmp_path / "hf"))
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert hf_tokenizer(TEXT).input_ids == encoder.encode(TEXT, allowed_special="all")
+    assert hf_tokenizer.decode(encoder.encode(TEXT, allowed_special="all")) == TEXT
+    rendered = hf_tokenizer.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True)["input_ids"]
+    ids, mask = tok.encode_chat(encoder, CONVERSATION)
+    assert rendered == ids
+    prompt = hf_tokenizer.apply_chat_template(CONVERSATION[:2], tokenize=True, add_generation_prompt=True,
+                                              return_dict=True)["input_ids"]
+    assert prompt == tok.encode_chat(encoder, CONVERSATION[:2], add_generation_prompt=True)[0]
+    # the mask covers exactly the assistant's content and its <|im_end|>
+    learned = [t for t, m in zip(ids, mask) if m]
+    assert encoder.decode(learned) == CONVERSATION[2]["content"] + "<|im_end|>"
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "..", "shared", "tokenizers", "gpt2.tiktoken")),
+                    reason="../shared/tokenizers/gpt2.tiktoken not present")
+def test_gpt2_tokenizer_export(tmp_path, monkeypatch):
+    import hashlib
+    import shutil
+    url = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
+    shutil.copy(os.path.join(ROOT, "..", "shared", "tokenizers", "gpt2.tiktoken"), tmp_path / hashlib.sha1(url.encode()).hexdigest())
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
+    gpt2 = tok.from_tiktoken_name("gpt2")
+    export(make_checkpoint(tmp_path / "run", gpt2, n_embd=32, n_head=2, n_kv_head=1, n_layer=1), str(tmp_path / "hf"))
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert hf_tokenizer(TEXT).input_ids == gpt2.encode(TEXT, allowed_special="all")
+
+
+def test_greedy_generation_matches_sample_py(tmp_path, encoder):
+    checkpoint = make_checkpoint(tmp_path / "run", encoder)
+    export(checkpoint, str(tmp_path / "hf"), "float32")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    bos = tok.bos_id(encoder)
+    prompt = torch.tensor([[bos] + encoder.encode_ordinary("def ")])
+    out = hf_model.generate(prompt, max_new_tokens=32, do_sample=False, eos_token_id=bos, pad_token_id=bos)
+    new_tokens = [t for t in out[0, prompt.size(1):].tolist() if t != bos]
+    result = subprocess.run([sys.executable, "sample.py", f"--out_dir={tmp_path}/run", "--start=def ", "--num_samples=1",
+                             "--max_new_tokens=32", "--temperature=0", "--device=cpu"],
+                            cwd=ROOT, capture_output=True, text=True, check=True)
+    assert len(new_tokens) > 0
+    assert result.stdout == "def " + encoder.decode(new_tokens) + "\n\n"
+
+
+def test_unsupported_models_are_refused(tmp_path, encoder):
+    checkpoint = make_checkpoint(tmp_path / "run", encoder)
+    checkpoint["model_args"]["sliding_window"] = 128
+    with pytest.raises(ValueError, match="sliding_window"):
+        export(checkpoint, str(tmp_path / "bad"))
+    export(make_checkpoint(tmp_path / "run2", encoder), str(tmp_path / "hf"))
+    config_path = tmp_path / "hf" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "attention_bias": True, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
+    with pytest.raises(ValueError, match="rope_scaling.*attention_bias"):
+        load_hf_checkpoint(str(tmp_path / "hf"))
+
+
+def test_train_starts_from_a_hugging_face_directory(tmp_path, encoder):
+    subprocess.run([sys.executable, "prepare.py", f"--out={tmp_path}/data", "--vocab_size=512"], cwd=ROOT, check=True,
+                   capture_output=True)
+    data_tokenizer = tok.load_tokenizer(str(tmp_path / "data"))
+    export(make_checkpoint(tmp_path / "run", data_tokenizer), str(tmp_path / "hf"))
+    result = subprocess.run([sys.executable, "train.py", f"--init_from=hf:{tmp_path}/hf", f"--data_dir={tmp_path}/data",
+                             f"--out_dir={tmp_path}/out", "--device=cpu", "--compile=False", "--max_iters=2",
+                             "--micro_batch_size=2", "--batch_size=2", "--eval_iters=1", "--log_interval=1"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert f"weights from hf:{tmp_path}/hf" in result.stdout
+    assert load_checkpoint(str(tmp_path / "out"))["parent"] == f"hf:{tmp_path}/hf"
+    # the data must be tokenized by the model's own tokenizer
+    subprocess.run([sys.executable, "prepare.py", f"--out={tmp_path}/other", "--vocab_size=600"], cwd=ROOT, check=True,
+                   capture_output=True)
+    bad = subprocess.run([sys.executable, "train.py", f"--init_from=hf:{tmp_path}/hf", f"--data_dir={tmp_path}/other",
+                          f"--out_dir={tmp_path}/out2", "--device=cpu"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode != 0 and "differs from" in bad.stderr
+    # and prepare.py can take it: --tokenizer=hf:<dir>
+    subprocess.run([sys.executable, "prepare.py", f"--out={tmp_path}/same", f"--tokenizer=hf:{tmp_path}/hf"], cwd=ROOT,
+                   check=True, capture_output=True)
+    assert tok.load_tokenizer(str(tmp_path / "same")).encode_ordinary(TEXT) == data_tokenizer.encode_ordinary(TEXT)
