@@ -1,13 +1,18 @@
 """
 Text -> tokenizer -> token shards.
 
-    python prepare.py                                   # the offline demo corpus -> data/demo
+    python prepare.py                                   # the offline demo: data/demo (text) and data/demo-chat
     python prepare.py corpus/ --out=data/mine           # .txt / .jsonl / .parquet files, a directory or a glob
     python prepare.py HuggingFaceFW/fineweb-edu --hf_config=sample-10BT --max_docs=2000000 --out=data/fineweb
-    python prepare.py chat.jsonl --tokenizer=data/demo  # reuse a saved tokenizer so ids never change
+    python prepare.py chat.jsonl --chat --tokenizer=data/demo  # conversations, with the pretrain tokenizer
 
-The demo corpus is built from what every CPython installation ships: the standard library's
-.py sources and the documentation text in pydoc_data.topics (a few MB, no download).
+The demo is built from what every CPython installation ships: the text corpus from the standard
+library's .py sources and the documentation in pydoc_data.topics (a few MB, no download); the
+chat set from question/answer pairs on the standard library's docstrings and pydoc topics.
+With --chat, each .jsonl line is a conversation, {"messages": [{"role": "system"|"user"|"assistant",
+"content": "..."}]}, rendered with tokenizer.encode_chat's template, with a loss mask per token
+({split}_mask_NNNNNN.bin); a bad line (not JSON, no messages, an unknown role) is reported with
+its file and line and skipped.
 
 Output directory:
     tokenizer.json, tokenizer.tiktoken     the tokenizer, as text (see tokenizer.py)
@@ -24,7 +29,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import struct
 import sys
 import sysconfig
 import time
@@ -33,67 +37,7 @@ import zlib
 import numpy as np
 
 import tokenizer as tok
-
-# ---------------------------------------------------------------------------------------------
-# The shard format: header = magic (8 bytes), format version (u32), bytes per token (u32),
-# token count (u64), reserved (u64); then the tokens, little-endian uint16 or uint32.
-SHARD_MAGIC = b"GPTOKENS"
-SHARD_VERSION = 1
-SHARD_HEADER = struct.Struct("<8sIIQQ")  # 32 bytes
-TOKEN_DTYPES = {2: np.uint16, 4: np.uint32}
-
-
-def write_shard(path, tokens):
-    tokens = np.asarray(tokens)
-    with open(path, "wb") as f:
-        f.write(SHARD_HEADER.pack(SHARD_MAGIC, SHARD_VERSION, tokens.dtype.itemsize, len(tokens), 0))
-        f.write(tokens.astype(tokens.dtype.newbyteorder("<"), copy=False).tobytes())
-
-
-def read_shard(path):
-    """Memory-map a shard's tokens (no copy); a file that is not a complete shard raises ValueError."""
-    with open(path, "rb") as f:
-        header = f.read(SHARD_HEADER.size)
-    if len(header) < SHARD_HEADER.size:
-        raise ValueError(f"{path}: too short to be a token shard")
-    magic, version, bytes_per_token, count, _ = SHARD_HEADER.unpack(header)
-    if magic != SHARD_MAGIC or version != SHARD_VERSION or bytes_per_token not in TOKEN_DTYPES:
-        raise ValueError(f"{path}: not a token shard of format version {SHARD_VERSION} (re-run prepare.py)")
-    expected_size = SHARD_HEADER.size + count * bytes_per_token
-    if os.path.getsize(path) != expected_size:
-        raise ValueError(f"{path}: truncated or corrupt ({os.path.getsize(path)} bytes, header says {expected_size})")
-    return np.memmap(path, dtype=np.dtype(TOKEN_DTYPES[bytes_per_token]).newbyteorder("<"), mode="r",
-                     offset=SHARD_HEADER.size, shape=(count,))
-
-
-class ShardWriter:
-    """Appends documents to {split}_NNNNNN.bin files, starting a new shard at a document boundary
-    once the current one holds shard_tokens tokens."""
-
-    def __init__(self, directory, split, dtype, shard_tokens):
-        self.directory, self.split, self.dtype, self.shard_tokens = directory, split, np.dtype(dtype), shard_tokens
-        self.file, self.shards, self.count, self.total, self.documents = None, [], 0, 0, 0
-
-    def add(self, tokens):
-        if self.file is None or self.count >= self.shard_tokens:
-            self.close()
-            name = f"{self.split}_{len(self.shards):06d}.bin"
-            self.shards.append(name)
-            self.file = open(os.path.join(self.directory, name), "wb")
-            self.file.write(SHARD_HEADER.pack(SHARD_MAGIC, SHARD_VERSION, self.dtype.itemsize, 0, 0))
-            self.count = 0
-        self.file.write(tokens.astype(self.dtype.newbyteorder("<"), copy=False).tobytes())
-        self.count += len(tokens)
-        self.total += len(tokens)
-        self.documents += 1
-
-    def close(self):
-        if self.file is not None:  # the real count goes into the header only once the shard is complete
-            self.file.seek(0)
-            self.file.write(SHARD_HEADER.pack(SHARD_MAGIC, SHARD_VERSION, self.dtype.itemsize, self.count, 0))
-            self.file.close()
-            self.file = None
-
+from data import SHARD_VERSION, ShardWriter
 
 # ---------------------------------------------------------------------------------------------
 # Sources: each yields (document name, text). Names decide the train/val split.
@@ -147,6 +91,93 @@ def jsonl_documents(path, field):
             yield f"{path}:{line_number}", record[field]
 
 
+class BadConversations:
+    """Conversations that are skipped: reported with file and line, the first few in full."""
+    count = 0
+
+    @classmethod
+    def report(cls, where, reason):
+        cls.count += 1
+        if cls.count <= 20:
+            print(f"skipping {where}: {reason}", file=sys.stderr)
+
+
+def chat_documents(path):
+    """{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]} per line. A bad line
+    is skipped and reported rather than failing a whole dataset for it."""
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                BadConversations.report(where, f"not valid JSON ({e.msg})")
+                continue
+            messages = record.get("messages") if isinstance(record, dict) else None
+            if not isinstance(messages, list) or not messages:
+                BadConversations.report(where, "no non-empty 'messages' list")
+                continue
+            problem = next((m for m in messages if not isinstance(m, dict) or m.get("role") not in tok.CHAT_ROLES
+                            or not isinstance(m.get("content"), str)), None)
+            if problem is not None:
+                BadConversations.report(where, f"a message is not {{'role': {'|'.join(tok.CHAT_ROLES)}, 'content': str}}: {str(problem)[:80]}")
+                continue
+            yield where, messages
+
+
+DEMO_QUESTIONS = ["What does {name} do?", "What is {name} for?", "Explain {name} briefly.",
+                  "Describe {name} in one sentence.", "Summarize what {name} does."]
+DEMO_SYSTEM = "You answer questions about the Python standard library in one or two sentences."
+
+
+def demo_conversations():
+    """Question/answer pairs from what CPython ships: each public function's and class's docstring
+    summary in the standard library ("What does json.dumps do?" -> its first paragraph), and the
+    opening paragraph of each pydoc topic."""
+    import ast
+    import inspect
+    stdlib = sysconfig.get_paths()["stdlib"]
+
+    def first_paragraph(text):
+        paragraph = inspect.cleandoc(text).split("\n\n")[0]
+        return " ".join(paragraph.split())
+
+    def conversation(name, question, answer):
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        if zlib.crc32(name.encode()) % 4 == 0:  # some with a system prompt
+            messages.insert(0, {"role": "system", "content": DEMO_SYSTEM})
+        return name, messages
+
+    for name, source in demo_documents():
+        if not name.startswith("stdlib/") or "/_" in name or name.split("/")[-1].startswith("_"):
+            continue
+        module = name[len("stdlib/"):-len(".py")].replace("/", ".").removesuffix(".__init__")
+        try:
+            tree = ast.parse(source)
+        except SyntaxError:
+            continue
+        # public functions and classes, and the public methods of public classes
+        nodes = [(node.name, node) for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))]
+        nodes += [(f"{cls.name}.{node.name}", node) for _, cls in list(nodes) if isinstance(cls, ast.ClassDef)
+                  and not cls.name.startswith("_") for node in cls.body if isinstance(node, ast.FunctionDef)]
+        for path, node in nodes:
+            if not any(part.startswith("_") for part in path.split(".")):
+                docstring = ast.get_docstring(node)
+                answer = first_paragraph(docstring) if docstring else ""
+                if 20 <= len(answer) <= 400:
+                    qualified = f"{module}.{path}"
+                    question = DEMO_QUESTIONS[zlib.crc32(qualified.encode()) % len(DEMO_QUESTIONS)]
+                    yield conversation(f"docstring:{qualified}", question.format(name=qualified), answer)
+    from pydoc_data.topics import topics
+    for topic in sorted(topics):
+        lines = topics[topic].strip().split("\n")
+        answer = first_paragraph("\n".join(lines[2:])) if len(lines) > 2 and set(lines[1]) <= {"*", "="} else ""
+        if 20 <= len(answer) <= 600:
+            yield conversation(f"pydoc:{topic}", f"What does the Python documentation say about {topic}?", answer)
+
+
 def parquet_documents(path, field):
     try:
         import pyarrow.parquet as pq
@@ -190,7 +221,7 @@ def expand_paths(source):
 
 def documents(args):
     if not args.sources:
-        yield from demo_documents()
+        yield from demo_conversations() if args.chat else demo_documents()
         return
     for source in args.sources:
         paths = expand_paths(source)
@@ -204,7 +235,11 @@ def documents(args):
         for path in paths:
             if not os.access(path, os.R_OK):
                 fail(f"{path}: not readable")
-            if path.endswith(".jsonl"):
+            if args.chat:
+                if not path.endswith(".jsonl"):
+                    fail(f"{path}: --chat takes .jsonl files of {{\"messages\": [...]}} records")
+                yield from chat_documents(path)
+            elif path.endswith(".jsonl"):
                 yield from jsonl_documents(path, args.text_field)
             elif path.endswith(".parquet"):
                 yield from parquet_documents(path, args.text_field)
@@ -219,7 +254,7 @@ def split_of(name, val_fraction):
 def limited_documents(args):
     count = 0
     for name, text in documents(args):
-        if not text.strip():
+        if isinstance(text, str) and not text.strip():
             continue
         yield name, text
         count += 1
@@ -239,9 +274,18 @@ def _init_worker(tokenizer_dir):
 
 
 def _encode_batch(batch):
+    """[(split, bytes, tokens, loss mask or None)] for [(split, text or conversation)]."""
     bos = tok.bos_id(_worker_encoder)
-    return [(split, len(text.encode("utf-8")), np.array([bos] + _worker_encoder.encode_ordinary(text), dtype=np.uint32))
-            for split, text in batch]
+    encoded = []
+    for split, content in batch:
+        if isinstance(content, str):
+            tokens, mask = [bos] + _worker_encoder.encode_ordinary(content), None
+            nbytes = len(content.encode("utf-8"))
+        else:
+            tokens, mask = tok.encode_chat(_worker_encoder, content)
+            nbytes = sum(len(m["content"].encode("utf-8")) for m in content)
+        encoded.append((split, nbytes, np.array(tokens, dtype=np.uint32), None if mask is None else np.array(mask, dtype=np.uint8)))
+    return encoded
 
 
 def batches(args, docs_per_batch=64):
@@ -307,6 +351,7 @@ def main(argv=None):
     parser.add_argument("sources", nargs="*", help="files, directories, globs or a Hugging Face dataset name (default: the demo corpus)")
     parser.add_argument("--out", default=None, help="output directory (default: data/demo, or data/<name of the first source>)")
     parser.add_argument("--tokenizer", default="bpe", help="bpe (train one here), gpt2, cl100k_base, o200k_base, a directory with a saved tokenizer, or hf:<Hugging Face model directory>")
+    parser.add_argument("--chat", action="store_true", help="the .jsonl sources are conversations: {\"messages\": [{\"role\", \"content\"}, ...]}")
     parser.add_argument("--vocab_size", type=int, default=4096, help="vocabulary of a trained BPE, special tokens included")
     parser.add_argument("--tokenizer_train_chars", type=int, default=2_000_000_000, help="train the BPE on at most this many characters")
     parser.add_argument("--val_fraction", type=float, default=None, help="fraction of documents held out for validation (default: 0.05 for the demo, else 0.005)")
@@ -323,6 +368,14 @@ def main(argv=None):
         fail(f"--val_fraction={args.val_fraction} must be between 0 and 1")
     out = args.out or os.path.join("data", "demo" if not args.sources else
                                    os.path.splitext(os.path.basename(args.sources[0].rstrip("/")))[0] or "corpus")
+    if args.sources or args.chat:
+        build(args, out)
+    else:  # the demo: the text corpus, then its chat set (OUT-chat) with the same tokenizer
+        build(args, out)
+        build(argparse.Namespace(**{**vars(args), "chat": True, "tokenizer": out}), out.rstrip("/") + "-chat")
+
+
+def build(args, out):
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -337,6 +390,8 @@ def write_dataset(args, out, tmp):
     tok.save_tokenizer(enc, tmp)
     dtype = np.uint16 if enc.n_vocab <= 1 << 16 else np.uint32
     writers = {split: ShardWriter(tmp, split, dtype, args.shard_tokens) for split in ("train", "val")}
+    # chat datasets: a parallel file of loss masks, one byte per token, with the same shard boundaries
+    mask_writers = {split: ShardWriter(tmp, f"{split}_mask", np.uint8, args.shard_tokens) for split in ("train", "val")}
     byte_counts = {"train": 0, "val": 0}
     progress = Progress()
     pool = multiprocessing.Pool(args.workers, _init_worker, (tmp,)) if args.workers > 1 else None
@@ -345,14 +400,16 @@ def write_dataset(args, out, tmp):
     encoded = pool.imap(_encode_batch, batches(args)) if pool else map(_encode_batch, batches(args))
     try:
         for batch in encoded:  # imap keeps the input order, so the output is the same for any --workers
-            for split, nbytes, tokens in batch:
+            for split, nbytes, tokens, mask in batch:
                 writers[split].add(tokens)
+                if mask is not None:
+                    mask_writers[split].add(mask)
                 byte_counts[split] += nbytes
                 progress.update(len(tokens), nbytes)
     finally:
         if pool:
             pool.terminate()
-    for writer in writers.values():
+    for writer in [*writers.values(), *mask_writers.values()]:
         writer.close()
     progress.update(0, 0, final=True)
     for split, writer in writers.items():
@@ -360,16 +417,21 @@ def write_dataset(args, out, tmp):
             fail(f"no documents in the {split} split ({progress.documents} in all): "
                  + ("the sources hold no text" if progress.documents == 0 else "use more documents or another --val_fraction"))
 
+    if BadConversations.count:
+        print(f"skipped {BadConversations.count} bad conversations", file=sys.stderr)
     meta = {
         "format_version": SHARD_VERSION,
+        "chat": bool(args.chat),
         "tokenizer": enc.name,
         "vocab_size": enc.n_vocab,
         "bos_id": tok.bos_id(enc),
         "special_tokens": dict(enc._special_tokens),
         "token_dtype": np.dtype(dtype).name,
-        "sources": args.sources or ["demo: CPython standard library sources + pydoc_data.topics"],
-        "splits": {split: {"shards": w.shards, "tokens": w.total, "documents": w.documents, "bytes": byte_counts[split]}
-                   for split, w in writers.items()},
+        "sources": args.sources or ["demo: CPython standard library " + ("docstring and pydoc topic Q&A" if args.chat else
+                                                                          "sources + pydoc_data.topics")],
+        "splits": {split: {"shards": w.shards, "masks": mask_writers[split].shards, "tokens": w.total,
+                           "documents": w.documents, "bytes": byte_counts[split]} for split, w in writers.items()},
+        "skipped_conversations": BadConversations.count,
     }
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)

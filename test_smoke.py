@@ -47,7 +47,7 @@ def trained(demo_data, tmp_path_factory):
 
 def unigram_val_loss(data_dir):
     """Cross-entropy on the val split of a unigram model of the train split (add-one smoothed)."""
-    from prepare import read_shard
+    from data import read_shard
     with open(os.path.join(data_dir, "meta.json")) as f:
         meta = json.load(f)
     split = {s: np.concatenate([read_shard(os.path.join(data_dir, n)) for n in meta["splits"][s]["shards"]])
@@ -198,7 +198,7 @@ def test_gpt2_tokenizer_offline(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
 def test_shard_round_trip(tmp_path, dtype):
-    from prepare import read_shard, write_shard
+    from data import read_shard, write_shard
     tokens = np.random.default_rng(0).integers(0, np.iinfo(dtype).max, size=1000, dtype=np.int64).astype(dtype)
     path = str(tmp_path / "shard.bin")
     write_shard(path, tokens)
@@ -222,7 +222,7 @@ def test_prepare_text_and_jsonl_sources(tmp_path):
     meta = json.loads((out / "meta.json").read_text())
     splits = meta["splits"]
     assert splits["train"]["documents"] + splits["val"]["documents"] == 60 and splits["val"]["documents"] > 0
-    from prepare import read_shard
+    from data import read_shard
     import tokenizer as tok
     enc = tok.load_tokenizer(str(out))
     tokens = np.concatenate([read_shard(str(out / name)) for name in splits["train"]["shards"]])

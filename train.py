@@ -27,6 +27,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 # I/O
 out_dir = "out/run"
 data_dir = "data/demo"          # a directory written by prepare.py
+data_mixture = None             # or several, with weights: {'data/web': 0.7, 'data/chat': 0.3} (replaces data_dir)
+use_loss_mask = False           # learn only the targets a chat dataset marks (the assistant's words)
 init_from = "scratch"           # 'scratch'; 'resume': the newest checkpoint in out_dir (scratch if there is none);
                                 # or an earlier stage's out_dir or checkpoint file: its weights only
                                 # (fresh optimizer, step and schedule)
@@ -84,7 +86,7 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator
 from checkpoint import (checkpoint_paths, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
                         wait_for_checkpoint)
 from model import GPT, ModelArgs, device_peak_flops
-from prepare import read_shard
+from data import open_dataset, read_windows, sample_windows
 import tokenizer as tok
 
 # distributed: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
@@ -217,83 +219,94 @@ if source is not None:
 
 
 # ---- data -------------------------------------------------------------------------------------
-meta_path = os.path.join(data_dir, "meta.json")
-if not os.path.exists(meta_path):
-    fail(f"no dataset at {data_dir} (no meta.json): run python prepare.py first, or set --data_dir")
-with open(meta_path) as f:
-    meta = json.load(f)
-shards = {split: [read_shard(os.path.join(data_dir, name)) for name in meta["splits"][split]["shards"]]
-          for split in ("train", "val")}
-encoder = tok.load_tokenizer(data_dir)
+mixture = data_mixture or {data_dir: 1.0}
+if not isinstance(mixture, dict) or not all(isinstance(w, (int, float)) and w > 0 for w in mixture.values()):
+    fail(f"data_mixture must be a dict of dataset directory -> positive weight, got {data_mixture!r}")
+try:
+    datasets = [open_dataset(directory, block_size) for directory in mixture]
+    encoder = tok.load_tokenizer(datasets[0]["directory"])
+except (FileNotFoundError, ValueError) as e:
+    fail(str(e))
+mixture_weights = np.array(list(mixture.values()), dtype=np.float64) / sum(mixture.values())
+meta = datasets[0]["meta"]
+for dataset in datasets[1:]:
+    if tok.load_tokenizer(dataset["directory"])._mergeable_ranks != encoder._mergeable_ranks or dataset["meta"]["special_tokens"] != meta["special_tokens"]:
+        fail(f"{dataset['directory']} and {datasets[0]['directory']} use different tokenizers: a mixture needs one "
+             f"(prepare with --tokenizer=<the first dataset's directory>)")
+for dataset in datasets:
+    if dataset["truncated"]:
+        log(f"{dataset['directory']}: {dataset['truncated']} training conversations are longer than "
+            f"block_size + 1 = {block_size + 1} tokens and will be cut")
 if vocab_size == 0:
     vocab_size = meta["vocab_size"]
 if vocab_size < meta["vocab_size"] and source is None:
     fail(f"vocab_size={vocab_size} is smaller than the dataset's vocabulary ({meta['vocab_size']}); use 0 to take it from the data")
-window_counts = {}
-for split, split_shards in shards.items():
-    # a window is block_size + 1 tokens (inputs and the targets shifted by one) inside one shard
-    counts = np.array([max(0, len(s) - block_size) for s in split_shards], dtype=np.int64)
-    if counts.sum() == 0:
-        fail(f"the {split} split of {data_dir} has no shard longer than block_size={block_size} tokens: "
-             f"use a smaller block_size or more data")
-    window_counts[split] = np.cumsum(counts)
 
 
-def sample_windows(split, count, rng_key):
-    """count random window starts, as (shard index, offset); a function of rng_key alone."""
-    rng = np.random.default_rng(rng_key)
-    positions = rng.integers(0, window_counts[split][-1], size=count)
-    shard_ids = np.searchsorted(window_counts[split], positions, side="right")
-    offsets = positions - np.concatenate(([0], window_counts[split]))[shard_ids]
-    return list(zip(shard_ids.tolist(), offsets.tolist()))
-
-
-def load_windows(split, windows):
-    tokens = np.stack([shards[split][i][offset:offset + block_size + 1] for i, offset in windows]).astype(np.int64)
-    tokens = torch.from_numpy(tokens)
+def to_device(array):
+    tensor = torch.from_numpy(array)
     if device_type == "cuda":  # pinned memory lets the copy run asynchronously with the GPU's work
-        tokens = tokens.pin_memory().to(device, non_blocking=True)
-    return tokens[:, :-1], tokens[:, 1:]
+        tensor = tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
 
 
 def train_micro_batches(start_step):
-    """The micro-batches of this rank from start_step on. The windows of step s are drawn from
-    (seed, s) alone and split between ranks without overlap, so resuming at any step, or at another
-    world size with the same global batch, sees exactly the same data."""
+    """(inputs, targets, loss scale) for each micro-batch of this rank from start_step on.
+    The windows of step s are drawn from (seed, s) alone and split between ranks without overlap,
+    so resuming at any step, or at another world size with the same global batch, sees the same data.
+    The loss scale makes the step's loss the mean over every target the step learns, on all
+    micro-batches and ranks (DDP averages gradients over ranks, hence the world_size)."""
     step = start_step
     while True:
-        global_windows = sample_windows("train", batch_size_at(step), (seed, step))
+        global_windows = sample_windows(datasets, mixture_weights, "train", batch_size_at(step), (seed, step))
         per_rank = len(global_windows) // world_size
+        if use_loss_mask:  # the step's learned targets, counted on the host from the masks: no device sync
+            learned = sum(int((read_windows(datasets, "train", global_windows[i:i + micro_batch_size], block_size, True)[1] >= 0).sum())
+                          for i in range(0, len(global_windows), micro_batch_size))
+        else:
+            learned = len(global_windows) * block_size
+        loss_scale = world_size / max(learned, 1)
         mine = global_windows[rank * per_rank:(rank + 1) * per_rank]
         for k in range(grad_accum_at(step)):
-            yield load_windows("train", mine[k * micro_batch_size:(k + 1) * micro_batch_size])
+            x, y = read_windows(datasets, "train", mine[k * micro_batch_size:(k + 1) * micro_batch_size], block_size, use_loss_mask)
+            yield to_device(x), to_device(y), loss_scale
         step += 1
 
 
-# the same validation windows at every evaluation, split between ranks
-val_windows = sample_windows("val", eval_iters * micro_batch_size * world_size, (seed, 2**32))
-val_windows = val_windows[rank * eval_iters * micro_batch_size:(rank + 1) * eval_iters * micro_batch_size]
+# the same validation windows at every evaluation, per dataset, split between ranks
+val_windows = []
+for d in range(len(datasets)):
+    windows = sample_windows([datasets[d]], [1.0], "val", eval_iters * micro_batch_size * world_size, (seed, 2**32, d))
+    windows = [(d, shard, offset) for _, shard, offset in windows]
+    val_windows.append(windows[rank * eval_iters * micro_batch_size:(rank + 1) * eval_iters * micro_batch_size])
 token_bytes = torch.from_numpy(tok.token_byte_lengths(encoder)).to(device)
 
 
 @torch.no_grad()
 def evaluate():
-    """(mean val loss per token, bits per byte). Bits per byte does not depend on the tokenizer:
-    the summed loss in bits over the UTF-8 bytes the targets stand for (special tokens excluded)."""
+    """{dataset directory: (mean val loss per target, bits per byte)}, and their mixture-weighted
+    mean. In chat datasets only the learned targets (the assistant's words) count. Bits per byte
+    does not depend on the tokenizer: the loss in bits summed over the UTF-8 bytes the targets
+    stand for (special tokens excluded)."""
     model.eval()
-    # summed over the windows: loss over all targets, target count, loss on byte-carrying targets, their bytes
-    sums = torch.zeros(4, device=device, dtype=torch.float64)
-    for k in range(eval_iters):
-        x, y = load_windows("val", val_windows[k * micro_batch_size:(k + 1) * micro_batch_size])
-        with autocast:
-            losses = eval_model(x, y, loss_reduction="none").double()
-        nbytes = token_bytes[y]
-        sums += torch.stack([losses.sum(), losses.new_tensor(losses.numel()), (losses * (nbytes > 0)).sum(), nbytes.sum().double()])
-    if ddp:
-        dist.all_reduce(sums)
+    results = {}
+    for d, dataset in enumerate(datasets):
+        # summed over the windows: loss over the targets, target count, loss on byte-carrying targets, their bytes
+        sums = torch.zeros(4, device=device, dtype=torch.float64)
+        for k in range(eval_iters):
+            x, y = read_windows(datasets, "val", val_windows[d][k * micro_batch_size:(k + 1) * micro_batch_size], block_size, True)
+            x, y = to_device(x), to_device(y)
+            with autocast:
+                losses = eval_model(x, y, loss_reduction="none").double()  # 0 where the target is -1
+            nbytes = token_bytes[y.clamp(min=0)] * (y >= 0)
+            sums += torch.stack([losses.sum(), (y >= 0).sum().double(), (losses * (nbytes > 0)).sum(), nbytes.sum().double()])
+        if ddp:
+            dist.all_reduce(sums)
+        loss_sum, count, byte_loss_sum, bytes_sum = sums.tolist()
+        results[dataset["directory"]] = (loss_sum / max(count, 1), byte_loss_sum / (math.log(2) * max(bytes_sum, 1)))
     model.train()
-    loss_sum, count, byte_loss_sum, bytes_sum = sums.tolist()
-    return loss_sum / count, byte_loss_sum / (math.log(2) * bytes_sum)
+    mean = tuple(float(sum(w * r[i] for w, r in zip(mixture_weights, results.values()))) for i in range(2))
+    return mean, results
 
 
 model_args = ModelArgs(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
@@ -418,7 +431,7 @@ def peak_memory_mb():
 try:
     start_step = step
     batches = train_micro_batches(step)
-    x, y = next(batches)
+    x, y, loss_scale = next(batches)
     # divergence guard, on the device: the count of non-finite steps in a row and in all
     bad_in_a_row = torch.zeros((), device=device, dtype=torch.int64)
     bad_total = torch.zeros((), device=device, dtype=torch.int64)
@@ -426,9 +439,11 @@ try:
     while True:
         last_step = step == max_iters
         if step % eval_interval == 0 or last_step:
-            val_loss, val_bpb = evaluate()
-            log(f"step {step}: val loss {val_loss:.4f}, val bpb {val_bpb:.4f}")
-            record({"step": step, "val_loss": val_loss, "val_bpb": val_bpb, "tokens": tokens_seen})
+            (val_loss, val_bpb), per_dataset = evaluate()
+            log(f"step {step}: val loss {val_loss:.4f}, val bpb {val_bpb:.4f}" + ("".join(
+                f" | {name}: {loss:.4f}, {bpb:.4f} bpb" for name, (loss, bpb) in per_dataset.items()) if len(datasets) > 1 else ""))
+            record({"step": step, "val_loss": val_loss, "val_bpb": val_bpb, "tokens": tokens_seen,
+                    "val_by_dataset": {name: {"loss": loss, "bpb": bpb} for name, (loss, bpb) in per_dataset.items()}})
             if step > start_step:
                 write_checkpoint()
             last_log_time = time.time()  # evaluation time does not count towards tokens/s
@@ -448,9 +463,9 @@ try:
             if ddp:  # all-reduce the gradients only on the last micro-step
                 model.require_backward_grad_sync = micro_step == accum_steps - 1
             with autocast:
-                loss = model(x, y)
-            x, y = next(batches)  # the next batch is prepared while the device works on this one
-            (loss / accum_steps).backward()
+                loss = model(x, y, loss_reduction="sum") * loss_scale
+            x, y, loss_scale = next(batches)  # the next batch is prepared while the device works on this one
+            loss.backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
         # a non-finite loss gives non-finite (all-reduced, so the same on every rank) gradients: then
@@ -466,7 +481,7 @@ try:
         step += 1
 
         if step % log_interval == 0 or step == max_iters:
-            loss_value = (loss_sum / accum_steps).item()  # the only host sync of the step, on log steps only
+            loss_value = loss_sum.item()  # the only host sync of the step, on log steps only
             if ddp:
                 loss_value = loss_sum.new_tensor(loss_value)
                 dist.all_reduce(loss_value)  # a sum: gloo has no average

@@ -1,0 +1,146 @@
+"""
+Token datasets on disk and the windows training draws from them.
+
+A dataset is a directory written by prepare.py: meta.json, the tokenizer, and per split
+({train,val}_NNNNNN.bin) shards of tokens; a chat dataset also has {train,val}_mask_NNNNNN.bin,
+one byte per token, 1 where the token is a target finetuning learns (the assistant's words).
+A shard is a 32-byte header (magic, format version, bytes per token, token count) followed by the
+tokens, little-endian, so it memory-maps without a copy.
+
+Training draws windows of block_size + 1 tokens (inputs, and targets shifted by one). In a text
+dataset a window starts anywhere; in a chat dataset it starts at a conversation's first token
+(<|endoftext|>) and runs on into the following conversations, so every window is packed full and
+only a conversation longer than the window is cut (prepare.py and train.py report how many).
+A mixture draws each window's dataset by weight. Every draw is a function of a seed tuple alone
+(train.py uses (seed, step)), which is what makes resuming, and changing the world size, exact.
+"""
+import json
+import os
+import struct
+
+import numpy as np
+
+SHARD_MAGIC = b"GPTOKENS"
+SHARD_VERSION = 1
+SHARD_HEADER = struct.Struct("<8sIIQQ")  # magic, version, bytes per token, token count, reserved: 32 bytes
+TOKEN_DTYPES = {1: np.uint8, 2: np.uint16, 4: np.uint32}
+
+
+def write_shard(path, tokens):
+    tokens = np.asarray(tokens)
+    with open(path, "wb") as f:
+        f.write(SHARD_HEADER.pack(SHARD_MAGIC, SHARD_VERSION, tokens.dtype.itemsize, len(tokens), 0))
+        f.write(tokens.astype(tokens.dtype.newbyteorder("<"), copy=False).tobytes())
+
+
+def read_shard(path):
+    """Memory-map a shard's tokens (no copy); a file that is not a complete shard raises ValueError."""
+    with open(path, "rb") as f:
+        header = f.read(SHARD_HEADER.size)
+    if len(header) < SHARD_HEADER.size:
+        raise ValueError(f"{path}: too short to be a token shard")
+    magic, version, bytes_per_token, count, _ = SHARD_HEADER.unpack(header)
+    if magic != SHARD_MAGIC or version != SHARD_VERSION or bytes_per_token not in TOKEN_DTYPES:
+        raise ValueError(f"{path}: not a token shard of format version {SHARD_VERSION} (re-run prepare.py)")
+    expected_size = SHARD_HEADER.size + count * bytes_per_token
+    if os.path.getsize(path) != expected_size:
+        raise ValueError(f"{path}: truncated or corrupt ({os.path.getsize(path)} bytes, header says {expected_size})")
+    return np.memmap(path, dtype=np.dtype(TOKEN_DTYPES[bytes_per_token]).newbyteorder("<"), mode="r",
+                     offset=SHARD_HEADER.size, shape=(count,))
+
+
+class ShardWriter:
+    """Appends documents to {name}_NNNNNN.bin files, starting a new shard at a document boundary
+    once the current one holds shard_tokens tokens."""
+
+    def __init__(self, directory, name, dtype, shard_tokens):
+        self.directory, self.name, self.dtype, self.shard_tokens = directory, name, np.dtype(dtype), shard_tokens
+        self.file, self.shards, self.count, self.total, self.documents = None, [], 0, 0, 0
+
+    def add(self, tokens):
+        if self.file is None or self.count >= self.shard_tokens:
+            self.close()
+            name = f"{self.name}_{len(self.shards):06d}.bin"
+            self.shards.append(name)
+            self.file = open(os.path.join(self.directory, name), "wb")
+            self.file.write(SHARD_HEADER.pack(SHARD_MAGIC, SHARD_VERSION, self.dtype.itemsize, 0, 0))
+            self.count = 0
+        self.file.write(np.asarray(tokens).astype(self.dtype.newbyteorder("<"), copy=False).tobytes())
+        self.count += len(tokens)
+        self.total += len(tokens)
+        self.documents += 1
+
+    def close(self):
+        if self.file is not None:  # the real count goes into the header only once the shard is complete
+            self.file.seek(0)
+            self.file.write(SHARD_HEADER.pack(SHARD_MAGIC, SHARD_VERSION, self.dtype.itemsize, self.count, 0))
+            self.file.close()
+            self.file = None
+
+
+def open_dataset(directory, block_size):
+    """A prepared dataset, memory-mapped: {'directory', 'meta', 'tokens'[split], 'masks'[split] or None,
+    'starts'[split]: cumulative count of possible window starts per shard, 'offsets'[split]: the
+    start offsets of chat datasets (None for text), 'truncated': conversations longer than a window}."""
+    meta_path = os.path.join(directory, "meta.json")
+    if not os.path.exists(meta_path):
+        raise FileNotFoundError(f"no dataset at {directory} (no meta.json): run python prepare.py first")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    dataset = {"directory": directory, "meta": meta, "tokens": {}, "masks": {}, "starts": {}, "offsets": {}, "truncated": 0}
+    chat = bool(meta.get("chat"))
+    for split in ("train", "val"):
+        info = meta["splits"][split]
+        tokens = [read_shard(os.path.join(directory, name)) for name in info["shards"]]
+        dataset["tokens"][split] = tokens
+        dataset["masks"][split] = [read_shard(os.path.join(directory, name)) for name in info["masks"]] if chat else None
+        if chat:  # windows start at a conversation's first token and must fit in the shard
+            offsets = []
+            for shard in tokens:
+                bos_positions = np.flatnonzero(np.asarray(shard) == meta["bos_id"])
+                lengths = np.diff(np.append(bos_positions, len(shard)))
+                if split == "train":
+                    dataset["truncated"] += int((lengths > block_size + 1).sum())
+                offsets.append(bos_positions[bos_positions + block_size + 1 <= len(shard)])
+            dataset["offsets"][split] = offsets
+            counts = np.array([len(o) for o in offsets], dtype=np.int64)
+        else:
+            dataset["offsets"][split] = None
+            counts = np.array([max(0, len(s) - block_size) for s in tokens], dtype=np.int64)
+        if counts.sum() == 0:
+            raise ValueError(f"the {split} split of {directory} has no shard longer than block_size={block_size} "
+                             f"tokens: use a smaller block_size or more data")
+        dataset["starts"][split] = np.cumsum(counts)
+    return dataset
+
+
+def sample_windows(datasets, weights, split, count, rng_key):
+    """count windows as (dataset index, shard index, offset), drawn from the mixture: a function of
+    rng_key (a tuple of ints) alone."""
+    rng = np.random.default_rng(rng_key)
+    choice = rng.choice(len(datasets), size=count, p=weights) if len(datasets) > 1 else np.zeros(count, dtype=np.int64)
+    windows = [None] * count
+    for d, dataset in enumerate(datasets):
+        picked = np.flatnonzero(choice == d)
+        starts = dataset["starts"][split]
+        positions = rng.integers(0, starts[-1], size=len(picked))
+        shard_ids = np.searchsorted(starts, positions, side="right")
+        within = positions - np.concatenate(([0], starts))[shard_ids]
+        for i, shard, k in zip(picked.tolist(), shard_ids.tolist(), within.tolist()):
+            offsets = dataset["offsets"][split]
+            windows[i] = (d, shard, int(offsets[shard][k]) if offsets is not None else k)
+    return windows
+
+
+def read_windows(datasets, split, windows, block_size, use_loss_mask):
+    """(inputs, targets) as int64 arrays of shape (len(windows), block_size); targets that are not
+    learned (outside a chat dataset's mask, when use_loss_mask) are -1."""
+    tokens = np.empty((len(windows), block_size + 1), dtype=np.int64)
+    learned = np.ones((len(windows), block_size), dtype=bool)
+    for row, (d, shard, offset) in enumerate(windows):
+        tokens[row] = datasets[d]["tokens"][split][shard][offset:offset + block_size + 1]
+        masks = datasets[d]["masks"][split]
+        if use_loss_mask and masks is not None:
+            learned[row] = masks[shard][offset + 1:offset + block_size + 1] > 0
+    targets = np.where(learned, tokens[:, 1:], -1)
+    return tokens[:, :-1], targets
