@@ -201,7 +201,15 @@ def hf_documents(name, args):
         fail(f"'{name}' is not a file, and Hugging Face datasets need the datasets package (pip install datasets)")
     stream = datasets.load_dataset(name, args.hf_config, split=args.hf_split, streaming=True)
     for row, record in enumerate(stream):
-        yield f"{name}:{row}", record[args.text_field]
+        if args.chat:  # conversations in a "messages" column, checked like a .jsonl line
+            messages = record.get("messages")
+            if isinstance(messages, list) and messages and all(isinstance(m, dict) and m.get("role") in tok.CHAT_ROLES
+                                                               and isinstance(m.get("content"), str) for m in messages):
+                yield f"{name}:{row}", [{"role": m["role"], "content": m["content"]} for m in messages]
+            else:
+                BadConversations.report(f"{name}:{row}", "not a list of {role, content} messages")
+        else:
+            yield f"{name}:{row}", record[args.text_field]
 
 
 EXTENSIONS = (".txt", ".md", ".jsonl", ".parquet")

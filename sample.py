@@ -2,6 +2,8 @@
 Sample from a trained model, streaming the text as it is generated:
     python sample.py --out_dir=out/pretrain-tiny --start="def "
     python sample.py --ckpt=out/pretrain/ckpt_0040000.pt --start=FILE:prompt.txt --temperature=0
+    python sample.py --out_dir=out/finetune-tiny --prompt="What does json.dumps do?"   # one chat turn
+    python sample.py --out_dir=out/finetune-tiny --chat=True                           # chat on stdin
 """
 import codecs
 import os
@@ -13,7 +15,10 @@ import torch
 # ----------------------------------------------------------------------------------------------
 out_dir = "out/run"         # a run directory: its newest checkpoint is used
 ckpt = ""                   # or one checkpoint file
-start = ""                  # the prompt, or FILE:path to read it from a file
+start = ""                  # text to continue, or FILE:path to read it from a file
+prompt = ""                 # chat: one user message, answered through the chat template
+chat = False                # chat: an interactive conversation on stdin
+system = ""                 # chat: an optional system message
 num_samples = 3
 max_new_tokens = 200
 temperature = 0.8           # 0: greedy
@@ -46,20 +51,43 @@ if compile:
     model = torch.compile(model)
 print(f"# {checkpoint['path']} (step {checkpoint['step']})", file=sys.stderr)
 
+
+
+def stream(ids, stop_token):
+    """Generate from ids, printing each character as soon as its bytes are complete."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a token can end mid-character
+    generated = []
+    with autocast:
+        for token in model.generate(torch.tensor([ids], device=device), max_new_tokens, temperature=temperature,
+                                    top_k=top_k, stop_token=stop_token):
+            token_id = token.item()
+            if token_id == stop_token:
+                break
+            generated.append(token_id)
+            sys.stdout.write(decoder.decode(encoder.decode_single_token_bytes(token_id)))
+            sys.stdout.flush()
+    sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+    return encoder.decode(generated)
+
+
+bos, end_of_turn = tok.bos_id(encoder), encoder._special_tokens["<|im_end|>"]
+if prompt or chat:
+    messages = [{"role": "system", "content": system}] if system else []
+    turns = [prompt] if prompt else iter(lambda: input("> "), None)
+    try:
+        for user_text in turns:
+            messages.append({"role": "user", "content": user_text})
+            ids, _ = tok.encode_chat(encoder, messages, add_generation_prompt=True)
+            messages.append({"role": "assistant", "content": stream(ids, end_of_turn)})
+    except (EOFError, KeyboardInterrupt):
+        print()
+    sys.exit(0)
+
 if start.startswith("FILE:"):
     with open(start[5:], encoding="utf-8") as f:
         start = f.read()
-bos = tok.bos_id(encoder)
-prompt = torch.tensor([[bos] + encoder.encode_ordinary(start)], device=device)
-
 for sample in range(num_samples):
-    # tokens can end mid-character: an incremental decoder prints each character once it is complete
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     sys.stdout.write(start)
-    with autocast:
-        for token in model.generate(prompt, max_new_tokens, temperature=temperature, top_k=top_k, stop_token=bos):
-            token_id = token.item()
-            if token_id != bos:
-                sys.stdout.write(decoder.decode(encoder.decode_single_token_bytes(token_id)))
-                sys.stdout.flush()
-    sys.stdout.write(decoder.decode(b"", final=True) + "\n" + ("-" * 40 if sample < num_samples - 1 else "") + "\n")
+    stream([bos] + encoder.encode_ordinary(start), bos)
+    if sample < num_samples - 1:
+        print("-" * 40)

@@ -30,8 +30,8 @@ data_dir = "data/demo"          # a directory written by prepare.py
 data_mixture = None             # or several, with weights: {'data/web': 0.7, 'data/chat': 0.3} (replaces data_dir)
 use_loss_mask = False           # learn only the targets a chat dataset marks (the assistant's words)
 init_from = "scratch"           # 'scratch'; 'resume': the newest checkpoint in out_dir (scratch if there is none);
-                                # or an earlier stage's out_dir or checkpoint file: its weights only
-                                # (fresh optimizer, step and schedule)
+                                # an earlier stage's out_dir or checkpoint file, or hf:<dir>: its weights only
+                                # (fresh optimizer, step and schedule; resumes instead once out_dir has checkpoints)
 eval_interval = 250             # evaluate and checkpoint every this many steps (and at the end)
 eval_iters = 20                 # micro-batches per evaluation (split across ranks)
 log_interval = 10               # a log line and a metrics.jsonl record every this many steps
@@ -196,6 +196,9 @@ if master:  # temporary files of writes that a crash interrupted: nothing loads 
 if init_from == "scratch" and checkpoint_paths(out_dir):
     fail(f"{out_dir} already holds checkpoints ({os.path.basename(checkpoint_paths(out_dir)[-1])}): "
          f"continue with --init_from=resume, or choose a new --out_dir")
+if init_from not in ("scratch", "resume") and checkpoint_paths(out_dir):
+    log(f"{out_dir} already holds this stage's checkpoints: resuming it (not starting again from {init_from})")
+    init_from = "resume"
 source = None  # the checkpoint to start from
 try:
     if init_from == "resume" and checkpoint_paths(out_dir):

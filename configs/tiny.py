@@ -1,7 +1,13 @@
 # Stacked after any stage config, e.g. `python train.py configs/pretrain.py configs/tiny.py`:
-# the same run shrunk to a few minutes on a laptop CPU, on the demo data from `python prepare.py`.
+# the same stage shrunk to a few minutes on a laptop CPU, on the demo data from `python prepare.py`
+# (data/demo for text, data/demo-chat for conversations).
 out_dir = out_dir + "-tiny"
-data_dir = "data/demo"
+if init_from.startswith("out/"):  # the previous stage's tiny run
+    init_from = init_from + "-tiny"
+data_dir = "data/demo-chat" if use_loss_mask else "data/demo"
+if data_mixture:
+    data_mixture = {"data/demo": 0.6, "data/demo-chat": 0.4}
+# the model (later stages take theirs from the checkpoint)
 n_layer = 4
 n_head = 4
 n_kv_head = 2
@@ -10,11 +16,11 @@ block_size = 128
 micro_batch_size = 16
 batch_size = 32
 batch_size_schedule = None
-max_iters = 600
-warmup_iters = 30
-learning_rate = 3e-3
-min_lr = 3e-4
-eval_interval = 200
+max_iters = 600 if init_from == "scratch" else 200
+warmup_iters = max_iters // 20
+learning_rate = learning_rate * 5  # a small model takes a larger learning rate
+min_lr = min_lr * 5
+eval_interval = max_iters // 3
 eval_iters = 20
 log_interval = 20
 device = "cpu"

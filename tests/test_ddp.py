@@ -38,9 +38,11 @@ def final_parameters(out_dir):
     return load_checkpoint(out_dir)["model"]
 
 
-@pytest.mark.parametrize("optimizer", [[], ["--use_muon=True", "--muon_lr=1e-2"]], ids=["adamw", "muon"])
-def test_two_processes_match_one(data, tmp_path, optimizer):
-    args = [*TINY, *optimizer, f"--data_dir={data}", "--max_iters=5", "--eval_interval=5"]
+@pytest.mark.parametrize("variant", [[], ["--use_muon=True", "--muon_lr=1e-2"], ["chat"]], ids=["adamw", "muon", "masked"])
+def test_two_processes_match_one(data, tmp_path, variant):
+    if variant == ["chat"]:  # the loss is normalised by the learned targets of all micro-batches and ranks
+        variant = [f"--data_dir={data}-chat", "--use_loss_mask=True"]
+    args = [*TINY, f"--data_dir={data}", *variant, "--max_iters=5", "--eval_interval=5"]
     one = train([sys.executable, "train.py"], *args, f"--out_dir={tmp_path}/one")
     assert one.returncode == 0, one.stderr
     two = train([*TORCHRUN, "train.py"], *args, f"--out_dir={tmp_path}/two")

@@ -111,7 +111,7 @@ def test_greedy_generation_matches_sample_py(tmp_path, encoder):
                              "--max_new_tokens=32", "--temperature=0", "--device=cpu"],
                             cwd=ROOT, capture_output=True, text=True, check=True)
     assert len(new_tokens) > 0
-    assert result.stdout == "def " + encoder.decode(new_tokens) + "\n\n"
+    assert result.stdout == "def " + encoder.decode(new_tokens) + "\n"
 
 
 def test_unsupported_models_are_refused(tmp_path, encoder):

@@ -58,9 +58,11 @@ def flatten(state):
     return [(f"{i}.{name}", value) for i, entry in state.items() for name, value in entry.items()]
 
 
-@pytest.mark.parametrize("optimizer", [[], ["--use_muon=True", "--muon_lr=1e-2"]], ids=["adamw", "muon"])
-def test_resume_is_bit_identical(data, tmp_path, optimizer):
-    args = [*TINY, *optimizer, SCHEDULE, f"--data_dir={data}", "--max_iters=12", "--eval_interval=6"]
+@pytest.mark.parametrize("variant", [[], ["--use_muon=True", "--muon_lr=1e-2"], ["mixture"]], ids=["adamw", "muon", "mixture"])
+def test_resume_is_bit_identical(data, tmp_path, variant):
+    if variant == ["mixture"]:  # text and chat, the chat part learned on the assistant's words only
+        variant = [f"--data_mixture={{'{data}': 0.5, '{data}-chat': 0.5}}", "--use_loss_mask=True"]
+    args = [*TINY, *variant, SCHEDULE, f"--data_dir={data}", "--max_iters=12", "--eval_interval=6"]
     train(*args, f"--out_dir={tmp_path}/full")
     os.makedirs(tmp_path / "resumed")  # the same run, stopped after step 6
     shutil.copy(tmp_path / "full" / "ckpt_0000006.pt", tmp_path / "resumed")
