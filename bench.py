@@ -14,7 +14,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 
 import torch
 
@@ -26,16 +25,11 @@ bench_steps = 10                # timed steps
 full_step = True                # also time train.py's full step, for the loop overhead
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 
-from model import GPT, ModelArgs, device_peak_flops
+from model import GPT, ModelArgs, device_peak_flops, resolve_device
 
-if device == "auto":
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-device_type = "cuda" if device.startswith("cuda") else "cpu"
-if dtype == "auto":
-    dtype = "bfloat16" if device_type == "cuda" else "float32"
+device, device_type, dtype, autocast = resolve_device(device, dtype)
 if compile is None:
     compile = device_type == "cuda"
-autocast = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 if vocab_size == 0:

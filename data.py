@@ -16,6 +16,7 @@ A mixture draws each window's dataset by weight. Every draw is a function of a s
 """
 import json
 import os
+import shutil
 import struct
 
 import numpy as np
@@ -144,3 +145,13 @@ def read_windows(datasets, split, windows, block_size, use_loss_mask):
             learned[row] = masks[shard][offset + 1:offset + block_size + 1] > 0
     targets = np.where(learned, tokens[:, 1:], -1)
     return tokens[:, :-1], targets
+
+
+def replace_directory(tmp, final):
+    """Swap a finished directory in for final; an older one there is removed only after that."""
+    old = final.rstrip("/") + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(final):
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)

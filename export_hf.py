@@ -23,6 +23,7 @@ dtype = "bfloat16"              # 'bfloat16' or 'float32'
 max_shard_size_mb = 5000        # larger models are split into shards of at most this size
 # ----------------------------------------------------------------------------------------------
 
+from data import replace_directory
 import tokenizer as tok  # (a module, not names: configurator.py treats simple-typed globals as config)
 
 # ModelArgs fields and what they become; a checkpoint with any other field is refused
@@ -165,12 +166,7 @@ def export(checkpoint, hf_dir, dtype_name="bfloat16", max_shard_size_mb=5000):
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tok.BOS, "eos_token": tok.BOS, "pad_token": tok.BOS,
         "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
         "model_max_length": checkpoint["model_args"]["block_size"], "chat_template": tok.CHAT_TEMPLATE})
-    old = hf_dir.rstrip("/") + ".old"
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(hf_dir):
-        os.rename(hf_dir, old)
-    os.rename(tmp, hf_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_directory(tmp, hf_dir)
     return config
 
 

@@ -10,6 +10,7 @@ picks the flash kernel. Also here: FLOPs per token (for MFU), the peak FLOP/s of
 known GPUs, and generation with a KV cache.
 """
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -295,6 +296,20 @@ PEAK_BF16_FLOPS = [
     ("RTX 4090", 165e12),
     ("RTX 3090", 71e12),
 ]
+
+
+def resolve_device(device="auto", dtype="auto"):
+    """(device, device_type, dtype, autocast context): 'auto' is CUDA when there is one, else the CPU;
+    bf16 autocast on CUDA, fp32 on the CPU (bf16 is far slower on CPUs without bf16 units)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if device_type == "cuda" else "float32"
+    if dtype not in ("bfloat16", "float32"):
+        raise ValueError(f"dtype must be 'auto', 'bfloat16' or 'float32', got {dtype!r}")
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+    return device, device_type, dtype, autocast
 
 
 def device_peak_flops(device_type):

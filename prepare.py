@@ -37,7 +37,7 @@ import zlib
 import numpy as np
 
 import tokenizer as tok
-from data import SHARD_VERSION, ShardWriter
+from data import SHARD_VERSION, ShardWriter, replace_directory
 
 # ---------------------------------------------------------------------------------------------
 # Sources: each yields (document name, text). Names decide the train/val split.
@@ -443,13 +443,7 @@ def write_dataset(args, out, tmp):
     }
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
-    # swap in the finished dataset; an older one at the same path is removed only after that
-    old = out.rstrip("/") + ".old"
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(out):
-        os.rename(out, old)
-    os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_directory(tmp, out)
     train, val = meta["splits"]["train"], meta["splits"]["val"]
     print(f"wrote {out}: train {train['tokens']:,} tokens ({train['documents']:,} documents), "
           f"val {val['tokens']:,} tokens ({val['documents']:,} documents), vocab {enc.n_vocab}, "

@@ -8,7 +8,6 @@ Sample from a trained model, streaming the text as it is generated:
 import codecs
 import os
 import sys
-from contextlib import nullcontext
 
 import torch
 
@@ -31,14 +30,10 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator
 # ----------------------------------------------------------------------------------------------
 
 from checkpoint import load_checkpoint, model_from_checkpoint
+from model import resolve_device
 import tokenizer as tok
 
-if device == "auto":
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-device_type = "cuda" if device.startswith("cuda") else "cpu"
-if dtype == "auto":
-    dtype = "bfloat16" if device_type == "cuda" else "float32"
-autocast = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+device, device_type, dtype, autocast = resolve_device(device, dtype)
 torch.manual_seed(seed)
 
 try:

@@ -13,7 +13,6 @@ import resource
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict
 from datetime import timedelta
 
@@ -85,15 +84,16 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator
 
 from checkpoint import (checkpoint_paths, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
                         wait_for_checkpoint)
-from model import GPT, ModelArgs, device_peak_flops
+from model import GPT, ModelArgs, device_peak_flops, resolve_device
 from data import open_dataset, read_windows, sample_windows
 import tokenizer as tok
 
 # distributed: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
 ddp = "RANK" in os.environ
-if device == "auto":
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-device_type = "cuda" if device.startswith("cuda") else "cpu"
+try:
+    device, device_type, dtype, autocast = resolve_device(device, dtype)
+except ValueError as e:
+    sys.exit(f"config error: {e}")
 if ddp:
     rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     if device_type == "cuda":
@@ -104,11 +104,6 @@ if ddp:
 else:
     rank, local_rank, world_size = 0, 0, 1
 master = rank == 0
-if dtype == "auto":
-    dtype = "bfloat16" if device_type == "cuda" else "float32"
-if dtype not in ("bfloat16", "float32"):
-    sys.exit(f"config error: dtype must be 'auto', 'bfloat16' or 'float32', got {dtype!r}")
-autocast = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
 if compile is None:
     compile = device_type == "cuda"
 torch.backends.cuda.matmul.allow_tf32 = True
