@@ -6,6 +6,8 @@ Benchmark a config's training step:
    batch already on the device; timed on the device (CUDA events) after warmup_steps.
 2. the full step: train.py itself on the config's data (batch loading, accumulation, clipping,
    the LR schedule, logging), run as a subprocess, its ms/step read back from metrics.jsonl.
+3. the data loader: the host time to read one step's windows from the config's data (on a GPU it
+   overlaps the device's work, so its share says how close the host comes to being the bottleneck).
 Prints a table and a last line of JSON. loop_overhead = full / bare - 1.
 """
 import json
@@ -132,6 +134,18 @@ if full_step:
     result["full_ms_per_step"] = records[-1]["ms_per_step"]
     result["loop_overhead"] = result["full_ms_per_step"] / bare_ms - 1
 
+# the host's share: reading one step's windows (train.py does this while the device computes)
+if os.path.exists(os.path.join(data_dir, "meta.json")):
+    from data import open_dataset, read_windows, sample_windows
+    datasets = [open_dataset(data_dir, block_size)]
+    started = time.perf_counter()
+    for step in range(bench_steps):
+        windows = sample_windows(datasets, [1.0], "train", batch_size, (seed, step))
+        for k in range(0, batch_size, micro_batch_size):
+            read_windows(datasets, "train", windows[k:k + micro_batch_size], block_size, False)
+    result["data_ms_per_step"] = 1000 * (time.perf_counter() - started) / bench_steps
+    result["data_share"] = result["data_ms_per_step"] / bare_ms
+
 rows = [("device", result["device"]), ("dtype / compile", f"{dtype} / {compile}"),
         ("parameters", f"{result['params'] / 1e6:.2f}M"), ("tokens per step", f"{tokens_per_step:,}"),
         ("bare step", f"{bare_ms:.1f} ms"), ("tokens/s", f"{result['tokens_per_s']:,.0f}"),
@@ -141,6 +155,8 @@ rows = [("device", result["device"]), ("dtype / compile", f"{dtype} / {compile}"
 if use_muon:
     rows.append(("Muon step", f"{optimizer_ms[1]:.2f} ms"))
 rows.append(("optimizer share", f"{100 * result['optimizer_share']:.1f}% of the bare step"))
+if "data_share" in result:
+    rows.append(("data loader", f"{result['data_ms_per_step']:.2f} ms/step on the host ({100 * result['data_share']:.1f}%)"))
 if full_step:
     rows += [("train.py step", f"{result['full_ms_per_step']:.1f} ms"), ("loop overhead", f"{100 * result['loop_overhead']:+.1f}%")]
 for name, value in rows:
