@@ -63,7 +63,8 @@ beta2 = 0.95
 grad_clip = 1.0                 # max global grad norm; 0 disables clipping
 # Muon (muon.py) for the hidden matrices (attention and MLP projections); the rest stays on AdamW
 use_muon = False
-muon_lr = 0.02                  # peak; the LR schedule scales it like learning_rate
+muon_lr = 6e-4                  # peak, scaled by the LR schedule like learning_rate; muon.py's update scale
+                                # makes AdamW's learning rate a good value (the best in the tiny sweep)
 muon_weight_decay = 0.0
 muon_momentum = 0.95
 muon_momentum_warmup_steps = 300  # momentum rises linearly from muon_momentum_start to muon_momentum

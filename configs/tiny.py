@@ -20,6 +20,7 @@ max_iters = 600 if init_from == "scratch" else 200
 warmup_iters = max_iters // 20
 learning_rate = learning_rate * 5  # a small model takes a larger learning rate
 min_lr = min_lr * 5
+muon_lr = muon_lr * 5
 eval_interval = max_iters // 3
 eval_iters = 20
 log_interval = 20
