@@ -210,7 +210,8 @@ if init_from == "resume" and source is None:
     log(f"no checkpoint in {out_dir}: starting from scratch")
 if source is not None:
     # the model is the checkpoint's: a later stage's config need not repeat its shape
-    differences = {k: v for k, v in source["model_args"].items() if k in config and config[k] != v}
+    differences = {k: v for k, v in source["model_args"].items() if k in config and config[k] != v
+                   and not (k == "vocab_size" and config[k] == 0)}
     if differences:
         log(f"model shape from {source['path']}, not the config: {differences}")
     globals().update(differences)
