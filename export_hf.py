@@ -158,9 +158,10 @@ def export(checkpoint, hf_dir, dtype_name="bfloat16", max_shard_size_mb=5000):
         write_json(os.path.join(tmp, "model.safetensors.index.json"), {"metadata": {"total_size": total}, "weight_map": weight_map})
     write_json(os.path.join(tmp, "config.json"), config)
     specials = enc._special_tokens
+    # the embedding rows past the tokenizer's vocabulary are padding: never generate them
     write_json(os.path.join(tmp, "generation_config.json"), {
         "bos_token_id": specials[tok.BOS], "eos_token_id": [specials[tok.BOS], specials["<|im_end|>"]],
-        "pad_token_id": specials[tok.BOS]})
+        "pad_token_id": specials[tok.BOS], "suppress_tokens": list(range(enc.n_vocab, config["vocab_size"]))})
     write_json(os.path.join(tmp, "tokenizer.json"), tokenizer_json(enc))
     write_json(os.path.join(tmp, "tokenizer_config.json"), {
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tok.BOS, "eos_token": tok.BOS, "pad_token": tok.BOS,

@@ -61,6 +61,11 @@ weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0                 # max global grad norm; 0 disables clipping
+max_iters = 5000                # optimizer steps
+warmup_iters = 200              # linear warmup from 0, for every schedule
+lr_schedule = "cosine"          # 'cosine', 'linear' or 'wsd' (warmup-stable-decay)
+wsd_decay_frac = 0.2            # wsd: the last fraction of max_iters spent decaying to min_lr
+wsd_decay_shape = "linear"      # wsd: 'linear', 'cosine' or 'sqrt' (1 - sqrt(progress))
 # Muon (muon.py) for the hidden matrices (attention and MLP projections); the rest stays on AdamW
 use_muon = False
 muon_lr = 6e-4                  # peak, scaled by the LR schedule like learning_rate; muon.py's update scale
@@ -69,11 +74,6 @@ muon_weight_decay = 0.0
 muon_momentum = 0.95
 muon_momentum_warmup_steps = 300  # momentum rises linearly from muon_momentum_start to muon_momentum
 muon_momentum_start = 0.85
-max_iters = 5000                # optimizer steps
-warmup_iters = 200              # linear warmup from 0, for every schedule
-lr_schedule = "cosine"          # 'cosine', 'linear' or 'wsd' (warmup-stable-decay)
-wsd_decay_frac = 0.2            # wsd: the last fraction of max_iters spent decaying to min_lr
-wsd_decay_shape = "linear"      # wsd: 'linear', 'cosine' or 'sqrt' (1 - sqrt(progress))
 # system
 device = "auto"                 # 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...
 dtype = "auto"                  # 'auto' (bfloat16 autocast on cuda, float32 on cpu), 'bfloat16', 'float32'

@@ -26,7 +26,7 @@ def encoder(tmp_path_factory):
     return tok.train_bpe(iter(texts * 2), 700)
 
 
-def make_checkpoint(directory, encoder, **overrides):
+def make_checkpoint(directory, encoder, boost_padding=False, **overrides):
     args = dict(vocab_size=encoder.n_vocab, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, rope_base=500.0)
     torch.manual_seed(0)
     model = GPT(ModelArgs(**{**args, **overrides}))
@@ -34,6 +34,8 @@ def make_checkpoint(directory, encoder, **overrides):
         for name, p in model.named_parameters():
             if p.dim() == 1:
                 p.uniform_(0.5, 1.5)
+        if boost_padding:  # the padding rows' logits would win everywhere, were they not suppressed
+            model.lm_head.weight[encoder.n_vocab:] = model.lm_head.weight[:encoder.n_vocab].abs().max() * 50
     save_checkpoint(str(directory), {"step": 1, "tokens_seen": 0, "model": model.state_dict(), "optimizers": [],
                                      "model_args": vars(model.args), "config": {}, "tokenizer": tok.tokenizer_state(encoder),
                                      "data_dir": "", "parent": None})
@@ -100,7 +102,7 @@ def test_gpt2_tokenizer_export(tmp_path, monkeypatch):
 
 
 def test_greedy_generation_matches_sample_py(tmp_path, encoder):
-    checkpoint = make_checkpoint(tmp_path / "run", encoder)
+    checkpoint = make_checkpoint(tmp_path / "run", encoder, boost_padding=True)
     export(checkpoint, str(tmp_path / "hf"), "float32")
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
     bos = tok.bos_id(encoder)
