@@ -10,6 +10,7 @@ picks the flash kernel. Also here: FLOPs per token (for MFU), the peak FLOP/s of
 known GPUs, and generation with a KV cache.
 """
 import math
+import re
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -223,9 +224,10 @@ class GPT(nn.Module):
         if use_muon:
             from muon import Muon
             optimizers.append(Muon(hidden, lr=muon_lr, weight_decay=muon_weight_decay, momentum=muon_momentum))
+        names = {id(p): re.sub(r"\.\d+\.", ".*.", name) for name, p in self.named_parameters()}
         groups = [("AdamW, decayed", matrices), ("AdamW, not decayed", vectors), ("Muon", hidden)]
-        summary = " | ".join(f"{name}: {len(ps)} tensors, {sum(p.numel() for p in ps):,} parameters"
-                             for name, ps in groups if ps)
+        summary = "\n".join(f"{name}: {len(ps)} tensors, {sum(p.numel() for p in ps):,} parameters "
+                             f"({', '.join(sorted({names[id(p)] for p in ps}))})" for name, ps in groups if ps)
         return optimizers, summary
 
     def num_params(self):
