@@ -260,16 +260,18 @@ def train_micro_batches(start_step):
     while True:
         global_windows = sample_windows(datasets, mixture_weights, "train", batch_size_at(step), (seed, step))
         per_rank = len(global_windows) // world_size
-        if use_loss_mask:  # the step's learned targets, counted on the host from the masks: no device sync
-            learned = sum(int((read_windows(datasets, "train", global_windows[i:i + micro_batch_size], block_size, True)[1] >= 0).sum())
-                          for i in range(0, len(global_windows), micro_batch_size))
+        mine = slice(rank * per_rank, (rank + 1) * per_rank)
+        if use_loss_mask:  # read the whole step to count its learned targets on the host: no device sync
+            x, y = read_windows(datasets, "train", global_windows, block_size, True)
+            learned = int((y >= 0).sum())
+            x, y = x[mine], y[mine]
         else:
+            x, y = read_windows(datasets, "train", global_windows[mine], block_size, False)
             learned = len(global_windows) * block_size
         loss_scale = world_size / max(learned, 1)
-        mine = global_windows[rank * per_rank:(rank + 1) * per_rank]
         for k in range(grad_accum_at(step)):
-            x, y = read_windows(datasets, "train", mine[k * micro_batch_size:(k + 1) * micro_batch_size], block_size, use_loss_mask)
-            yield to_device(x), to_device(y), loss_scale
+            micro = slice(k * micro_batch_size, (k + 1) * micro_batch_size)
+            yield to_device(x[micro]), to_device(y[micro]), loss_scale
         step += 1
 
 
