@@ -138,7 +138,6 @@ def demo_conversations():
     opening paragraph of each pydoc topic."""
     import ast
     import inspect
-    stdlib = sysconfig.get_paths()["stdlib"]
 
     def first_paragraph(text):
         paragraph = inspect.cleandoc(text).split("\n\n")[0]

@@ -316,7 +316,8 @@ model_args = ModelArgs(vocab_size=vocab_size, block_size=block_size, n_layer=n_l
                        qk_norm=qk_norm, tie_embeddings=tie_embeddings)
 if source is not None:
     model_args = ModelArgs(**source["model_args"])
-same_tokenizer = source is None or all(source["tokenizer"][k] == tok.tokenizer_state(encoder)[k] for k in ("pattern", "special_tokens", "ranks"))
+encoder_state = tok.tokenizer_state(encoder)  # built once: checkpoints embed it
+same_tokenizer = source is None or all(source["tokenizer"][k] == encoder_state[k] for k in ("pattern", "special_tokens", "ranks"))
 if not same_tokenizer or model_args.vocab_size != meta["vocab_size"]:
     fail(f"the tokenizer of {source['path']} (vocabulary {source['model_args']['vocab_size']}) differs from "
          f"{data_dir}'s (vocabulary {meta['vocab_size']}): prepare the data with --tokenizer=<the earlier dataset's directory>")
@@ -374,7 +375,7 @@ def write_checkpoint():
             "step": step, "tokens_seen": tokens_seen, "batch_size": batch_size_at(step),
             "model": raw_model.state_dict(), "optimizers": [opt.state_dict() for opt in optimizers],
             "rng": rng_states, "model_args": asdict(model_args), "config": config,
-            "tokenizer": tok.tokenizer_state(encoder), "data_dir": data_dir, "parent": parent,
+            "tokenizer": encoder_state, "data_dir": data_dir, "parent": parent,
         }, keep_last_checkpoints, keep_every_checkpoints, background=True)
         log(f"checkpoint at step {step}: training paused {time.time() - started:.2f}s (written in the background)")
 

@@ -15,14 +15,6 @@ TINY = ["--n_layer=2", "--n_head=4", "--n_kv_head=2", "--n_embd=64", "--block_si
         "--learning_rate=1e-2", "--warmup_iters=2"]
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("data") / "demo")
-    subprocess.run([sys.executable, "prepare.py", f"--out={out}", "--vocab_size=512"], cwd=ROOT, check=True,
-                   capture_output=True)
-    return out
-
-
 def train(launcher, *args, timeout=300):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([*launcher, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 import tokenizer as tok
 from data import open_dataset, read_shard, read_windows, sample_windows
@@ -21,13 +20,6 @@ def run(*args, check=True, env=None):
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("data") / "demo")
-    run("prepare.py", f"--out={out}", "--vocab_size=512")
-    return out
 
 
 def test_chat_prepare_masks_exactly_the_assistant_tokens(data, tmp_path):

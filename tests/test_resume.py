@@ -22,14 +22,6 @@ TINY = ["--n_layer=2", "--n_head=4", "--n_kv_head=2", "--n_embd=64", "--block_si
 SCHEDULE = "--batch_size_schedule={'strategy': 'doubling', 'start_batch_size': 4, 'interval_steps': 4, 'max_batch_size': 16}"
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("data") / "demo")
-    subprocess.run([sys.executable, "prepare.py", f"--out={out}", "--vocab_size=512"], cwd=ROOT, check=True,
-                   capture_output=True)
-    return out
-
-
 def train(*args, launcher=(sys.executable,), script="train.py", env=None, check=True):
     result = subprocess.run([*launcher, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
