@@ -38,10 +38,14 @@ def newton_schulz(G, steps=5, dtype=torch.bfloat16):
         X = X.mT
     # Frobenius norm >= spectral norm, so this puts every singular value in [0, 1]
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    batched = X.dim() == 3
+    X = X if batched else X.unsqueeze(0)
     for _ in range(steps):
-        A = X @ X.mT
-        B = b * A + c * (A @ A)
-        X = a * X + B @ X
+        # baddbmm folds the scalar multiples and the sum into the matmul: 3 kernels per iteration, not 8
+        A = torch.bmm(X, X.mT)
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        X = torch.baddbmm(X, B, X, beta=a)
+    X = X if batched else X.squeeze(0)
     return X.mT if transposed else X
 
 
@@ -72,39 +76,43 @@ class Muon(torch.optim.Optimizer):
     def step(self):
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        found_inf = getattr(self, "found_inf", None)
+        keep = None if found_inf is None else found_inf == 0  # a device bool: apply this step or skip it
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            momentum = group["momentum"]
-            found_inf = getattr(self, "found_inf", None)
-            keep = None if found_inf is None else (found_inf == 0).to(params[0].dtype)  # 1: apply, 0: skip
-            updates = []
+            lr, momentum, shape = group["lr"], group["momentum"], params[0].shape
             for p in params:
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buffer = state["momentum_buffer"]
-                grad = p.grad if keep is None else torch.where(keep.bool(), p.grad, 0.0)  # where, not *: NaN * 0 is NaN
-                buffer.lerp_(grad, 1 - momentum if keep is None else (1 - momentum) * keep)
-                updates.append(grad.lerp(buffer, momentum) if group["nesterov"] else buffer)
-            # this rank's slice of the group, padded so that every rank's slice has the same size
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            buffers = [self.state[p]["momentum_buffer"] for p in params]
+            grads = [p.grad for p in params]
+            if keep is not None:
+                # a skipped step lerps the momentum towards itself, so it stays exactly as it was
+                # (where, not a multiply by 0: NaN * 0 is NaN); the gradients are spent anyway
+                for g, b in zip(grads, buffers):
+                    torch.where(keep, g, b, out=g)
+            # foreach: one multi-tensor kernel per op for the whole group instead of one per matrix
+            torch._foreach_lerp_(buffers, grads, 1 - momentum)
+            # this rank's slice of the group (the same slice size on every rank, padded with zeros)
             per_rank = -(-len(params) // world_size)
-            mine = updates[rank * per_rank:(rank + 1) * per_rank]
-            stacked = torch.zeros((per_rank, *params[0].shape), device=params[0].device, dtype=torch.bfloat16)
+            first, last = min(rank * per_rank, len(params)), min((rank + 1) * per_rank, len(params))
+            mine = torch._foreach_lerp(grads[first:last], buffers[first:last], momentum) if group["nesterov"] \
+                else buffers[first:last]
+            stacked = torch.empty((per_rank, *shape), device=params[0].device, dtype=torch.bfloat16)
+            stacked[last - first:].zero_()
             if mine:
-                stacked[:len(mine)] = torch.stack(mine)
+                torch._foreach_copy_(list(stacked[:last - first].unbind(0)), mine)
             orthogonal = newton_schulz(stacked, group["ns_steps"])
             if distributed:
-                gathered = torch.empty((world_size * per_rank, *params[0].shape), device=orthogonal.device,
-                                       dtype=orthogonal.dtype)
+                gathered = torch.empty((world_size * per_rank, *shape), device=orthogonal.device, dtype=orthogonal.dtype)
                 all_gather(gathered, orthogonal.contiguous())
                 orthogonal = gathered
-            scale = update_scale(params[0].shape)
-            for p, update in zip(params, orthogonal):
-                if keep is None:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled weight decay
-                    p.add_(update.to(p.dtype), alpha=-group["lr"] * scale)
-                else:
-                    p.mul_(1 - group["lr"] * group["weight_decay"] * keep)
-                    p.sub_(update.to(p.dtype) * (group["lr"] * scale * keep))
+            # the step, scaled (and zeroed when skipped) once for the whole group, in bf16
+            scale = -lr * update_scale(shape)
+            orthogonal = orthogonal * (scale if keep is None else keep * scale)
+            if group["weight_decay"]:  # decoupled, AdamW's
+                decay = 1 - lr * group["weight_decay"]
+                torch._foreach_mul_(params, decay if keep is None else torch.where(keep, decay, 1.0))
+            torch._foreach_add_(params, list(orthogonal[:len(params)].unbind(0)))

@@ -102,3 +102,46 @@ def test_use_muon_trains_the_tiny_model(tmp_path):
     with open(f"{tmp_path}/out/metrics.jsonl") as f:
         losses = [r["loss"] for r in map(json.loads, f) if "loss" in r]
     assert losses[0] > 6.0 and losses[-1] < losses[0] - 1.5
+
+
+def test_found_inf_skips_the_step_without_touching_the_state():
+    torch.manual_seed(0)
+    shapes = [(32, 32), (32, 32), (16, 48)]
+    runs = []
+    for flags in ([None, None, None], [0.0, 1.0, 0.0]):  # the second run's middle step is bad
+        params = [torch.nn.Parameter(torch.ones(s) * 0.1) for s in shapes]
+        optimizer = Muon(params, lr=0.01, weight_decay=0.1, momentum=0.95)
+        torch.manual_seed(1)
+        for flag in flags:
+            grads = [torch.randn(s) for s in shapes]
+            if flag:  # a bad step's gradients: NaN and inf, the first step's state must survive them
+                grads = [g.fill_(float("nan")) if i % 2 else g.fill_(float("inf")) for i, g in enumerate(grads)]
+                before = [p.detach().clone() for p in params] + [optimizer.state[p]["momentum_buffer"].clone() for p in params]
+            for p, g in zip(params, grads):
+                p.grad = g
+            optimizer.found_inf = None if flag is None else torch.tensor(flag)
+            optimizer.step()
+            if flag:
+                after = [p.detach() for p in params] + [optimizer.state[p]["momentum_buffer"] for p in params]
+                assert all(torch.equal(a, b) for a, b in zip(after, before))
+        runs.append([p.detach().clone() for p in params])
+    # the guarded run skipped one step of three: it differs from the unguarded run, finitely
+    assert all(torch.isfinite(p).all() for p in runs[1])
+    assert not all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_found_inf_zero_is_the_plain_step():
+    shapes = [(32, 32), (16, 48)]
+    results = []
+    for found_inf in (None, torch.tensor(0.0)):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+        optimizer = Muon(params, lr=0.01, weight_decay=0.1)
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.randn(p.shape)
+            optimizer.found_inf = found_inf
+            optimizer.step()
+        results.append(params)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
