@@ -79,6 +79,7 @@ device = "auto"                 # 'auto' (cuda if available, else cpu), 'cpu', '
 dtype = "auto"                  # 'auto' (bfloat16 autocast on cuda, float32 on cpu), 'bfloat16', 'float32'
 compile = None                  # torch.compile the model; None: on for cuda, off for cpu
 peak_flops = 0.0                # device peak FLOP/s for MFU; 0: from model.PEAK_BF16_FLOPS (cuda only)
+profile = False                 # torch.profiler over 3 steps after 7 (compilation, warmup): out_dir/profile/
 seed = 1337
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 # ----------------------------------------------------------------------------------------------
@@ -430,6 +431,40 @@ def peak_memory_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def write_profile(profiler):
+    """A Chrome trace (chrome://tracing, Perfetto), the top ops, and the host syncs counted: .item()
+    and friends (aten::_local_scalar_dense) and explicit CUDA synchronizations."""
+    if not master:
+        return
+    directory = os.path.join(out_dir, "profile")
+    os.makedirs(directory, exist_ok=True)
+    profiler.export_chrome_trace(os.path.join(directory, "trace.json"))
+    sort_by = "self_cuda_time_total" if device_type == "cuda" else "self_cpu_time_total"
+    with open(os.path.join(directory, "ops.txt"), "w") as f:
+        f.write(profiler.key_averages().table(sort_by=sort_by, row_limit=40))
+    def inside_fused_adamw(event):  # its CPU kernel reads found_inf with .item(); the CUDA kernel, on the device
+        while event is not None and event.name != "aten::_fused_adamw_":
+            event = event.cpu_parent
+        return event is not None
+
+    events = profiler.events()
+    summary = {"steps": profiled_steps,
+               "item_calls": sum(e.name == "aten::_local_scalar_dense" and not inside_fused_adamw(e) for e in events),
+               "cuda_syncs": sum(e.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize") for e in events)}
+    with open(os.path.join(directory, "summary.json"), "w") as f:
+        json.dump(summary, f)
+    log(f"profile of steps {profiled_steps} in {directory}: {summary['item_calls']} .item() calls, "
+        f"{summary['cuda_syncs']} CUDA synchronizations")
+
+
+profiler = None
+if profile:  # the 8th to 10th steps from the start: after compilation and the first allocations
+    profiled_steps = [step + 8, step + 9, step + 10]  # numbered as the log numbers them (steps done)
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device_type == "cuda" else [])
+    profiler = torch.profiler.profile(activities=activities, schedule=torch.profiler.schedule(
+        skip_first=5, wait=0, warmup=2, active=3, repeat=1), on_trace_ready=write_profile)
+    profiler.start()
+
 # ---- the loop ---------------------------------------------------------------------------------
 try:
     start_step = step
@@ -521,6 +556,10 @@ try:
             log(f"stopping at step {step} on a signal")
             write_checkpoint()
             break
+        if profiler is not None:
+            profiler.step()
+    if profiler is not None:
+        profiler.stop()
     if master:
         wait_for_checkpoint()
     if ddp:  # leave together: a rank that tears down while another still writes can abort the group
