@@ -44,6 +44,7 @@ with torch.device(device):
     raw_model = GPT(ModelArgs(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
                               n_kv_head=n_kv_head, n_embd=n_embd, mlp_ratio=mlp_ratio, rope_base=rope_base,
                               qk_norm=qk_norm, tie_embeddings=tie_embeddings))
+raw_model.checkpoint_blocks = activation_checkpointing
 model = torch.compile(raw_model) if compile else raw_model
 optimizers, optimizer_summary = raw_model.configure_optimizers(
     learning_rate, weight_decay, (beta1, beta2), use_muon, muon_lr, muon_weight_decay, muon_momentum)
@@ -106,13 +107,14 @@ flops_per_token = raw_model.flops_per_token()
 peak = peak_flops or device_peak_flops(device_type)
 result = {
     "device": torch.cuda.get_device_name() if device_type == "cuda" else "cpu",
-    "dtype": dtype, "compile": compile, "params": raw_model.num_params(), "tokens_per_step": tokens_per_step,
+    "dtype": dtype, "compile": compile, "activation_checkpointing": activation_checkpointing, "params": raw_model.num_params(), "tokens_per_step": tokens_per_step,
     "ms_per_step": bare_ms, "tokens_per_s": tokens_per_step / bare_ms * 1000,
     "model_flops_per_s": flops_per_token * tokens_per_step / bare_ms * 1000,
     "mfu": flops_per_token * tokens_per_step / bare_ms * 1000 / peak if peak else None,
     "peak_memory_mb": peak_memory_mb,
     "adamw_step_ms": optimizer_ms[0], "muon_step_ms": optimizer_ms[1] if use_muon else None,
     "optimizer_share": sum(optimizer_ms) / bare_ms,
+    "forward_backward_ms_per_micro_batch": (bare_ms - sum(optimizer_ms)) / grad_accum,
 }
 del model, raw_model, optimizers  # free the device for train.py
 
@@ -124,7 +126,7 @@ if full_step:
     with tempfile.TemporaryDirectory() as out:
         args = [a for a in sys.argv[1:] if not a.startswith(("--warmup_steps", "--bench_steps", "--full_step"))]
         overrides = [f"--out_dir={out}/run", f"--max_iters={train_warmup + bench_steps}", f"--log_interval={bench_steps}",
-                     f"--eval_interval={10 * (train_warmup + bench_steps)}", "--eval_iters=1", "--init_from=scratch",
+                     f"--eval_interval={10 * (train_warmup + bench_steps)}", "--eval_iters=0", "--init_from=scratch",
                      "--batch_size_schedule=None", f"--warmup_iters={min(warmup_iters, train_warmup + bench_steps)}"]
         run = subprocess.run([sys.executable, _train_py, *args, *overrides], capture_output=True, text=True)
         if run.returncode != 0:

@@ -1,15 +1,19 @@
 """
 The GPU check: how fast this repo trains on the card at hand, against the card's own limits.
-    python gpu_check.py                     # on one H100/H200: about 8 minutes, compilation included
+    python gpu_check.py                     # on one H100/H200: under 8 minutes, compilation included
     python gpu_check.py --device=cpu        # a dry run of every part, with tiny sizes (tests use it)
 1. the card's ceilings: a large bf16 matmul's TFLOP/s, a large device-to-device copy's GB/s
 2. which kernel SDPA runs for the models' attention (flash or not)
-3. a smoke: a few steps of the tiny config in bf16 with torch.compile: loss finite and falling
+3. a smoke: 30 steps of the tiny config in bf16 with torch.compile: loss finite and falling, and
+   from its profile the host syncs between log steps (.item() calls, CUDA synchronizations) and
+   the recompiles
 4. for the 1B model of configs/pretrain.py (the largest micro-batch that fits) and a 124M
    GPT-2-size model: bench.py with Muon, compile on and off: tokens/s, MFU (against the datasheet
    peak and against the measured matmul ceiling), ms/step, peak memory, Muon's and the data
-   loader's share of the step, train.py's loop overhead
-Prints a table and writes everything to gpu_check.json.
+   loader's share of the step; train.py's loop overhead (on the 124M model, where a fixed
+   per-step cost weighs most)
+Parts run in that order of importance; one that would start after time_limit_s is skipped and
+reported as such. Prints a table and writes everything to gpu_check.json.
 """
 import json
 import os
@@ -22,10 +26,12 @@ import torch
 
 device = "auto"
 out_file = "gpu_check.json"
+time_limit_s = 400              # no new part starts after this; a running one gets 60 s more at most
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 
 from model import device_peak_flops, resolve_device
 
+started = time.time()
 ROOT = os.path.dirname(os.path.abspath(__file__))
 device, device_type, _, _ = resolve_device(device)
 dry_run = device_type != "cuda"
@@ -37,12 +43,12 @@ def timed(function, repeats):
     function()
     if not dry_run:
         torch.cuda.synchronize()
-    started = time.perf_counter()
+    t0 = time.perf_counter()
     for _ in range(repeats):
         function()
     if not dry_run:
         torch.cuda.synchronize()
-    return (time.perf_counter() - started) / repeats
+    return (time.perf_counter() - t0) / repeats
 
 
 # 1. ceilings
@@ -64,30 +70,48 @@ with torch.profiler.profile() as profiler:
 kernels = [e.name for e in profiler.events() if "attention" in e.name.lower() or "flash" in e.name.lower()]
 results["sdpa_kernels"] = sorted(set(kernels))[:6]
 results["sdpa_flash"] = any("flash" in k.lower() for k in kernels)
+del q
+if not dry_run:
+    torch.cuda.empty_cache()  # the subprocesses below want the whole card
 
 
-def run(*args):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True)
+def run(*args, env=None):
+    """A subprocess, given the time left plus a minute (at least 30 s)."""
+    try:
+        return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                              env={**os.environ, **(env or {})}, timeout=max(30, time_limit_s + 60 - (time.time() - started)))
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(args, -1, "", "timed out: out of gpu_check's time")
 
 
-# 3. the smoke: tiny config, bf16 + compile on the GPU
+def out_of_time():
+    return time.time() - started > time_limit_s
+
+
+# 3. the smoke: tiny config, bf16 + compile on the GPU; log steps 6, 12, ...: the profiled steps 8-10 have none
 if not os.path.exists(os.path.join(ROOT, "data/demo/meta.json")):
     run("prepare.py")
 with tempfile.TemporaryDirectory() as tmp:
     smoke = run("train.py", "configs/pretrain.py", "configs/tiny.py", f"--device={device}", f"--out_dir={tmp}/smoke",
-                "--max_iters=30", "--eval_interval=1000", "--log_interval=5",
-                *(["--compile=False"] if dry_run else ["--dtype=bfloat16", "--compile=True"]))
-    losses = []
+                "--max_iters=30", "--eval_interval=1000", "--log_interval=6", "--profile=True",
+                *(["--compile=False"] if dry_run else ["--dtype=bfloat16", "--compile=True"]), env={"TORCH_LOGS": "recompiles"})
+    losses, syncs = [], {}
     if smoke.returncode == 0:
         with open(f"{tmp}/smoke/metrics.jsonl") as f:
             losses = [r["loss"] for r in map(json.loads, f) if "loss" in r]
+        with open(f"{tmp}/smoke/profile/summary.json") as f:
+            syncs = json.load(f)
 results["smoke"] = {"ok": smoke.returncode == 0 and all(map(lambda x: x == x and abs(x) < 1e9, losses))
                     and len(losses) > 1 and losses[-1] < losses[0], "losses": losses,
+                    "item_calls_between_logs": syncs.get("item_calls"), "cuda_syncs_between_logs": syncs.get("cuda_syncs"),
+                    "recompiles": smoke.stderr.count("Recompiling function"),  # 1 expected: train after eval's no-grad graph
                     "error": smoke.stderr[-500:] if smoke.returncode else None}
 
 
 # 4. the models
 def bench(*args):
+    if out_of_time():
+        return {"error": "skipped: out of time"}
     result = run("bench.py", "configs/pretrain.py", f"--device={device}", "--data_dir=data/demo", *args)
     if result.returncode != 0:
         return {"error": (result.stderr or result.stdout)[-300:]}
@@ -98,28 +122,41 @@ MODELS = {  # the 124M one is GPT-2 small's shape; both use GPT-2's vocabulary s
     "1B": ["--vocab_size=50257"],
     "124M": ["--vocab_size=50257", "--n_layer=12", "--n_head=12", "--n_kv_head=12", "--n_embd=768", "--block_size=1024"],
 }
+MICRO_BATCHES = {"1B": [16, 8, 4, 2, 1], "124M": [32, 16, 8, 4]}  # sequences; tried largest first
+CONFIG_BATCH_SIZE = 128  # configs/pretrain.py's sequences per optimizer step
 if dry_run:
     MODELS = {name: ["--n_layer=2", "--n_head=4", "--n_kv_head=2", "--n_embd=64", "--block_size=64"] for name in MODELS}
-steps = ["--warmup_steps=1", "--bench_steps=2"] if dry_run else ["--warmup_steps=5", "--bench_steps=10"]
-for name, shape in MODELS.items():
-    # the largest micro-batch that fits, tried without compile (quick); one micro-batch per step
-    fits = None
-    for micro in ([4, 2] if dry_run else [32, 16, 8, 4, 2, 1]):
-        trial = bench(*shape, f"--micro_batch_size={micro}", f"--batch_size={micro}", "--compile=False",
+    MICRO_BATCHES = {name: [4, 2] for name in MODELS}
+steps = ["--warmup_steps=1", "--bench_steps=2"] if dry_run else ["--warmup_steps=3", "--bench_steps=6"]
+compile_flag = [] if dry_run else ["--compile=True"]
+fits = {}
+for name in MODELS:  # in order of importance: compiled first; compile off only with the time left
+    # the largest micro-batch that fits, tried without compile (quick, and compiled code needs less memory)
+    for micro in MICRO_BATCHES[name]:
+        trial = bench(*MODELS[name], f"--micro_batch_size={micro}", f"--batch_size={micro}", "--compile=False",
                       "--full_step=False", "--warmup_steps=0", "--bench_steps=1")
         if "error" not in trial:
-            fits = micro
+            fits[name] = micro
             break
-    if fits is None:
+    if name not in fits:
         results[name] = {"error": trial["error"]}
         continue
-    batch = [f"--micro_batch_size={fits}", f"--batch_size={fits * (1 if dry_run else 4)}"]
-    compiled = bench(*shape, *batch, *steps, "--use_muon=True", *([] if dry_run else ["--compile=True"]))
-    eager = bench(*shape, *batch, *steps, "--use_muon=True", "--compile=False", "--full_step=False")
-    for run_result in (compiled, eager):
+    batch = [f"--micro_batch_size={fits[name]}", f"--batch_size={fits[name] * (1 if dry_run else 4)}"]
+    results[name] = {"micro_batch_size": fits[name], "compiled": bench(
+        *MODELS[name], *batch, *steps, "--use_muon=True", *compile_flag, f"--full_step={name == '124M'}")}
+for name in fits:
+    batch = [f"--micro_batch_size={fits[name]}", f"--batch_size={fits[name] * (1 if dry_run else 4)}"]
+    results[name]["eager"] = bench(*MODELS[name], *batch, *steps, "--use_muon=True", "--compile=False", "--full_step=False")
+    for run_result in (results[name]["compiled"], results[name]["eager"]):
         if "model_flops_per_s" in run_result:
             run_result["mfu_vs_measured_matmul"] = run_result["model_flops_per_s"] / (results["matmul_tflops"] * 1e12)
-    results[name] = {"micro_batch_size": fits, "compiled": compiled, "eager": eager}
+            # Muon's share of a step of configs/pretrain.py's batch on one GPU; with N GPUs each does
+            # 1/N of the accumulation and 1/N of Newton-Schulz, so the share stays about the same
+            micro_steps = CONFIG_BATCH_SIZE / fits[name]
+            run_result["muon_share_at_config_batch"] = run_result["muon_step_ms"] / (
+                run_result["forward_backward_ms_per_micro_batch"] * micro_steps + run_result["adamw_step_ms"]
+                + run_result["muon_step_ms"])
+results["seconds"] = time.time() - started
 
 with open(out_file, "w") as f:
     json.dump(results, f, indent=1)
@@ -129,12 +166,15 @@ def pct(x):
     return f"{100 * x:.1f}%" if isinstance(x, (int, float)) else "n/a"
 
 
-print(f"\nGPU check: {results['device']}, torch {results['torch']}, {results['date']}")
+smoke = results["smoke"]
+print(f"\nGPU check: {results['device']}, torch {results['torch']}, {results['date']}, {results['seconds']:.0f} s")
 print(f"  matmul ceiling      {results['matmul_tflops']:.1f} TFLOP/s   copy {results['copy_gb_per_s']:.0f} GB/s")
 print(f"  SDPA flash          {results['sdpa_flash']}  {results['sdpa_kernels'][:2]}")
-print(f"  smoke (tiny, bf16)  {'ok' if results['smoke']['ok'] else 'FAILED'}  losses {[round(x, 3) for x in results['smoke']['losses'][:6]]}")
-print(f"  {'model':6} {'compile':7} {'micro':>5} {'tok/s':>10} {'ms/step':>8} {'MFU':>6} {'vs mm':>6} {'mem MB':>8} "
-      f"{'Muon':>6} {'data':>6} {'loop':>6}")
+print(f"  smoke (tiny, bf16)  {'ok' if smoke['ok'] else 'FAILED'}  losses {[round(x, 3) for x in smoke['losses'][:6]]}")
+print(f"  host syncs in 3 steps between logs: {smoke['item_calls_between_logs']} .item(), "
+      f"{smoke['cuda_syncs_between_logs']} CUDA syncs; recompiles: {smoke['recompiles']}")
+print(f"  {'model':6} {'compile':8} {'micro':>5} {'tok/s':>10} {'ms/step':>8} {'MFU':>6} {'vs mm':>6} {'mem MB':>8} "
+      f"{'Muon':>6} {'Muon@128':>8} {'data':>6} {'loop':>6}")
 for name in MODELS:
     entry = results[name]
     if "error" in entry:
@@ -143,10 +183,12 @@ for name in MODELS:
     for label in ("compiled", "eager"):
         r = entry[label]
         if "error" in r:
-            print(f"  {name:6} {label:7} error: {r['error'][-100:]}")
+            print(f"  {name:6} {label:8} error: {r['error'][-100:]}")
             continue
-        muon_share = (r["muon_step_ms"] or 0) / r["ms_per_step"]
-        print(f"  {name:6} {label:7} {entry['micro_batch_size']:>5} {r['tokens_per_s']:>10,.0f} {r['ms_per_step']:>8.1f} "
-              f"{pct(r['mfu']):>6} {pct(r['mfu_vs_measured_matmul']):>6} {r['peak_memory_mb']:>8,.0f} {pct(muon_share):>6} "
+        print(f"  {name:6} {label:8} {entry['micro_batch_size']:>5} {r['tokens_per_s']:>10,.0f} {r['ms_per_step']:>8.1f} "
+              f"{pct(r['mfu']):>6} {pct(r['mfu_vs_measured_matmul']):>6} {r['peak_memory_mb']:>8,.0f} "
+              f"{pct(r['muon_step_ms'] / r['ms_per_step']):>6} {pct(r['muon_share_at_config_batch']):>8} "
               f"{pct(r.get('data_share')):>6} {pct(r.get('loop_overhead')):>6}")
+print(f"  (a step here is {1 if dry_run else 4} micro-batch(es); Muon@128: Muon's share of a 128-sequence step, "
+      f"configs/pretrain.py's batch, on one GPU)")
 print(f"  full results: {out_file}")

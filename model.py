@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 @dataclass
@@ -168,6 +169,10 @@ class GPT(nn.Module):
         cos, sin = rope_cos_sin(args.head_dim, args.block_size, args.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        # activation checkpointing (a training setting, not part of the model): keep only each block's
+        # input for the backward pass and recompute the rest, about a third more compute for a fraction
+        # of the activation memory; for models whose micro-batch would not fit otherwise
+        self.checkpoint_blocks = False
         self.init_weights()
 
     @torch.no_grad()
@@ -196,7 +201,10 @@ class GPT(nn.Module):
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         x = self.embed_tokens(idx)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i)
+            if self.checkpoint_blocks and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, cache, i)
         x = self.norm(x)
         if cache is not None:
             cache.length += T

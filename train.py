@@ -32,7 +32,7 @@ init_from = "scratch"           # 'scratch'; 'resume': the newest checkpoint in 
                                 # an earlier stage's out_dir or checkpoint file, or hf:<dir>: its weights only
                                 # (fresh optimizer, step and schedule; resumes instead once out_dir has checkpoints)
 eval_interval = 250             # evaluate and checkpoint every this many steps (and at the end)
-eval_iters = 20                 # micro-batches per evaluation (split across ranks)
+eval_iters = 20                 # micro-batches per evaluation (split across ranks); 0: no evaluation
 log_interval = 10               # a log line and a metrics.jsonl record every this many steps
 keep_last_checkpoints = 3       # older checkpoints are deleted once a newer one is complete
 keep_every_checkpoints = 0      # also keep every checkpoint whose step is a multiple of this, forever (0: none)
@@ -78,6 +78,7 @@ muon_momentum_start = 0.85
 device = "auto"                 # 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...
 dtype = "auto"                  # 'auto' (bfloat16 autocast on cuda, float32 on cpu), 'bfloat16', 'float32'
 compile = None                  # torch.compile the model; None: on for cuda, off for cpu
+activation_checkpointing = False  # recompute each block in the backward pass: less memory, ~1/3 more compute
 peak_flops = 0.0                # device peak FLOP/s for MFU; 0: from model.PEAK_BF16_FLOPS (cuda only)
 profile = False                 # torch.profiler over 3 steps after 7 (compilation, warmup): out_dir/profile/
 seed = 1337
@@ -329,6 +330,7 @@ except ValueError as e:
 torch.manual_seed(seed)
 with torch.device(device):  # initialise directly on the device: a CPU init of a large model is slow
     raw_model = GPT(model_args)
+raw_model.checkpoint_blocks = activation_checkpointing
 step, tokens_seen = 0, 0
 
 optimizers, optimizer_summary = raw_model.configure_optimizers(
@@ -477,11 +479,12 @@ try:
     while True:
         last_step = step == max_iters
         if step % eval_interval == 0 or last_step:
-            (val_loss, val_bpb), per_dataset = evaluate()
-            log(f"step {step}: val loss {val_loss:.4f}, val bpb {val_bpb:.4f}" + ("".join(
-                f" | {name}: {loss:.4f}, {bpb:.4f} bpb" for name, (loss, bpb) in per_dataset.items()) if len(datasets) > 1 else ""))
-            record({"step": step, "val_loss": val_loss, "val_bpb": val_bpb, "tokens": tokens_seen,
-                    "val_by_dataset": {name: {"loss": loss, "bpb": bpb} for name, (loss, bpb) in per_dataset.items()}})
+            if eval_iters > 0:
+                (val_loss, val_bpb), per_dataset = evaluate()
+                log(f"step {step}: val loss {val_loss:.4f}, val bpb {val_bpb:.4f}" + ("".join(
+                    f" | {name}: {loss:.4f}, {bpb:.4f} bpb" for name, (loss, bpb) in per_dataset.items()) if len(datasets) > 1 else ""))
+                record({"step": step, "val_loss": val_loss, "val_bpb": val_bpb, "tokens": tokens_seen,
+                        "val_by_dataset": {name: {"loss": loss, "bpb": bpb} for name, (loss, bpb) in per_dataset.items()}})
             if step > start_step:
                 write_checkpoint()
             last_log_time = time.time()  # evaluation time does not count towards tokens/s

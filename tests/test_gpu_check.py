@@ -14,9 +14,11 @@ def test_gpu_check_dry_run(tmp_path):
     report = json.loads((tmp_path / "check.json").read_text())
     assert report["matmul_tflops"] > 0 and report["copy_gb_per_s"] > 0 and report["sdpa_kernels"]
     assert report["smoke"]["ok"], report["smoke"]
+    assert report["smoke"]["item_calls_between_logs"] == 0 and report["smoke"]["cuda_syncs_between_logs"] == 0
     for name in ("1B", "124M"):
         for label in ("compiled", "eager"):
             run = report[name][label]
             assert run["tokens_per_s"] > 0 and run["muon_step_ms"] > 0 and 0 < run["data_share"] < 1
-        assert "loop_overhead" in report[name]["compiled"]
+            assert 0 < run["muon_share_at_config_batch"] < run["muon_step_ms"] / run["ms_per_step"]
+    assert "loop_overhead" in report["124M"]["compiled"]
     assert "GPU check: cpu (dry run)" in result.stdout

@@ -49,3 +49,32 @@ def test_batch_size_schedule_does_not_recompile(data, tmp_path):
     recompiles = [line for line in result.stderr.splitlines() if "Recompiling function" in line]
     # exactly one, so the log is known to reach this test (a missing log would otherwise pass)
     assert len(recompiles) == 1 and "grad_mode" in result.stderr, "\n".join(recompiles) + result.stderr[-2000:]
+
+
+def test_activation_checkpointing_same_gradients_less_saved_memory():
+    import torch
+    from model import GPT, ModelArgs
+
+    def run(checkpoint_blocks):
+        torch.manual_seed(0)
+        model = GPT(ModelArgs(vocab_size=256, block_size=64, n_layer=4, n_head=4, n_kv_head=2, n_embd=64))
+        model.checkpoint_blocks = checkpoint_blocks
+        x = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(1))
+        saved_bytes = []  # what autograd keeps for the backward pass: the activation memory
+
+        def pack(tensor):
+            saved_bytes.append(tensor.numel() * tensor.element_size())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = model(x, x.roll(-1, 1))
+        loss.backward()
+        return loss.item(), {n: p.grad for n, p in model.named_parameters()}, sum(saved_bytes)
+
+    loss, grads, saved = run(False)
+    loss_ckpt, grads_ckpt, saved_ckpt = run(True)
+    assert loss == loss_ckpt
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=0, atol=1e-7)
+    # the blocks' inputs stay; everything inside the blocks is recomputed (logits and head remain)
+    assert saved_ckpt < 0.5 * saved, (saved_ckpt, saved)
