@@ -3,7 +3,7 @@ The GPU check: how fast this repo trains on the card at hand, against the card's
     python gpu_check.py                     # on one H100/H200: under 8 minutes, compilation included
     python gpu_check.py --device=cpu        # a dry run of every part, with tiny sizes (tests use it)
 1. the card's ceilings: a large bf16 matmul's TFLOP/s, a large device-to-device copy's GB/s
-2. which kernel SDPA runs for the models' attention (flash or not)
+2. which backend SDPA runs for the models' attention (flash, cuDNN, memory-efficient or math)
 3. a smoke: 30 steps of the tiny config in bf16 with torch.compile: loss finite and falling, and
    from its profile the host syncs between log steps (.item() calls, CUDA synchronizations) and
    the recompiles
@@ -61,16 +61,22 @@ dst = torch.empty_like(src)
 results["copy_gb_per_s"] = 2 * src.numel() / timed(lambda: dst.copy_(src), 3 if dry_run else 20) / 1e9  # read + write
 del a, b, src, dst
 
-# 2. the attention kernel, as the profiler sees it, at the 1B model's shape
-q = torch.randn(1, 32, 256 if dry_run else 2048, 64, device=device, dtype=torch.float32 if dry_run else torch.bfloat16)
+# 2. the attention backend SDPA picks for the 1B model's attention (32 query and 8 key-value heads
+# of 64, causal, bf16), forward and backward, as the profiler sees it
+shape = (1, 32, 256 if dry_run else 2048, 64)
+dtype = torch.float32 if dry_run else torch.bfloat16
+q = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+k, v = (torch.randn(shape[0], 8, *shape[2:], device=device, dtype=dtype, requires_grad=True) for _ in range(2))
 with torch.profiler.profile() as profiler:
-    torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+    torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
     if not dry_run:
         torch.cuda.synchronize()
-kernels = [e.name for e in profiler.events() if "attention" in e.name.lower() or "flash" in e.name.lower()]
-results["sdpa_kernels"] = sorted(set(kernels))[:6]
-results["sdpa_flash"] = any("flash" in k.lower() for k in kernels)
-del q
+ops = sorted({e.name for e in profiler.events() if e.name.startswith(("aten::_scaled_dot_product", "aten::_flash",
+                                                                       "aten::_efficient", "aten::_cudnn"))})
+results["sdpa_ops"] = ops
+results["sdpa_backend"] = next((name for name in ("flash", "cudnn", "efficient", "math") if any(name in op for op in ops)),
+                               "unknown")
+del q, k, v
 if not dry_run:
     torch.cuda.empty_cache()  # the subprocesses below want the whole card
 
@@ -169,7 +175,7 @@ def pct(x):
 smoke = results["smoke"]
 print(f"\nGPU check: {results['device']}, torch {results['torch']}, {results['date']}, {results['seconds']:.0f} s")
 print(f"  matmul ceiling      {results['matmul_tflops']:.1f} TFLOP/s   copy {results['copy_gb_per_s']:.0f} GB/s")
-print(f"  SDPA flash          {results['sdpa_flash']}  {results['sdpa_kernels'][:2]}")
+print(f"  SDPA backend        {results['sdpa_backend']}  {results['sdpa_ops'][:3]}")
 print(f"  smoke (tiny, bf16)  {'ok' if smoke['ok'] else 'FAILED'}  losses {[round(x, 3) for x in smoke['losses'][:6]]}")
 print(f"  host syncs in 3 steps between logs: {smoke['item_calls_between_logs']} .item(), "
       f"{smoke['cuda_syncs_between_logs']} CUDA syncs; recompiles: {smoke['recompiles']}")
