@@ -373,10 +373,11 @@ def write_checkpoint():
     """All ranks call this; rank 0 writes (in the background) while the others go on."""
     started = time.time()
     rng_states = gather_rng_states()
+    optimizer_states = [opt.state_dict() for opt in optimizers]  # Muon's gathers its shards: a collective
     if master:
         save_checkpoint(out_dir, {
             "step": step, "tokens_seen": tokens_seen, "batch_size": batch_size_at(step),
-            "model": raw_model.state_dict(), "optimizers": [opt.state_dict() for opt in optimizers],
+            "model": raw_model.state_dict(), "optimizers": optimizer_states,
             "rng": rng_states, "model_args": asdict(model_args), "config": config,
             "tokenizer": encoder_state, "data_dir": data_dir, "parent": parent,
         }, keep_last_checkpoints, keep_every_checkpoints, background=True)

@@ -21,9 +21,12 @@ def run(out_path):
         for p in hidden:
             p.grad = torch.randn(p.shape, generator=generator)
         optimizer.step()
+    state = optimizer.state_dict()  # gathered from every rank's share (a collective)
+    if dist.is_initialized():  # each rank holds the momentum of its share only
+        assert 0 < len(optimizer.state) < len(hidden), len(optimizer.state)
     if not dist.is_initialized() or dist.get_rank() == 0:
         torch.save({"params": [p.detach().clone() for p in hidden],
-                    "momentum": [optimizer.state[p]["momentum_buffer"].clone() for p in hidden]}, out_path)
+                    "momentum": [state["state"][i]["momentum_buffer"] for i in range(len(hidden))]}, out_path)
 
 
 if __name__ == "__main__":

@@ -67,8 +67,11 @@ def test_resume_is_bit_identical(data, tmp_path, variant):
     assert all(resumed_losses[s] == full_losses[s] for s in range(7, 13))
 
 
-def test_resume_on_another_world_size(data, tmp_path):
-    args = [*TINY, "--batch_size=8", f"--data_dir={data}", "--max_iters=12", "--eval_interval=6"]
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_on_another_world_size(data, tmp_path, optimizer):
+    # with Muon each rank holds a share of the momentum; the checkpoint holds all of it
+    args = [*TINY, "--batch_size=8", f"--data_dir={data}", "--max_iters=12", "--eval_interval=6",
+            *(["--use_muon=True", "--muon_lr=1e-2"] if optimizer == "muon" else [])]
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
     train(*args, f"--out_dir={tmp_path}/two", launcher=torchrun)
     train(*args, f"--out_dir={tmp_path}/one", "--max_iters=12")
@@ -81,6 +84,12 @@ def test_resume_on_another_world_size(data, tmp_path):
     result = train(*args, f"--out_dir={tmp_path}/resumed", "--init_from=resume")
     assert "resumed from" in result.stdout and "world size 1" in result.stdout
     assert_same_state(load_checkpoint(str(tmp_path / "two")), load_checkpoint(str(tmp_path / "resumed")), exact=False)
+    # and the other way: one process's checkpoint resumed on two
+    os.makedirs(tmp_path / "resumed_on_two")
+    shutil.copy(tmp_path / "one" / "ckpt_0000006.pt", tmp_path / "resumed_on_two")
+    result = train(*args, f"--out_dir={tmp_path}/resumed_on_two", "--init_from=resume", launcher=torchrun)
+    assert "resumed from" in result.stdout and "world size 2" in result.stdout
+    assert_same_state(load_checkpoint(str(tmp_path / "one")), load_checkpoint(str(tmp_path / "resumed_on_two")), exact=False)
 
 
 def test_killed_at_random_moments_ends_bit_identical(data, tmp_path):
