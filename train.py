@@ -445,6 +445,7 @@ def write_profile(profiler):
     sort_by = "self_cuda_time_total" if device_type == "cuda" else "self_cpu_time_total"
     with open(os.path.join(directory, "ops.txt"), "w") as f:
         f.write(profiler.key_averages().table(sort_by=sort_by, row_limit=40))
+
     def inside_fused_adamw(event):  # its CPU kernel reads found_inf with .item(); the CUDA kernel, on the device
         while event is not None and event.name != "aten::_fused_adamw_":
             event = event.cpu_parent
