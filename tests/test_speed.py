@@ -37,18 +37,26 @@ def test_no_host_sync_between_log_steps(data, tmp_path, setup):
         assert json.load(f)["item_calls"] >= 3  # loss, grad norm, the divergence counters at step 9
 
 
-def test_batch_size_schedule_does_not_recompile(data, tmp_path):
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_batch_size_schedule_does_not_recompile(data, tmp_path, ranks):
     # accumulation goes 1 -> 2 -> 4 micro-batches; the micro-batch, so every compiled shape, stays the same.
-    # The one recompile allowed: the training graph after the first evaluation's no-grad graph.
-    result = train(f"--data_dir={data}", f"--out_dir={tmp_path}/run", "--compile=True", "--max_iters=12",
-                   "--eval_interval=6", "--log_interval=3",
-                   "--batch_size_schedule={'strategy': 'doubling', 'start_batch_size': 4, 'interval_steps': 4, "
-                   "'max_batch_size': 16}", env={"TORCH_LOGS": "recompiles"})
+    # The one recompile allowed per rank: the training graph after the first evaluation's no-grad graph.
+    # Two ranks: torch.compile inside DDP, with Muon, as on 8 GPUs.
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] \
+        if ranks > 1 else [sys.executable]
+    result = subprocess.run([*launcher, "train.py", *SMALL, f"--data_dir={data}", f"--out_dir={tmp_path}/run",
+                             "--compile=True", "--max_iters=12", "--eval_interval=6", "--log_interval=3",
+                             *(["--use_muon=True"] if ranks > 1 else []),
+                             "--batch_size_schedule={'strategy': 'doubling', 'start_batch_size': %d, "
+                             "'interval_steps': 4, 'max_batch_size': %d}" % (4 * ranks, 16 * ranks)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "TORCH_LOGS": "recompiles"})
+    assert result.returncode == 0, result.stderr[-3000:]
     with open(f"{tmp_path}/run/metrics.jsonl") as f:
         assert [r["grad_accum"] for r in map(json.loads, f) if "grad_accum" in r] == [1, 2, 4, 4]
     recompiles = [line for line in result.stderr.splitlines() if "Recompiling function" in line]
-    # exactly one, so the log is known to reach this test (a missing log would otherwise pass)
-    assert len(recompiles) == 1 and "grad_mode" in result.stderr, "\n".join(recompiles) + result.stderr[-2000:]
+    # exactly one per rank, so the log is known to reach this test (a missing log would otherwise pass)
+    assert len(recompiles) == ranks and "grad_mode" in result.stderr, "\n".join(recompiles) + result.stderr[-2000:]
 
 
 def test_activation_checkpointing_same_gradients_less_saved_memory():
