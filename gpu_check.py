@@ -110,6 +110,7 @@ with tempfile.TemporaryDirectory() as tmp:
 results["smoke"] = {"ok": smoke.returncode == 0 and all(map(lambda x: x == x and abs(x) < 1e9, losses))
                     and len(losses) > 1 and losses[-1] < losses[0], "losses": losses,
                     "item_calls_between_logs": syncs.get("item_calls"), "cuda_syncs_between_logs": syncs.get("cuda_syncs"),
+                    "attention_ops": syncs.get("attention_ops"),
                     "recompiles": smoke.stderr.count("Recompiling function"),  # 1 expected: train after eval's no-grad graph
                     "error": smoke.stderr[-500:] if smoke.returncode else None}
 
@@ -176,9 +177,11 @@ smoke = results["smoke"]
 print(f"\nGPU check: {results['device']}, torch {results['torch']}, {results['date']}, {results['seconds']:.0f} s")
 print(f"  matmul ceiling      {results['matmul_tflops']:.1f} TFLOP/s   copy {results['copy_gb_per_s']:.0f} GB/s")
 print(f"  SDPA backend        {results['sdpa_backend']}  {results['sdpa_ops'][:3]}")
-print(f"  smoke (tiny, bf16)  {'ok' if smoke['ok'] else 'FAILED'}  losses {[round(x, 3) for x in smoke['losses'][:6]]}")
+print(f"  smoke (tiny, {'fp32' if dry_run else 'bf16, compiled'})  {'ok' if smoke['ok'] else 'FAILED'}  "
+      f"losses {[round(x, 3) for x in smoke['losses'][:6]]}")
 print(f"  host syncs in 3 steps between logs: {smoke['item_calls_between_logs']} .item(), "
       f"{smoke['cuda_syncs_between_logs']} CUDA syncs; recompiles: {smoke['recompiles']}")
+print(f"  attention in the training step: {smoke['attention_ops']}")
 print(f"  {'model':6} {'compile':8} {'micro':>5} {'tok/s':>10} {'ms/step':>8} {'MFU':>6} {'vs mm':>6} {'mem MB':>8} "
       f"{'Muon':>6} {'Muon@128':>8} {'data':>6} {'loop':>6}")
 for name in MODELS:

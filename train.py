@@ -454,7 +454,10 @@ def write_profile(profiler):
     events = profiler.events()
     summary = {"steps": profiled_steps,
                "item_calls": sum(e.name == "aten::_local_scalar_dense" and not inside_fused_adamw(e) for e in events),
-               "cuda_syncs": sum(e.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize") for e in events)}
+               "cuda_syncs": sum(e.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize") for e in events),
+               # the attention kernels the model really ran (flash, cuDNN, memory-efficient or math)
+               "attention_ops": sorted({e.name for e in events if e.name.startswith(
+                   ("aten::_scaled_dot_product", "aten::_flash", "aten::_efficient", "aten::_cudnn"))})}
     with open(os.path.join(directory, "summary.json"), "w") as f:
         json.dump(summary, f)
     log(f"profile of steps {profiled_steps} in {directory}: {summary['item_calls']} .item() calls, "

@@ -15,6 +15,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert report["matmul_tflops"] > 0 and report["copy_gb_per_s"] > 0 and report["sdpa_backend"] == "flash"
     assert report["smoke"]["ok"], report["smoke"]
     assert report["smoke"]["item_calls_between_logs"] == 0 and report["smoke"]["cuda_syncs_between_logs"] == 0
+    assert any("flash" in op for op in report["smoke"]["attention_ops"])
     for name in ("1B", "124M"):
         for label in ("compiled", "eager"):
             run = report[name][label]
