@@ -48,6 +48,8 @@ raw_model.checkpoint_blocks = activation_checkpointing
 model = torch.compile(raw_model) if compile else raw_model
 optimizers, optimizer_summary = raw_model.configure_optimizers(
     learning_rate, weight_decay, (beta1, beta2), use_muon, muon_lr, muon_weight_decay, muon_momentum)
+for opt in optimizers:  # the divergence guard's flag, as train.py sets it: the optimizers' own code path
+    opt.found_inf = torch.zeros((), device=device)
 x = torch.randint(0, vocab_size, (micro_batch_size, block_size), device=device)
 y = torch.randint(0, vocab_size, (micro_batch_size, block_size), device=device)
 
