@@ -94,6 +94,13 @@ def out_of_time():
     return time.time() - started > time_limit_s
 
 
+def part_done(name):  # when each part ended, in seconds from the start: for tuning time_limit_s
+    results.setdefault("timeline_s", {})[name] = round(time.time() - started, 1)
+
+
+part_done("ceilings and SDPA")
+
+
 # 3. the smoke: tiny config, bf16 + compile on the GPU; log steps 6, 12, ...: the profiled steps 8-10 have none
 if not os.path.exists(os.path.join(ROOT, "data/demo/meta.json")):
     run("prepare.py")
@@ -113,6 +120,7 @@ results["smoke"] = {"ok": smoke.returncode == 0 and all(map(lambda x: x == x and
                     "attention_ops": syncs.get("attention_ops"),
                     "recompiles": smoke.stderr.count("Recompiling function"),  # 1 expected: train after eval's no-grad graph
                     "error": smoke.stderr[-500:] if smoke.returncode else None}
+part_done("smoke")
 
 
 # 4. the models
@@ -149,11 +157,14 @@ for name in MODELS:  # in order of importance: compiled first; compile off only 
         results[name] = {"error": trial["error"]}
         continue
     batch = [f"--micro_batch_size={fits[name]}", f"--batch_size={fits[name] * (1 if dry_run else 4)}"]
+    part_done(f"{name} micro-batch search")
     results[name] = {"micro_batch_size": fits[name], "compiled": bench(
         *MODELS[name], *batch, *steps, "--use_muon=True", *compile_flag, f"--full_step={name == '124M'}")}
+    part_done(f"{name} compiled")
 for name in fits:
     batch = [f"--micro_batch_size={fits[name]}", f"--batch_size={fits[name] * (1 if dry_run else 4)}"]
     results[name]["eager"] = bench(*MODELS[name], *batch, *steps, "--use_muon=True", "--compile=False", "--full_step=False")
+    part_done(f"{name} eager")
     for run_result in (results[name]["compiled"], results[name]["eager"]):
         if "model_flops_per_s" in run_result:
             run_result["mfu_vs_measured_matmul"] = run_result["model_flops_per_s"] / (results["matmul_tflops"] * 1e12)
@@ -200,4 +211,5 @@ for name in MODELS:
               f"{pct(r.get('data_share')):>6} {pct(r.get('loop_overhead')):>6}")
 print(f"  (a step here is {1 if dry_run else 4} micro-batch(es); Muon@128: Muon's share of a 128-sequence step, "
       f"configs/pretrain.py's batch, on one GPU)")
+print(f"  parts ended at (s): {results['timeline_s']}")
 print(f"  full results: {out_file}")
