@@ -466,7 +466,9 @@ def write_profile(profiler):
 
 profiler = None
 if profile:  # the 8th to 10th steps from the start: after compilation and the first allocations
-    profiled_steps = [step + 8, step + 9, step + 10]  # numbered as the log numbers them (steps done)
+    profiled_steps = [s for s in (step + 8, step + 9, step + 10) if s <= max_iters]  # numbered as the log numbers them
+    if not profiled_steps:
+        log(f"profile: nothing to profile, the run ends at step {max_iters}, before its 8th step from {step}")
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device_type == "cuda" else [])
     profiler = torch.profiler.profile(activities=activities, schedule=torch.profiler.schedule(
         skip_first=5, wait=0, warmup=2, active=3, repeat=1), on_trace_ready=write_profile)
