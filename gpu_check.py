@@ -109,17 +109,19 @@ with tempfile.TemporaryDirectory() as tmp:
                 "--max_iters=30", "--eval_interval=1000", "--log_interval=6", "--profile=True",
                 *(["--compile=False"] if dry_run else ["--dtype=bfloat16", "--compile=True"]), env={"TORCH_LOGS": "recompiles"})
     losses, syncs = [], {}
-    if smoke.returncode == 0:
+    try:  # a part that fails is reported, never the end of the check
         with open(f"{tmp}/smoke/metrics.jsonl") as f:
             losses = [r["loss"] for r in map(json.loads, f) if "loss" in r]
         with open(f"{tmp}/smoke/profile/summary.json") as f:
             syncs = json.load(f)
+    except (OSError, ValueError) as e:
+        smoke.stderr += f"\n{type(e).__name__}: {e}"
 results["smoke"] = {"ok": smoke.returncode == 0 and all(map(lambda x: x == x and abs(x) < 1e9, losses))
                     and len(losses) > 1 and losses[-1] < losses[0], "losses": losses,
                     "item_calls_between_logs": syncs.get("item_calls"), "cuda_syncs_between_logs": syncs.get("cuda_syncs"),
                     "attention_ops": syncs.get("attention_ops"),
                     "recompiles": smoke.stderr.count("Recompiling function"),  # 1 expected: train after eval's no-grad graph
-                    "error": smoke.stderr[-500:] if smoke.returncode else None}
+                    "error": smoke.stderr[-500:] if smoke.returncode or not syncs else None}
 part_done("smoke")
 
 
@@ -128,9 +130,12 @@ def bench(*args):
     if out_of_time():
         return {"error": "skipped: out of time"}
     result = run("bench.py", "configs/pretrain.py", f"--device={device}", "--data_dir=data/demo", *args)
-    if result.returncode != 0:
-        return {"error": (result.stderr or result.stdout)[-300:]}
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    try:
+        if result.returncode == 0:
+            return json.loads(result.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        pass
+    return {"error": (result.stderr or result.stdout)[-300:]}
 
 
 MODELS = {  # the 124M one is GPT-2 small's shape; both use GPT-2's vocabulary size
@@ -193,6 +198,8 @@ print(f"  smoke (tiny, {'fp32' if dry_run else 'bf16, compiled'})  {'ok' if smok
 print(f"  host syncs in 3 steps between logs: {smoke['item_calls_between_logs']} .item(), "
       f"{smoke['cuda_syncs_between_logs']} CUDA syncs; recompiles: {smoke['recompiles']}")
 print(f"  attention in the training step: {smoke['attention_ops']}")
+if smoke["error"]:
+    print(f"  smoke error: {smoke['error'][-300:]}")
 print(f"  {'model':6} {'compile':8} {'micro':>5} {'tok/s':>10} {'ms/step':>8} {'MFU':>6} {'vs mm':>6} {'mem MB':>8} "
       f"{'Muon':>6} {'Muon@128':>8} {'data':>6} {'loop':>6}")
 for name in MODELS:
