@@ -109,7 +109,8 @@ flops_per_token = raw_model.flops_per_token()
 peak = peak_flops or device_peak_flops(device_type)
 result = {
     "device": torch.cuda.get_device_name() if device_type == "cuda" else "cpu",
-    "dtype": dtype, "compile": compile, "activation_checkpointing": activation_checkpointing, "params": raw_model.num_params(), "tokens_per_step": tokens_per_step,
+    "dtype": dtype, "compile": compile, "activation_checkpointing": activation_checkpointing,
+    "params": raw_model.num_params(), "tokens_per_step": tokens_per_step,
     "ms_per_step": bare_ms, "tokens_per_s": tokens_per_step / bare_ms * 1000,
     "model_flops_per_s": flops_per_token * tokens_per_step / bare_ms * 1000,
     "mfu": flops_per_token * tokens_per_step / bare_ms * 1000 / peak if peak else None,
