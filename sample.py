@@ -47,7 +47,6 @@ if compile:
 print(f"# {checkpoint['path']} (step {checkpoint['step']})", file=sys.stderr)
 
 
-
 def stream(ids, stop_token):
     """Generate from ids, printing each character as soon as its bytes are complete."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a token can end mid-character
