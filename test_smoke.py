@@ -232,6 +232,25 @@ def test_prepare_text_and_jsonl_sources(tmp_path):
     assert all(d.startswith(("Document ", "Record ")) for d in documents)
 
 
+def test_prepare_parquet_source(tmp_path):
+    import pyarrow as pa  # requirements-dev.txt: a missing install fails here rather than skipping
+    import pyarrow.parquet as pq
+    texts = [f"Row {i}: the quick brown fox." for i in range(40)] + [None]  # a null row is skipped
+    pq.write_table(pa.table({"id": list(range(41)), "body": texts}), tmp_path / "rows.parquet", row_group_size=16)
+    out = tmp_path / "ds"
+    run("prepare.py", str(tmp_path / "rows.parquet"), f"--out={out}", "--text_field=body", "--vocab_size=300",
+        "--val_fraction=0.2")
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 40
+    from data import read_shard
+    import tokenizer as tok
+    tokens = np.concatenate([read_shard(str(out / name)) for name in meta["splits"]["train"]["shards"]])
+    documents = tok.load_tokenizer(str(out)).decode(tokens.tolist()).split("<|endoftext|>")[1:]
+    assert len(documents) == meta["splits"]["train"]["documents"] and all(d.startswith("Row ") for d in documents)
+    result = run("prepare.py", str(tmp_path / "rows.parquet"), f"--out={tmp_path}/bad", check=False)
+    assert result.returncode != 0 and "no column 'text' (columns: id, body; use --text_field)" in result.stderr
+
+
 def test_prepare_bad_input(tmp_path):
     result = run("prepare.py", str(tmp_path / "missing.txt"), f"--out={tmp_path}/a", check=False)
     assert result.returncode != 0 and "no such file, directory or glob" in result.stderr
