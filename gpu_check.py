@@ -145,7 +145,9 @@ MODELS = {  # the 124M one is GPT-2 small's shape; both use GPT-2's vocabulary s
 MICRO_BATCHES = {"1B": [16, 8, 4, 2, 1], "124M": [32, 16, 8, 4]}  # sequences; tried largest first
 CONFIG_BATCH_SIZE = 128  # configs/pretrain.py's sequences per optimizer step
 if dry_run:
-    MODELS = {name: ["--n_layer=2", "--n_head=4", "--n_kv_head=2", "--n_embd=64", "--block_size=64"] for name in MODELS}
+    # tiny shapes, but GPT-2's vocabulary as in the real run (larger than the demo data's)
+    MODELS = {name: ["--vocab_size=50257", "--n_layer=2", "--n_head=4", "--n_kv_head=2", "--n_embd=64", "--block_size=64"]
+              for name in MODELS}
     MICRO_BATCHES = {name: [4, 2] for name in MODELS}
 steps = ["--warmup_steps=1", "--bench_steps=2"] if dry_run else ["--warmup_steps=3", "--bench_steps=6"]
 compile_flag = [] if dry_run else ["--compile=True"]

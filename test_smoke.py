@@ -263,3 +263,14 @@ def test_prepare_bad_input(tmp_path):
     result = run("prepare.py", str(empty), f"--out={tmp_path}/c", "--tokenizer=" + str(tmp_path), check=False)
     assert result.returncode != 0
     assert not any(os.path.exists(tmp_path / name) for name in ("a", "b", "c"))  # no dataset that looks complete
+
+
+def test_vocab_size_above_the_datasets_trains_and_below_is_refused(demo_data, tmp_path):
+    # larger: room for tokens added later (GPT-2's 50,257 over a smaller tokenizer's ids, as the GPU check does)
+    args = [*TINY_MODEL, f"--data_dir={demo_data}", "--max_iters=2", "--micro_batch_size=2", "--batch_size=2",
+            "--eval_iters=1"]
+    run("train.py", *args, f"--out_dir={tmp_path}/larger", "--vocab_size=2000")
+    from checkpoint import load_checkpoint
+    assert load_checkpoint(str(tmp_path / "larger"))["model"]["lm_head.weight"].shape[0] == 2048  # padded to 128
+    result = run("train.py", *args, f"--out_dir={tmp_path}/smaller", "--vocab_size=1000", check=False)
+    assert result.returncode != 0 and "vocab_size=1000 is smaller than the dataset's vocabulary (1024)" in result.stderr

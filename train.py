@@ -320,7 +320,7 @@ if source is not None:
     model_args = ModelArgs(**source["model_args"])
 encoder_state = tok.tokenizer_state(encoder)  # built once: checkpoints embed it
 same_tokenizer = source is None or all(source["tokenizer"][k] == encoder_state[k] for k in ("pattern", "special_tokens", "ranks"))
-if not same_tokenizer or model_args.vocab_size != meta["vocab_size"]:
+if source is not None and (not same_tokenizer or model_args.vocab_size < meta["vocab_size"]):
     fail(f"the tokenizer of {source['path']} (vocabulary {source['model_args']['vocab_size']}) differs from "
          f"{data_dir}'s (vocabulary {meta['vocab_size']}): prepare the data with --tokenizer=<the earlier dataset's directory>")
 try:
@@ -442,7 +442,7 @@ def write_profile(profiler):
     directory = os.path.join(out_dir, "profile")
     os.makedirs(directory, exist_ok=True)
     profiler.export_chrome_trace(os.path.join(directory, "trace.json"))
-    sort_by = "self_cuda_time_total" if device_type == "cuda" else "self_cpu_time_total"
+    sort_by = "self_device_time_total" if device_type == "cuda" else "self_cpu_time_total"
     with open(os.path.join(directory, "ops.txt"), "w") as f:
         f.write(profiler.key_averages().table(sort_by=sort_by, row_limit=40))
 
