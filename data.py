@@ -147,6 +147,16 @@ def read_windows(datasets, split, windows, block_size, use_loss_mask):
     return tokens[:, :-1], targets
 
 
+def learned_targets(datasets, split, windows, block_size):
+    """How many targets of these windows read_windows(..., use_loss_mask=True) keeps: those a chat
+    dataset's mask marks, every target of a text dataset. Reads only the masks."""
+    count = 0
+    for d, shard, offset in windows:
+        masks = datasets[d]["masks"][split]
+        count += block_size if masks is None else int(np.count_nonzero(masks[shard][offset + 1:offset + block_size + 1]))
+    return count
+
+
 def replace_directory(tmp, final):
     """Swap a finished directory in for final; an older one there is removed only after that."""
     old = final.rstrip("/") + ".old"

@@ -116,15 +116,22 @@ def chat_documents(path):
                 BadConversations.report(where, f"not valid JSON ({e.msg})")
                 continue
             messages = record.get("messages") if isinstance(record, dict) else None
-            if not isinstance(messages, list) or not messages:
-                BadConversations.report(where, "no non-empty 'messages' list")
-                continue
-            problem = next((m for m in messages if not isinstance(m, dict) or m.get("role") not in tok.CHAT_ROLES
-                            or not isinstance(m.get("content"), str)), None)
-            if problem is not None:
-                BadConversations.report(where, f"a message is not {{'role': {'|'.join(tok.CHAT_ROLES)}, 'content': str}}: {str(problem)[:80]}")
+            problem = conversation_problem(messages)
+            if problem:
+                BadConversations.report(where, problem)
                 continue
             yield where, messages
+
+
+def conversation_problem(messages):
+    """What is wrong with a conversation's messages, or None when nothing is."""
+    if not isinstance(messages, list) or not messages:
+        return "no non-empty 'messages' list"
+    problem = next((m for m in messages if not isinstance(m, dict) or m.get("role") not in tok.CHAT_ROLES
+                    or not isinstance(m.get("content"), str)), None)
+    if problem is not None:
+        return f"a message is not {{'role': {'|'.join(tok.CHAT_ROLES)}, 'content': str}}: {str(problem)[:80]}"
+    return None
 
 
 DEMO_QUESTIONS = ["What does {name} do?", "What is {name} for?", "Explain {name} briefly.",
@@ -202,11 +209,11 @@ def hf_documents(name, args):
     for row, record in enumerate(stream):
         if args.chat:  # conversations in a "messages" column, checked like a .jsonl line
             messages = record.get("messages")
-            if isinstance(messages, list) and messages and all(isinstance(m, dict) and m.get("role") in tok.CHAT_ROLES
-                                                               and isinstance(m.get("content"), str) for m in messages):
-                yield f"{name}:{row}", [{"role": m["role"], "content": m["content"]} for m in messages]
+            problem = conversation_problem(messages)
+            if problem:
+                BadConversations.report(f"{name}:{row}", problem)
             else:
-                BadConversations.report(f"{name}:{row}", "not a list of {role, content} messages")
+                yield f"{name}:{row}", [{"role": m["role"], "content": m["content"]} for m in messages]
         else:
             yield f"{name}:{row}", record[args.text_field]
 

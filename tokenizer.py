@@ -68,6 +68,12 @@ def tokenizer_state(enc):
             "ranks": "\n".join(lines) + "\n"}
 
 
+def same_ids(state_a, state_b):
+    """Whether two tokenizer states give every text the same ids: the same split pattern, merges and
+    special tokens (the name may differ)."""
+    return all(state_a[k] == state_b[k] for k in ("pattern", "special_tokens", "ranks"))
+
+
 def tokenizer_from_state(state):
     ranks = {}
     for line in state["ranks"].splitlines():

@@ -88,7 +88,7 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator
 from checkpoint import (checkpoint_paths, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
                         wait_for_checkpoint)
 from model import GPT, ModelArgs, device_peak_flops, resolve_device
-from data import open_dataset, read_windows, sample_windows
+from data import learned_targets, open_dataset, read_windows, sample_windows
 import tokenizer as tok
 
 # distributed: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
@@ -227,12 +227,14 @@ if not isinstance(mixture, dict) or not all(isinstance(w, (int, float)) and w > 
 try:
     datasets = [open_dataset(directory, block_size) for directory in mixture]
     encoder = tok.load_tokenizer(datasets[0]["directory"])
+    encoder_state = tok.tokenizer_state(encoder)  # built once: checkpoints embed it
+    other_states = [tok.tokenizer_state(tok.load_tokenizer(d["directory"])) for d in datasets[1:]]
 except (FileNotFoundError, ValueError) as e:
     fail(str(e))
 mixture_weights = np.array(list(mixture.values()), dtype=np.float64) / sum(mixture.values())
 meta = datasets[0]["meta"]
-for dataset in datasets[1:]:
-    if tok.load_tokenizer(dataset["directory"])._mergeable_ranks != encoder._mergeable_ranks or dataset["meta"]["special_tokens"] != meta["special_tokens"]:
+for dataset, state in zip(datasets[1:], other_states):
+    if not tok.same_ids(state, encoder_state):
         fail(f"{dataset['directory']} and {datasets[0]['directory']} use different tokenizers: a mixture needs one "
              f"(prepare with --tokenizer=<the first dataset's directory>)")
 for dataset in datasets:
@@ -263,13 +265,10 @@ def train_micro_batches(start_step):
         global_windows = sample_windows(datasets, mixture_weights, "train", batch_size_at(step), (seed, step))
         per_rank = len(global_windows) // world_size
         mine = slice(rank * per_rank, (rank + 1) * per_rank)
-        if use_loss_mask:  # read the whole step to count its learned targets on the host: no device sync
-            x, y = read_windows(datasets, "train", global_windows, block_size, True)
-            learned = int((y >= 0).sum())
-            x, y = x[mine], y[mine]
-        else:
-            x, y = read_windows(datasets, "train", global_windows[mine], block_size, False)
-            learned = len(global_windows) * block_size
+        x, y = read_windows(datasets, "train", global_windows[mine], block_size, use_loss_mask)
+        # the whole step's learned targets, counted on the host from the masks: no device sync
+        learned = learned_targets(datasets, "train", global_windows, block_size) if use_loss_mask \
+            else len(global_windows) * block_size
         loss_scale = world_size / max(learned, 1)
         for k in range(grad_accum_at(step)):
             micro = slice(k * micro_batch_size, (k + 1) * micro_batch_size)
@@ -318,9 +317,7 @@ model_args = ModelArgs(vocab_size=vocab_size, block_size=block_size, n_layer=n_l
                        qk_norm=qk_norm, tie_embeddings=tie_embeddings)
 if source is not None:
     model_args = ModelArgs(**source["model_args"])
-encoder_state = tok.tokenizer_state(encoder)  # built once: checkpoints embed it
-same_tokenizer = source is None or all(source["tokenizer"][k] == encoder_state[k] for k in ("pattern", "special_tokens", "ranks"))
-if source is not None and (not same_tokenizer or model_args.vocab_size < meta["vocab_size"]):
+if source is not None and (not tok.same_ids(source["tokenizer"], encoder_state) or model_args.vocab_size < meta["vocab_size"]):
     fail(f"the tokenizer of {source['path']} (vocabulary {source['model_args']['vocab_size']}) differs from "
          f"{data_dir}'s (vocabulary {meta['vocab_size']}): prepare the data with --tokenizer=<the earlier dataset's directory>")
 try:

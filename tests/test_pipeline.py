@@ -7,7 +7,7 @@ import sys
 import numpy as np
 
 import tokenizer as tok
-from data import open_dataset, read_shard, read_windows, sample_windows
+from data import learned_targets, open_dataset, read_shard, read_windows, sample_windows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer=2", "--n_head=4", "--n_kv_head=2", "--n_embd=64", "--block_size=64", "--device=cpu",
@@ -74,6 +74,9 @@ def test_mixture_follows_the_weights_and_is_deterministic(data):
     # chat windows start at a conversation's first token
     x, y = read_windows(datasets, "train", [w for w in windows if w[0] == 1][:16], 64, True)
     assert (x[:, 0] == datasets[1]["meta"]["bos_id"]).all() and (y == -1).any() and (y >= 0).any()
+    # train.py's count of a step's learned targets, from the masks alone, over text and chat windows
+    x, y = read_windows(datasets, "train", windows[:64], 64, True)
+    assert learned_targets(datasets, "train", windows[:64], 64) == int((y >= 0).sum()) < 64 * 64
 
 
 def test_the_pipeline_end_to_end(data, tmp_path):

@@ -160,6 +160,10 @@ def test_stage_handoff_takes_weights_only_and_checks_the_vocabulary(data, tmp_pa
                    check=False)
     assert result.returncode != 0 and "differs from" in result.stderr and "--tokenizer=" in result.stderr
     assert not os.path.exists(tmp_path / "bad" / "ckpt_0000001.pt")
+    # the same check for a mixture: its datasets must share one tokenizer
+    mixture = "--data_mixture={'%s': 0.5, '%s': 0.5}" % (data, tmp_path / "other")
+    result = train(*TINY, mixture, f"--out_dir={tmp_path}/mixed", check=False)
+    assert result.returncode != 0 and "use different tokenizers" in result.stderr
 
 
 def test_non_finite_steps_are_skipped_then_the_run_stops(data, tmp_path):
