@@ -34,4 +34,5 @@ if __name__ == "__main__":
         dist.init_process_group("gloo")
     run(sys.argv[1])
     if dist.is_initialized():
+        dist.barrier()  # leave together, as train.py does: a rank torn down early can abort the other's gloo
         dist.destroy_process_group()
