@@ -1,7 +1,11 @@
 """
-Benchmark a config's training step:
+Benchmark a config's training step, or profile train.py's:
     python bench.py configs/pretrain.py configs/tiny.py
     python bench.py configs/pretrain.py --bench_steps=20      # on a GPU
+    python bench.py configs/pretrain.py configs/tiny.py --profile=True --log_interval=3
+The config files and every --key=value except bench.py's own settings (below, and --help) are
+train.py's; bench.py asks train.py for the resulting config (train.py --print_config), so it
+measures the model, batch and optimizers train.py would run.
 1. the bare step: forward + backward of every micro-batch, then the optimizer step, on one fixed
    batch already on the device; timed on the device (CUDA events) after warmup_steps.
 2. the full step: train.py itself on the config's data (batch loading, accumulation, clipping,
@@ -9,45 +13,119 @@ Benchmark a config's training step:
 3. the data loader: the host time to read one step's windows from the config's data (on a GPU it
    overlaps the device's work, so its share says how close the host comes to being the bottleneck).
 Prints a table and a last line of JSON. loop_overhead = full / bare - 1.
+With --profile=True instead: train.py runs in this process, from scratch in a temporary out_dir,
+under torch.profiler, and stops once its 8th to 10th steps (after compilation and the first
+allocations) are profiled. profile_dir gets trace.json (Perfetto, chrome://tracing), ops.txt (the
+top ops) and summary.json: the host syncs counted (.item() and friends, CUDA synchronizations) and
+the attention kernels the step ran. Each optimizer step marks a step for the profiler, through
+torch's global optimizer hook: train.py needs no line for it.
 """
+import ast
 import json
 import os
+import runpy
 import subprocess
 import sys
 import tempfile
 import time
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
-# train.py's config globals and defaults: everything above its configurator line
-_train_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
-exec(open(_train_py).read().split("exec(open(")[0])
+# ----------------------------------------------------------------------------------------------
 warmup_steps = 5                # untimed steps first (torch.compile compiles here)
 bench_steps = 10                # timed steps
 full_step = True                # also time train.py's full step, for the loop overhead
+profile = False                 # profile train.py's 8th to 10th steps instead of timing (see above)
+profile_dir = "out/profile"     # where --profile=True writes
+# ----------------------------------------------------------------------------------------------
+_own = tuple(f"--{name}=" for name in ("warmup_steps", "bench_steps", "full_step", "profile", "profile_dir"))
+_train_args = [a for a in sys.argv[1:] if not a.startswith(_own) and a not in ("--help", "-h", "--print_config")]
+sys.argv = [sys.argv[0]] + [a for a in sys.argv[1:] if a not in _train_args]
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
+TRAIN, train_args = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), _train_args
 
-from model import GPT, ModelArgs, device_peak_flops, resolve_device
+from model import GPT, ModelArgs, device_peak_flops, resolve_device  # noqa: E402
 
-device, device_type, dtype, autocast = resolve_device(device, dtype)
-if compile is None:
-    compile = device_type == "cuda"
+printed = subprocess.run([sys.executable, TRAIN, *train_args, "--print_config"], capture_output=True, text=True)
+if printed.returncode != 0:
+    sys.exit(f"bench.py: {printed.stderr.strip()}")
+train_config = {key: ast.literal_eval(value) for key, _, value in
+                (line.partition(" = ") for line in printed.stdout.splitlines())}
+
+
+# ---- --profile=True: train.py's own loop under the profiler -------------------------------------
+def write_profile(profiler):
+    """A Chrome trace, the top ops, and the host syncs counted: .item() and friends
+    (aten::_local_scalar_dense) and explicit CUDA synchronizations."""
+    os.makedirs(profile_dir, exist_ok=True)
+    profiler.export_chrome_trace(os.path.join(profile_dir, "trace.json"))
+    sort_by = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    with open(os.path.join(profile_dir, "ops.txt"), "w") as f:
+        f.write(profiler.key_averages().table(sort_by=sort_by, row_limit=40))
+
+    def inside_fused_adamw(event):  # its CPU kernel reads found_inf with .item(); the CUDA kernel, on the device
+        while event is not None and event.name != "aten::_fused_adamw_":
+            event = event.cpu_parent
+        return event is not None
+
+    events = profiler.events()
+    summary = {"steps": [8, 9, 10],
+               "item_calls": sum(e.name == "aten::_local_scalar_dense" and not inside_fused_adamw(e) for e in events),
+               "cuda_syncs": sum(e.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize") for e in events),
+               # the attention kernels the model really ran (flash, cuDNN, memory-efficient or math)
+               "attention_ops": sorted({e.name for e in events if e.name.startswith(
+                   ("aten::_scaled_dot_product", "aten::_flash", "aten::_efficient", "aten::_cudnn"))})}
+    with open(os.path.join(profile_dir, "summary.json"), "w") as f:
+        json.dump(summary, f)
+    print(f"profile of steps 8-10 in {profile_dir}: {summary['item_calls']} .item() calls, "
+          f"{summary['cuda_syncs']} CUDA synchronizations, attention {summary['attention_ops']}", flush=True)
+    raise ProfileDone  # out of train.py's loop: nothing more to run
+
+
+class ProfileDone(Exception):
+    pass
+
+
+if profile:
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    # a profiler step ends at each AdamW step (every config has one): skip 5, warm up over 2, record 3
+    profiler = torch.profiler.profile(activities=activities, on_trace_ready=write_profile,
+                                      schedule=torch.profiler.schedule(skip_first=5, wait=0, warmup=2, active=3, repeat=1))
+    register_optimizer_step_post_hook(
+        lambda optimizer, args, kwargs: profiler.step() if isinstance(optimizer, torch.optim.AdamW) else None)
+    with tempfile.TemporaryDirectory() as out:
+        sys.argv = [TRAIN, *train_args, f"--out_dir={out}/run", "--init_from=scratch"]
+        profiler.start()
+        try:
+            runpy.run_path(TRAIN, run_name="__main__")
+        except ProfileDone:
+            sys.exit(0)
+    sys.exit("bench.py: train.py ended before its 10th step: give it --max_iters=10 or more")
+
+
+# ---- the bare step ----------------------------------------------------------------------------
+c = train_config
+device, device_type, dtype, autocast = resolve_device(c["device"], c["dtype"])
+compile = device_type == "cuda" if c["compile"] is None else c["compile"]
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
+vocab_size, micro_batch_size, batch_size, block_size = c["vocab_size"], c["micro_batch_size"], c["batch_size"], c["block_size"]
 if vocab_size == 0:
-    with open(os.path.join(data_dir, "meta.json")) as f:
+    with open(os.path.join(c["data_dir"], "meta.json")) as f:
         vocab_size = json.load(f)["vocab_size"]
 grad_accum = batch_size // micro_batch_size  # one device; the batch-size schedule is not benchmarked
 
-torch.manual_seed(seed)
+torch.manual_seed(c["seed"])
 with torch.device(device):
-    raw_model = GPT(ModelArgs(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
-                              n_kv_head=n_kv_head, n_embd=n_embd, mlp_ratio=mlp_ratio, rope_base=rope_base,
-                              qk_norm=qk_norm, tie_embeddings=tie_embeddings))
-raw_model.checkpoint_blocks = activation_checkpointing
+    raw_model = GPT(ModelArgs(vocab_size=vocab_size, block_size=block_size, n_layer=c["n_layer"], n_head=c["n_head"],
+                              n_kv_head=c["n_kv_head"], n_embd=c["n_embd"], mlp_ratio=c["mlp_ratio"],
+                              rope_base=c["rope_base"], qk_norm=c["qk_norm"], tie_embeddings=c["tie_embeddings"]))
+raw_model.checkpoint_blocks = c["activation_checkpointing"]
 model = torch.compile(raw_model) if compile else raw_model
 optimizers, optimizer_summary = raw_model.configure_optimizers(
-    learning_rate, weight_decay, (beta1, beta2), use_muon, muon_lr, muon_weight_decay, muon_momentum)
+    c["learning_rate"], c["weight_decay"], (c["beta1"], c["beta2"]), c["use_muon"], c["muon_lr"],
+    c["muon_weight_decay"], c["muon_momentum"])
 for opt in optimizers:  # the divergence guard's flag, as train.py sets it: the optimizers' own code path
     opt.found_inf = torch.zeros((), device=device)
 x = torch.randint(0, vocab_size, (micro_batch_size, block_size), device=device)
@@ -106,32 +184,31 @@ raw_model.zero_grad(set_to_none=True)
 
 tokens_per_step = batch_size * block_size
 flops_per_token = raw_model.flops_per_token()
-peak = peak_flops or device_peak_flops(device_type)
+peak = c["peak_flops"] or device_peak_flops(device_type)
 result = {
     "device": torch.cuda.get_device_name() if device_type == "cuda" else "cpu",
-    "dtype": dtype, "compile": compile, "activation_checkpointing": activation_checkpointing,
+    "dtype": dtype, "compile": compile, "activation_checkpointing": c["activation_checkpointing"],
     "params": raw_model.num_params(), "tokens_per_step": tokens_per_step,
     "ms_per_step": bare_ms, "tokens_per_s": tokens_per_step / bare_ms * 1000,
     "model_flops_per_s": flops_per_token * tokens_per_step / bare_ms * 1000,
     "mfu": flops_per_token * tokens_per_step / bare_ms * 1000 / peak if peak else None,
     "peak_memory_mb": peak_memory_mb,
-    "adamw_step_ms": optimizer_ms[0], "muon_step_ms": optimizer_ms[1] if use_muon else None,
+    "adamw_step_ms": optimizer_ms[0], "muon_step_ms": optimizer_ms[1] if c["use_muon"] else None,
     "optimizer_share": sum(optimizer_ms) / bare_ms,
     "forward_backward_ms_per_micro_batch": (bare_ms - sum(optimizer_ms)) / grad_accum,
 }
 del model, raw_model, optimizers  # free the device for train.py
 
+# ---- the full step: train.py itself -------------------------------------------------------------
 if full_step:
-    # train.py on the same config; logging once per warmup and once per timed interval keeps its
-    # host syncs as rare as in a real run
-    # its warmup rounded up to whole log intervals, so its last record times exactly the bench_steps
+    # logging once per warmup and once per timed interval keeps its host syncs as rare as in a real
+    # run; its warmup rounded up to whole log intervals, so its last record times exactly the bench_steps
     train_warmup = -(-warmup_steps // bench_steps) * bench_steps
     with tempfile.TemporaryDirectory() as out:
-        args = [a for a in sys.argv[1:] if not a.startswith(("--warmup_steps", "--bench_steps", "--full_step"))]
         overrides = [f"--out_dir={out}/run", f"--max_iters={train_warmup + bench_steps}", f"--log_interval={bench_steps}",
                      f"--eval_interval={10 * (train_warmup + bench_steps)}", "--eval_iters=0", "--init_from=scratch",
-                     "--batch_size_schedule=None", f"--warmup_iters={min(warmup_iters, train_warmup + bench_steps)}"]
-        run = subprocess.run([sys.executable, _train_py, *args, *overrides], capture_output=True, text=True)
+                     "--batch_size_schedule=None", f"--warmup_iters={min(c['warmup_iters'], train_warmup + bench_steps)}"]
+        run = subprocess.run([sys.executable, TRAIN, *train_args, *overrides], capture_output=True, text=True)
         if run.returncode != 0:
             sys.exit(f"bench.py: train.py failed:\n{run.stderr[-3000:]}")
         with open(f"{out}/run/metrics.jsonl") as f:
@@ -139,13 +216,13 @@ if full_step:
     result["full_ms_per_step"] = records[-1]["ms_per_step"]
     result["loop_overhead"] = result["full_ms_per_step"] / bare_ms - 1
 
-# the host's share: reading one step's windows (train.py does this while the device computes)
-if os.path.exists(os.path.join(data_dir, "meta.json")):
+# ---- the data loader: reading one step's windows (train.py does this while the device computes) ----
+if os.path.exists(os.path.join(c["data_dir"], "meta.json")):
     from data import open_dataset, read_windows, sample_windows
-    datasets = [open_dataset(data_dir, block_size)]
+    datasets = [open_dataset(c["data_dir"], block_size)]
     started = time.perf_counter()
     for step in range(bench_steps):
-        windows = sample_windows(datasets, [1.0], "train", batch_size, (seed, step))
+        windows = sample_windows(datasets, [1.0], "train", batch_size, (c["seed"], step))
         for k in range(0, batch_size, micro_batch_size):
             read_windows(datasets, "train", windows[k:k + micro_batch_size], block_size, False)
     result["data_ms_per_step"] = 1000 * (time.perf_counter() - started) / bench_steps
@@ -157,7 +234,7 @@ rows = [("device", result["device"]), ("dtype / compile", f"{dtype} / {compile}"
         ("model TFLOP/s", f"{result['model_flops_per_s'] / 1e12:.3f}"),
         ("MFU", f"{100 * result['mfu']:.1f}%" if result["mfu"] else "n/a (unknown peak; set --peak_flops)"),
         ("peak memory", f"{peak_memory_mb:,.0f} MB"), ("AdamW step", f"{optimizer_ms[0]:.2f} ms")]
-if use_muon:
+if c["use_muon"]:
     rows.append(("Muon step", f"{optimizer_ms[1]:.2f} ms"))
 rows.append(("optimizer share", f"{100 * result['optimizer_share']:.1f}% of the bare step"))
 if "data_share" in result:

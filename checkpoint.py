@@ -1,31 +1,31 @@
 """
-Checkpoints: the one way to write and read them, used by train.py, sample.py and export_hf.py.
+Checkpoints: the one way to write and read them (train.py, sample.py, export_hf.py), and the one
+way to read a Hugging Face model directory as one (init_from='hf:<dir>').
 
 A checkpoint is out_dir/ckpt_<step>.pt, a torch.save of plain containers, tensors, numbers and
 strings only, so it loads with torch.load(weights_only=True) and nothing in it is ever executed:
     format_version, step, tokens_seen, batch_size (at that step), model (state dict),
-    optimizers (list of state dicts: AdamW, then Muon if used; full state, the same on every
-    rank, so a checkpoint does not depend on the world size), rng (per-rank torch CPU/CUDA
-    states, numpy and python states, as tensors), model_args, config (dicts of simple values),
-    tokenizer (tokenizer.tokenizer_state: the whole tokenizer as text, so a checkpoint decodes on
-    its own), data_dir, parent (the checkpoint this run's weights started from, or None)
+    optimizers (list of state dicts: AdamW, then Muon if used; full state, so a checkpoint does
+    not depend on the world size), model_args, config (dicts of simple values), tokenizer
+    (tokenizer.tokenizer_state: the whole tokenizer as text, so a checkpoint decodes on its own),
+    data_dir, parent (the checkpoint this run's weights started from, or None)
 The data position is the step: the windows of a step are a function of (seed, step).
 Writes are atomic: a temporary file, fsynced, then renamed, then the directory fsynced, so a
 crash at any instant leaves the previous checkpoints intact and at most a *.tmp file that
-nothing loads.
+nothing loads. Whole directories (datasets, exports) are swapped in the same way.
 """
 import glob
+import json
 import os
-import random
 import re
+import shutil
 import threading
 import time
 
-import numpy as np
 import torch
 
 from model import GPT, ModelArgs
-from tokenizer import tokenizer_from_state
+import tokenizer as tok
 
 FORMAT_VERSION = 1
 CHECKPOINT_NAME = re.compile(r"ckpt_(\d+)\.pt$")
@@ -101,9 +101,18 @@ def _write_checkpoint(out_dir, state, keep_last, keep_every):
     return path
 
 
+def remove_stale_writes(out_dir):
+    """Temporary files of checkpoint writes that a crash interrupted: nothing loads them."""
+    for stale in glob.glob(os.path.join(out_dir, "ckpt_*.pt.tmp")):
+        os.remove(stale)
+
+
 def load_checkpoint(path, device="cpu"):
-    """Load a checkpoint file, or the newest loadable checkpoint of a run directory.
-    A newest checkpoint that is truncated or corrupt is reported and the one before it used."""
+    """Load a checkpoint file, the newest loadable checkpoint of a run directory, or (hf:<dir>) a
+    Hugging Face model directory. A newest checkpoint that is truncated or corrupt is reported and
+    the one before it used."""
+    if path.startswith("hf:"):
+        return load_hf_checkpoint(path[3:])
     if os.path.isdir(path):
         candidates = checkpoint_paths(path)
         if not candidates:
@@ -130,27 +139,69 @@ def model_from_checkpoint(checkpoint, device="cpu"):
     """(model with the checkpoint's weights, its tokenizer)."""
     model = GPT(ModelArgs(**checkpoint["model_args"]))
     model.load_state_dict(checkpoint["model"])
-    return model.to(device), tokenizer_from_state(checkpoint["tokenizer"])
+    return model.to(device), tok.tokenizer_from_state(checkpoint["tokenizer"])
 
 
-def rng_state():
-    """This process's random number generators, as tensors and numbers (no pickled objects)."""
-    _, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    version, python_state, gauss_next = random.getstate()
-    return {
-        "torch_cpu": torch.get_rng_state(),
-        "torch_cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
-        "python": {"version": version, "state": torch.tensor(python_state, dtype=torch.int64), "gauss_next": gauss_next},
-    }
+def load_hf_checkpoint(directory):
+    """A Llama- or Qwen3-layout safetensors model and its byte-level BPE tokenizer, as a checkpoint
+    dict (model, model_args, tokenizer, step, path) that train.py can start a stage from."""
+    from safetensors.torch import load_file
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"no Hugging Face model at {directory} (no config.json)")
+    with open(config_path) as f:
+        config = json.load(f)
+    model_type = config.get("model_type")
+    if model_type not in ("llama", "qwen3"):
+        raise ValueError(f"{directory}: model_type {model_type!r} is not supported (llama or qwen3 only)")
+    unsupported = [key for key, ok in [
+        ("rope_scaling", not config.get("rope_scaling") and (config.get("rope_parameters") or {}).get("rope_type", "default") == "default"),
+        ("attention_bias", not config.get("attention_bias", False)),
+        ("mlp_bias", not config.get("mlp_bias", False)),
+        ("hidden_act", config.get("hidden_act", "silu") == "silu"),
+        ("sliding_window", not config.get("use_sliding_window", False)),
+        ("head_dim", config.get("head_dim", config["hidden_size"] // config["num_attention_heads"])
+         == config["hidden_size"] // config["num_attention_heads"]),
+        ("vocab_size", config["vocab_size"] % 128 == 0),
+    ] if not ok]
+    if unsupported:
+        raise ValueError(f"{directory}: unsupported settings {unsupported}")
+    rope_base = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    n_embd = config["hidden_size"]
+    mlp_hidden = config["intermediate_size"]
+    if mlp_hidden % 128:
+        raise ValueError(f"{directory}: intermediate_size {mlp_hidden} is not a multiple of 128")
+    tensors = {}
+    files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+    if not files:
+        raise ValueError(f"{directory}: no .safetensors files")
+    for file in files:
+        tensors.update(load_file(os.path.join(directory, file)))
+    state = {(name[len("model."):] if name.startswith("model.") else name): t.float() for name, t in tensors.items()}
+    tie = config.get("tie_word_embeddings", False)
+    if tie:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    enc = tok.tokenizer_from_hf(directory)
+    if enc.n_vocab > config["vocab_size"]:
+        raise ValueError(f"{directory}: the tokenizer has {enc.n_vocab} tokens, the model {config['vocab_size']}")
+    model_args = {"vocab_size": enc.n_vocab, "block_size": config.get("max_position_embeddings", 2048),
+                  "n_layer": config["num_hidden_layers"], "n_head": config["num_attention_heads"],
+                  "n_kv_head": config.get("num_key_value_heads", config["num_attention_heads"]), "n_embd": n_embd,
+                  "mlp_ratio": mlp_hidden / n_embd, "rope_base": float(rope_base), "qk_norm": model_type == "qwen3",
+                  "tie_embeddings": tie, "norm_eps": config.get("rms_norm_eps", 1e-5)}
+    if ModelArgs(**model_args).padded_vocab_size != config["vocab_size"]:
+        raise ValueError(f"{directory}: vocab_size {config['vocab_size']} is not the tokenizer's {enc.n_vocab} "
+                         f"padded to a multiple of 128")
+    return {"model": state, "model_args": model_args, "tokenizer": tok.tokenizer_state(enc), "step": 0,
+            "tokens_seen": 0, "parent": None, "path": "hf:" + directory}
 
 
-def set_rng_state(state):
-    torch.set_rng_state(state["torch_cpu"].cpu())
-    if state["torch_cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["torch_cuda"].cpu())
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["position"], n["has_gauss"], n["cached_gaussian"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss_next"]))
+def replace_directory(tmp, final):
+    """Swap a finished directory (a dataset, an export) in for final; an older one there is removed
+    only after that."""
+    old = final.rstrip("/") + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(final):
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,20 +1,28 @@
 """
 Config overrides, nanoGPT style. A script defines its config as global variables, then runs
     exec(open('configurator.py').read())
-which applies, in order:
+which reads the command line, e.g.
     python train.py configs/pretrain.py configs/tiny.py --learning_rate=3e-4 --compile=False
-1. each config file named on the command line: Python, executed with the current config values
-   visible (so an overlay can say `out_dir = out_dir + '-tiny'`);
-2. each --key=value: the value is read with ast.literal_eval, or taken as a string if that fails.
-Only names the script already defines may be set, and a value must keep the type of the default
-(an int is accepted for a float; None is accepted where the default is None, and anything where
-the default is None). Leaves `config`, the final {name: value} dict, for logging and checkpoints.
+1. each --key=value is read with ast.literal_eval (a string if that fails) and set first;
+2. each config file (a plain argument ending in .py) is then executed in order, as Python, with
+   the values so far visible, so an overlay can derive from them (`warmup_iters = max_iters // 20`
+   follows --max_iters); a file's assignment to a name set on the command line is ignored: the
+   command line always wins.
+A plain argument that is not a .py file is an input, for a script with a `sources` list
+(prepare.py); elsewhere it is an error. Only names the script already defines may be set, and a
+value must keep the type of the default (an int is accepted for a float; anything where the default
+is None). --help prints the settings with their defaults and comments; --print_config prints the
+effective configuration (as a config file) and exits. Leaves `config`, the final {name: value}.
+Yes, it execs files and rewrites globals(): that is the hack, and it keeps every script flat.
 """
 import ast as _ast
 import builtins as _builtins  # train.py has a config variable named compile
 import difflib as _difflib
+import io as _io
 import os as _os
 import sys as _sys
+import tokenize as _tokenize
+import traceback as _traceback
 
 _SIMPLE_TYPES = (int, float, bool, str, list, tuple, dict, type(None))
 _defaults = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, _SIMPLE_TYPES)}
@@ -40,20 +48,69 @@ def _checked(key, value, origin):
     return value
 
 
-for _arg in _sys.argv[1:]:
-    if not _arg.startswith("--"):
-        if not _os.path.isfile(_arg):
-            _config_error(f"config file not found: {_arg}")
-        _namespace = {k: globals()[k] for k in _defaults}
-        with open(_arg) as _f:
-            exec(_builtins.compile(_f.read(), _arg, "exec"), _namespace)
-        for _key, _value in _namespace.items():
-            # modules, functions and _private names in a config file are its own helpers, not config
-            if _key.startswith("_") or not isinstance(_value, _SIMPLE_TYPES):
-                continue
-            if _key not in _defaults or _value is not globals()[_key]:
-                globals()[_key] = _checked(_key, _value, _arg)
-    else:
+def _print_help():
+    """The script's docstring, then each setting, its default and the comment beside it in the source."""
+    script = _sys.argv[0]
+    comments, doc = {}, ""
+    if _os.path.isfile(script):
+        with open(script, "rb") as f:
+            tokens = list(_tokenize.tokenize(f.readline))
+        name = None
+        for i, t in enumerate(tokens):
+            if t.type == _tokenize.NAME and t.string == "exec" and t.start[1] == 0:
+                break  # the settings end where this file is run
+            if t.type == _tokenize.NAME and t.start[1] == 0 and i + 1 < len(tokens) and tokens[i + 1].string == "=":
+                name = t.string if t.string in _defaults else None
+            elif t.type == _tokenize.COMMENT and name and (t.start[0] == tokens[i - 1].end[0] or t.start[1] > 0):
+                comments[name] = (comments.get(name, "") + " " + t.string.lstrip("# ")).strip()
+            elif t.type == _tokenize.COMMENT and t.start[1] == 0:
+                name = None
+        doc = _ast.get_docstring(_ast.parse(open(script).read())) or ""
+    print(doc.strip() + "\n\nSettings (config files and --key=value):")
+    for key, default in _defaults.items():
+        print(f"  --{key}={default!r}" + (f"\n        {comments[key]}" if key in comments else ""))
+    _sys.exit(0)
+
+
+class _CommandLineWins(dict):
+    """A config file's local namespace: its assignments go into `target`, except to the names set on
+    the command line, so the file computes with the command line's values throughout."""
+
+    def __init__(self, target, pinned):
+        super().__init__()
+        self.target, self.pinned = target, pinned
+
+    def __setitem__(self, key, value):
+        if key not in self.pinned:
+            self.target[key] = value
+
+
+def _run_config_file(path, pinned):
+    namespace = {k: globals()[k] for k in _defaults}
+    try:
+        with open(path) as f:
+            exec(_builtins.compile(f.read(), path, "exec"), namespace, _CommandLineWins(namespace, pinned))
+    except SyntaxError as e:
+        _config_error(f"{path}:{e.lineno}: SyntaxError: {e.msg}")
+    except Exception as e:  # the line of the config file that raised, in one line
+        line = next((frame.lineno for frame in reversed(_traceback.extract_tb(e.__traceback__))
+                     if frame.filename == path), "?")
+        _config_error(f"{path}:{line}: {type(e).__name__}: {e}")
+    for key, value in namespace.items():
+        # modules, functions and _private names in a config file are its own helpers, not config
+        if key.startswith("_") or not isinstance(value, _SIMPLE_TYPES) or key in pinned:
+            continue
+        if key not in _defaults or value is not globals()[key]:
+            globals()[key] = _checked(key, value, path)
+
+
+_arguments = _sys.argv[1:]
+if "--help" in _arguments or "-h" in _arguments:
+    _print_help()
+_print_config = "--print_config" in _arguments
+_pinned = set()
+for _arg in _arguments:  # 1. the command line's values, first
+    if _arg.startswith("--") and _arg != "--print_config":
         _key, _eq, _text = _arg[2:].partition("=")
         if not _eq:
             _config_error(f"'{_arg}' has no value: write --{_key}=VALUE")
@@ -64,5 +121,21 @@ for _arg in _sys.argv[1:]:
         if isinstance(_defaults.get(_key), str) and not isinstance(_value, str):
             _value = _text  # --out_dir=123 means the string '123'
         globals()[_key] = _checked(_key, _value, f"--{_key}")
+        _pinned.add(_key)
+for _arg in _arguments:  # 2. config files, in order; 3. inputs
+    if _arg.startswith("--"):
+        continue
+    if _arg.endswith(".py"):
+        if not _os.path.isfile(_arg):
+            _config_error(f"config file not found: {_arg}")
+        _run_config_file(_arg, _pinned)
+    elif isinstance(_defaults.get("sources"), list) and "sources" not in _pinned:
+        sources = [*sources, _arg]  # noqa: F821 (the script's own list)
+    else:
+        _config_error(f"unexpected argument '{_arg}': config files end in .py, settings are --key=value "
+                      f"(see --help)")
 
 config = {k: globals()[k] for k in _defaults}
+if _print_config:
+    print("\n".join(f"{k} = {v!r}" for k, v in config.items()))
+    _sys.exit(0)

@@ -16,7 +16,6 @@ A mixture draws each window's dataset by weight. Every draw is a function of a s
 """
 import json
 import os
-import shutil
 import struct
 
 import numpy as np
@@ -52,21 +51,26 @@ def read_shard(path):
 
 class ShardWriter:
     """Appends documents to {name}_NNNNNN.bin files, starting a new shard at a document boundary
-    once the current one holds shard_tokens tokens."""
+    once the current one holds shard_tokens tokens. Keeps each shard's largest token id (max_ids),
+    which meta.json records so that opening a dataset can check them against the vocabulary."""
 
     def __init__(self, directory, name, dtype, shard_tokens):
         self.directory, self.name, self.dtype, self.shard_tokens = directory, name, np.dtype(dtype), shard_tokens
-        self.file, self.shards, self.count, self.total, self.documents = None, [], 0, 0, 0
+        self.file, self.shards, self.max_ids, self.count, self.total, self.documents = None, [], [], 0, 0, 0
 
     def add(self, tokens):
         if self.file is None or self.count >= self.shard_tokens:
             self.close()
             name = f"{self.name}_{len(self.shards):06d}.bin"
             self.shards.append(name)
+            self.max_ids.append(0)
             self.file = open(os.path.join(self.directory, name), "wb")
             self.file.write(SHARD_HEADER.pack(SHARD_MAGIC, SHARD_VERSION, self.dtype.itemsize, 0, 0))
             self.count = 0
-        self.file.write(np.asarray(tokens).astype(self.dtype.newbyteorder("<"), copy=False).tobytes())
+        tokens = np.asarray(tokens)
+        if len(tokens):
+            self.max_ids[-1] = max(self.max_ids[-1], int(tokens.max()))
+        self.file.write(tokens.astype(self.dtype.newbyteorder("<"), copy=False).tobytes())
         self.count += len(tokens)
         self.total += len(tokens)
         self.documents += 1
@@ -155,13 +159,3 @@ def learned_targets(datasets, split, windows, block_size):
         masks = datasets[d]["masks"][split]
         count += block_size if masks is None else int(np.count_nonzero(masks[shard][offset + 1:offset + block_size + 1]))
     return count
-
-
-def replace_directory(tmp, final):
-    """Swap a finished directory in for final; an older one there is removed only after that."""
-    old = final.rstrip("/") + ".old"
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(final):
-        os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)

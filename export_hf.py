@@ -6,8 +6,8 @@ max_shard_size_mb), tokenizer.json and tokenizer_config.json (with the chat temp
     AutoModelForCausalLM.from_pretrained(dir), AutoTokenizer.from_pretrained(dir)
 work offline. Needs only safetensors: the JSON files are written directly.
 
-The reverse, load_hf_checkpoint(dir), reads such a directory (ours, or a Llama/Qwen3-layout model
-whose tokenizer is a byte-level BPE) as a checkpoint for train.py's --init_from=hf:<dir>.
+The reverse, reading such a directory as a checkpoint (init_from='hf:<dir>'), is
+checkpoint.load_hf_checkpoint.
 """
 import json
 import os
@@ -23,7 +23,7 @@ dtype = "bfloat16"              # 'bfloat16' or 'float32'
 max_shard_size_mb = 5000        # larger models are split into shards of at most this size
 # ----------------------------------------------------------------------------------------------
 
-from data import replace_directory
+from checkpoint import load_checkpoint, replace_directory
 import tokenizer as tok  # (a module, not names: configurator.py treats simple-typed globals as config)
 
 # ModelArgs fields and what they become; a checkpoint with any other field is refused
@@ -66,18 +66,6 @@ def hf_config(model_args, dtype_name, special_tokens):
     return config
 
 
-def bytes_to_unicode():
-    """GPT-2's reversible map from bytes to printable characters, used by byte-level BPE vocabularies."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = printable[:], 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, map(chr, chars)))
-
-
 def recover_merges(ranks):
     """tiktoken keeps only ranks; a BPE tokenizer.json wants merges. A token's merge is the last step
     of byte-pair merging its bytes using only tokens of lower rank."""
@@ -98,7 +86,7 @@ def recover_merges(ranks):
 
 
 def tokenizer_json(enc):
-    to_unicode = bytes_to_unicode()
+    to_unicode = tok.bytes_to_unicode()
     text = lambda token: "".join(to_unicode[b] for b in token)  # noqa: E731
     ranks = enc._mergeable_ranks
     return {
@@ -123,9 +111,8 @@ def export(checkpoint, hf_dir, dtype_name="bfloat16", max_shard_size_mb=5000):
     if dtype_name not in ("bfloat16", "float32"):
         raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {dtype_name!r}")
     enc = tok.tokenizer_from_state(checkpoint["tokenizer"])
-    missing = [t for t in tok.SPECIAL_TOKENS[:3] if t not in enc._special_tokens]
-    if missing:
-        raise ValueError(f"the tokenizer lacks the special tokens {missing}")
+    if tok.missing_special_tokens(enc._special_tokens):
+        raise ValueError(f"the tokenizer lacks the special tokens {tok.missing_special_tokens(enc._special_tokens)}")
     config = hf_config(checkpoint["model_args"], dtype_name, enc._special_tokens)
     tensors = {}
     for name, tensor in checkpoint["model"].items():
@@ -176,81 +163,8 @@ def write_json(path, value):
         json.dump(value, f, indent=1, ensure_ascii=False)
 
 
-def load_hf_checkpoint(directory):
-    """A Llama- or Qwen3-layout safetensors model and its byte-level BPE tokenizer, as a checkpoint
-    dict (model, model_args, tokenizer, step, path) that train.py can start a stage from."""
-    from safetensors.torch import load_file
-    with open(os.path.join(directory, "config.json")) as f:
-        config = json.load(f)
-    model_type = config.get("model_type")
-    if model_type not in ("llama", "qwen3"):
-        raise ValueError(f"{directory}: model_type {model_type!r} is not supported (llama or qwen3 only)")
-    unsupported = [key for key, ok in [
-        ("rope_scaling", not config.get("rope_scaling") and (config.get("rope_parameters") or {}).get("rope_type", "default") == "default"),
-        ("attention_bias", not config.get("attention_bias", False)),
-        ("mlp_bias", not config.get("mlp_bias", False)),
-        ("hidden_act", config.get("hidden_act", "silu") == "silu"),
-        ("sliding_window", not config.get("use_sliding_window", False)),
-        ("head_dim", config.get("head_dim", config["hidden_size"] // config["num_attention_heads"])
-         == config["hidden_size"] // config["num_attention_heads"]),
-        ("vocab_size", config["vocab_size"] % 128 == 0),
-    ] if not ok]
-    if unsupported:
-        raise ValueError(f"{directory}: unsupported settings {unsupported}")
-    rope_base = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-    n_embd = config["hidden_size"]
-    mlp_hidden = config["intermediate_size"]
-    if mlp_hidden % 128:
-        raise ValueError(f"{directory}: intermediate_size {mlp_hidden} is not a multiple of 128")
-    tensors = {}
-    files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
-    if not files:
-        raise ValueError(f"{directory}: no .safetensors files")
-    for file in files:
-        tensors.update(load_file(os.path.join(directory, file)))
-    state = {(name[len("model."):] if name.startswith("model.") else name): t.float() for name, t in tensors.items()}
-    tie = config.get("tie_word_embeddings", False)
-    if tie:
-        state["lm_head.weight"] = state["embed_tokens.weight"]
-    enc = tokenizer_from_hf(directory)
-    if enc.n_vocab > config["vocab_size"]:
-        raise ValueError(f"{directory}: the tokenizer has {enc.n_vocab} tokens, the model {config['vocab_size']}")
-    model_args = {"vocab_size": enc.n_vocab, "block_size": config.get("max_position_embeddings", 2048),
-                  "n_layer": config["num_hidden_layers"], "n_head": config["num_attention_heads"],
-                  "n_kv_head": config.get("num_key_value_heads", config["num_attention_heads"]), "n_embd": n_embd,
-                  "mlp_ratio": mlp_hidden / n_embd, "rope_base": float(rope_base), "qk_norm": model_type == "qwen3",
-                  "tie_embeddings": tie, "norm_eps": config.get("rms_norm_eps", 1e-5)}
-    from model import ModelArgs
-    if ModelArgs(**model_args).padded_vocab_size != config["vocab_size"]:
-        raise ValueError(f"{directory}: vocab_size {config['vocab_size']} is not the tokenizer's {enc.n_vocab} "
-                         f"padded to a multiple of 128")
-    return {"model": state, "model_args": model_args, "tokenizer": tok.tokenizer_state(enc), "step": 0,
-            "path": "hf:" + directory}
-
-
-def tokenizer_from_hf(directory):
-    import tiktoken
-    with open(os.path.join(directory, "tokenizer.json"), encoding="utf-8") as f:
-        spec = json.load(f)
-    model, pre = spec["model"], spec.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    split = [s for s in steps if s.get("type") == "Split"]
-    if model.get("type") != "BPE" or spec.get("normalizer") or len(split) != 1 or "Regex" not in split[0]["pattern"] \
-            or not any(s.get("type") == "ByteLevel" for s in steps):
-        raise ValueError(f"{directory}: only byte-level BPE tokenizers with a regex split are supported")
-    to_byte = {c: b for b, c in bytes_to_unicode().items()}
-    ranks = {bytes(to_byte[c] for c in token): rank for token, rank in model["vocab"].items()}
-    specials = {t["content"]: t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
-    missing = [t for t in tok.SPECIAL_TOKENS[:3] if t not in specials]
-    if missing:
-        raise ValueError(f"{directory}: the tokenizer lacks the special tokens {missing} that this repo's stages use")
-    return tiktoken.Encoding(name=os.path.basename(directory.rstrip("/")), pat_str=split[0]["pattern"]["Regex"],
-                             mergeable_ranks=ranks, special_tokens=specials)
-
-
 if __name__ == "__main__":
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
-    from checkpoint import load_checkpoint
     try:
         checkpoint = load_checkpoint(ckpt)
         config = export(checkpoint, hf_dir, dtype, max_shard_size_mb)

@@ -2,28 +2,32 @@
 Text -> tokenizer -> token shards.
 
     python prepare.py                                   # the offline demo: data/demo (text) and data/demo-chat
-    python prepare.py corpus/ --out=data/mine           # .txt / .jsonl / .parquet files, a directory or a glob
+    python prepare.py corpus/ --out=data/mine           # .txt / .md / .jsonl / .parquet files, a directory or a glob
     python prepare.py HuggingFaceFW/fineweb-edu --hf_config=sample-10BT --max_docs=2000000 --out=data/fineweb
-    python prepare.py chat.jsonl --chat --tokenizer=data/demo  # conversations, with the pretrain tokenizer
+    python prepare.py chat.jsonl --chat=True --tokenizer=data/demo  # conversations, with the pretrain tokenizer
 
 The demo is built from what every CPython installation ships: the text corpus from the standard
 library's .py sources and the documentation in pydoc_data.topics (a few MB, no download); the
-chat set from question/answer pairs on the standard library's docstrings and pydoc topics.
-With --chat, each .jsonl line is a conversation, {"messages": [{"role": "system"|"user"|"assistant",
-"content": "..."}]}, rendered with tokenizer.encode_chat's template, with a loss mask per token
-({split}_mask_NNNNNN.bin); a bad line (not JSON, no messages, an unknown role) is reported with
-its file and line and skipped.
+chat set from question/answer pairs on the standard library's docstrings and pydoc topics. A
+module or topic is held out whole: its source, its documentation and its questions are all in
+the val split or all in train, and a val answer that also occurs in training text is dropped.
+With --chat=True, each .jsonl line is a conversation, {"messages": [{"role": "system"|"user"|
+"assistant", "content": "..."}]}, rendered with tokenizer.encode_chat's template, with a loss mask
+per token ({split}_mask_NNNNNN.bin); a bad line (not JSON, no messages, an unknown role) is
+reported with its file and line and skipped. Files that are not UTF-8 text are skipped and
+counted; characters JSON can carry but UTF-8 cannot (lone surrogates) become U+FFFD, counted.
 
 Output directory:
     tokenizer.json, tokenizer.tiktoken     the tokenizer, as text (see tokenizer.py)
     train_000000.bin ..., val_000000.bin   token shards: a 32-byte header, then the tokens
     meta.json                              tokenizer, vocab size, special ids, counts, sources
-Each document is preceded by <|endoftext|> (the BOS token). The train/val split is by document,
-from a hash of its name, so it does not depend on order or on the number of workers. Everything is
-written into OUT.tmp and renamed to OUT at the very end: an interrupted run never leaves a
-dataset that looks complete.
+Each document is preceded by <|endoftext|> (the BOS token). A .txt/.md file is one document, or,
+when larger than text_document_chars, several, cut at blank lines (a book, a concatenated corpus).
+The train/val split is by document, from a hash of its name, so it does not depend on order or on
+the number of workers; it is checked before anything is tokenized. Everything is written into
+OUT.tmp and renamed to OUT at the very end: an interrupted run never leaves a dataset that looks
+complete.
 """
-import argparse
 import glob
 import json
 import multiprocessing
@@ -36,49 +40,97 @@ import zlib
 
 import numpy as np
 
-import tokenizer as tok
-from data import SHARD_VERSION, ShardWriter, replace_directory
+# ----------------------------------------------------------------------------------------------
+sources = []                    # files, directories, globs or a Hugging Face dataset name, also given as plain
+                                # arguments; none: the offline demo corpus and its chat set
+out = ""                        # output directory; '': data/demo, or data/<name of the first source>
+tokenizer = "bpe"               # bpe (train one here), gpt2, cl100k_base, o200k_base, a directory holding a
+                                # tokenizer.json (an earlier dataset's: ids never change between stages), hf:<model dir>
+chat = False                    # the .jsonl sources are conversations: {"messages": [{"role", "content"}, ...]}
+vocab_size = 4096               # vocabulary of a trained BPE, special tokens included
+tokenizer_train_chars = 2_000_000_000  # train the BPE on at most this many characters
+val_fraction = 0.0              # fraction of documents held out for validation; 0: 0.05 for the demo, else 0.005
+text_field = "text"             # the field (.jsonl) or column (.parquet, datasets) holding the text
+text_document_chars = 100_000   # a .txt/.md file longer than this is cut into documents of about this size
+max_docs = 0                    # stop after this many documents (0: all)
+shard_tokens = 100_000_000      # tokens per shard file
+workers = 0                     # tokenizer processes; 0: one per CPU core
+hf_config = None                # dataset configuration, for a Hugging Face dataset
+hf_split = "train"              # dataset split, for a Hugging Face dataset
+progress_seconds = 30.0         # a progress line this often in a log file (twice a second on a terminal)
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
+# ----------------------------------------------------------------------------------------------
 
-# ---------------------------------------------------------------------------------------------
-# Sources: each yields (document name, text). Names decide the train/val split.
+import tokenizer as tok  # noqa: E402  (after the config: `tokenizer` is also a setting's name)
+from checkpoint import replace_directory  # noqa: E402
+from data import SHARD_VERSION, ShardWriter  # noqa: E402
+
 
 def fail(message):
     sys.exit(f"prepare.py: error: {message}")
 
 
-def demo_documents():
+# ---------------------------------------------------------------------------------------------
+# Sources: each yields (document name, text or conversation, problem). Names decide the split; a
+# document with a problem (a string saying what is wrong) is skipped and counted, never tokenized.
+
+DEMO_SKIP = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "turtledemo",
+             "pydoc_data", "encodings", "__pycache__"}
+
+
+def demo_modules():
+    """(name, source) of the standard library's modules, in a fixed order."""
     stdlib = sysconfig.get_paths()["stdlib"]
-    skip = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "turtledemo",
-            "pydoc_data", "encodings", "__pycache__"}
     for root, dirs, files in os.walk(stdlib):
-        dirs[:] = sorted(d for d in dirs if d not in skip)
+        dirs[:] = sorted(d for d in dirs if d not in DEMO_SKIP)
         for name in sorted(files):
             if name.endswith(".py"):
                 path = os.path.join(root, name)
                 with open(path, encoding="utf-8", errors="replace") as f:
                     yield "stdlib/" + os.path.relpath(path, stdlib), f.read()
+
+
+def demo_documents():
+    yield from ((name, text, None) for name, text in demo_modules())
     from pydoc_data.topics import topics
     for name in sorted(topics):
-        yield "pydoc/" + name, topics[name]
-
-
-TEXT_CHUNK_CHARS = 8 << 20  # a .txt file larger than this is read (and split) in pieces ending at a newline
+        yield "pydoc/" + name, topics[name], None
 
 
 def text_file_documents(path):
-    with open(path, encoding="utf-8", errors="replace") as f:
-        piece = 0
-        while True:
-            text = f.read(TEXT_CHUNK_CHARS)
-            if not text:
-                return
-            text += f.readline()
-            yield f"{path}#{piece}", text
-            piece += 1
+    """A text file as one document, or cut at blank lines into documents of about
+    text_document_chars; a file that is not UTF-8 text is skipped."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        yield path, None, f"not UTF-8 text ({e.reason} at byte {e.start}): skipped"
+        return
+    if "\0" in text:
+        yield path, None, "not text (NUL bytes): skipped"
+        return
+    if len(text) <= text_document_chars:
+        yield path, text, None
+        return
+    piece, start = 0, 0
+    while start < len(text):
+        end = start + text_document_chars
+        if end < len(text):  # end at a blank line in the second half of the piece, else a newline, else anywhere
+            cut = text.rfind("\n\n", start + text_document_chars // 2, end)
+            cut = cut if cut >= 0 else text.rfind("\n", start + text_document_chars // 2, end)
+            end = cut + 1 if cut >= 0 else end
+        yield f"{path}#{piece}", text[start:end], None
+        piece, start = piece + 1, end
+
+
+def utf8_clean(text):
+    """Text that UTF-8 can encode: lone surrogates (valid in JSON, not in UTF-8) become U+FFFD."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def jsonl_documents(path, field):
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for line_number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -88,24 +140,13 @@ def jsonl_documents(path, field):
                 fail(f"{path}:{line_number}: not valid JSON ({e.msg})")
             if not isinstance(record, dict) or not isinstance(record.get(field), str):
                 fail(f"{path}:{line_number}: no string field '{field}' (choose the field with --text_field)")
-            yield f"{path}:{line_number}", record[field]
-
-
-class BadConversations:
-    """Conversations that are skipped: reported with file and line, the first few in full."""
-    count = 0
-
-    @classmethod
-    def report(cls, where, reason):
-        cls.count += 1
-        if cls.count <= 20:
-            print(f"skipping {where}: {reason}", file=sys.stderr)
+            yield f"{path}:{line_number}", record[field], None
 
 
 def chat_documents(path):
     """{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]} per line. A bad line
     is skipped and reported rather than failing a whole dataset for it."""
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for line_number, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -113,25 +154,10 @@ def chat_documents(path):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                BadConversations.report(where, f"not valid JSON ({e.msg})")
+                yield where, None, f"not valid JSON ({e.msg})"
                 continue
             messages = record.get("messages") if isinstance(record, dict) else None
-            problem = conversation_problem(messages)
-            if problem:
-                BadConversations.report(where, problem)
-                continue
-            yield where, messages
-
-
-def conversation_problem(messages):
-    """What is wrong with a conversation's messages, or None when nothing is."""
-    if not isinstance(messages, list) or not messages:
-        return "no non-empty 'messages' list"
-    problem = next((m for m in messages if not isinstance(m, dict) or m.get("role") not in tok.CHAT_ROLES
-                    or not isinstance(m.get("content"), str)), None)
-    if problem is not None:
-        return f"a message is not {{'role': {'|'.join(tok.CHAT_ROLES)}, 'content': str}}: {str(problem)[:80]}"
-    return None
+            yield where, messages, tok.chat_problem(messages)
 
 
 DEMO_QUESTIONS = ["What does {name} do?", "What is {name} for?", "Explain {name} briefly.",
@@ -139,25 +165,18 @@ DEMO_QUESTIONS = ["What does {name} do?", "What is {name} for?", "Explain {name}
 DEMO_SYSTEM = "You answer questions about the Python standard library in one or two sentences."
 
 
-def demo_conversations():
-    """Question/answer pairs from what CPython ships: each public function's and class's docstring
-    summary in the standard library ("What does json.dumps do?" -> its first paragraph), and the
-    opening paragraph of each pydoc topic."""
-    import ast
+def first_paragraph(text):
     import inspect
+    return " ".join(inspect.cleandoc(text).split("\n\n")[0].split())
 
-    def first_paragraph(text):
-        paragraph = inspect.cleandoc(text).split("\n\n")[0]
-        return " ".join(paragraph.split())
 
-    def conversation(name, question, answer):
-        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-        if zlib.crc32(name.encode()) % 4 == 0:  # some with a system prompt
-            messages.insert(0, {"role": "system", "content": DEMO_SYSTEM})
-        return name, messages
-
-    for name, source in demo_documents():
-        if not name.startswith("stdlib/") or "/_" in name or name.split("/")[-1].startswith("_"):
+def demo_answers():
+    """(document the answer comes from, qualified name, question template's name, answer): each public
+    function's and class's docstring summary in the standard library ("What does json.dumps do?" ->
+    its first paragraph), and the opening paragraph of each pydoc topic."""
+    import ast
+    for name, source in demo_modules():
+        if "/_" in name or name.split("/")[-1].startswith("_"):
             continue
         module = name[len("stdlib/"):-len(".py")].replace("/", ".").removesuffix(".__init__")
         try:
@@ -173,15 +192,33 @@ def demo_conversations():
                 docstring = ast.get_docstring(node)
                 answer = first_paragraph(docstring) if docstring else ""
                 if 20 <= len(answer) <= 400:
-                    qualified = f"{module}.{path}"
-                    question = DEMO_QUESTIONS[zlib.crc32(qualified.encode()) % len(DEMO_QUESTIONS)]
-                    yield conversation(f"docstring:{qualified}", question.format(name=qualified), answer)
+                    yield name, f"{module}.{path}", answer
     from pydoc_data.topics import topics
     for topic in sorted(topics):
         lines = topics[topic].strip().split("\n")
         answer = first_paragraph("\n".join(lines[2:])) if len(lines) > 2 and set(lines[1]) <= {"*", "="} else ""
         if 20 <= len(answer) <= 600:
-            yield conversation(f"pydoc:{topic}", f"What does the Python documentation say about {topic}?", answer)
+            yield "pydoc/" + topic, topic, answer
+
+
+def demo_conversations():
+    """Question/answer pairs on the demo corpus (demo_answers), each named after the document its answer
+    comes from, so it falls in that document's split. A val answer whose words also occur in the training
+    text or among the training answers (a docstring copied into another module) is left out."""
+    answers = list(demo_answers())
+    train_answers = {answer for document, _, answer in answers if split_of(document) == "train"}
+    train_text = " ".join(" ".join(text.split()) for name, text, _ in demo_documents() if split_of(name) == "train")
+    for document, qualified, answer in answers:
+        if split_of(document) == "val" and (answer in train_answers or answer in train_text):
+            continue
+        if document.startswith("pydoc/"):
+            question = f"What does the Python documentation say about {qualified}?"
+        else:
+            question = DEMO_QUESTIONS[zlib.crc32(qualified.encode()) % len(DEMO_QUESTIONS)].format(name=qualified)
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        if zlib.crc32(qualified.encode()) % 4 == 0:  # some with a system prompt
+            messages.insert(0, {"role": "system", "content": DEMO_SYSTEM})
+        yield f"{document}@{qualified}", messages, None
 
 
 def parquet_documents(path, field):
@@ -196,26 +233,23 @@ def parquet_documents(path, field):
     for batch in parquet.iter_batches(columns=[field], batch_size=1024):
         for text in batch.column(0).to_pylist():
             if isinstance(text, str):
-                yield f"{path}:{row}", text
+                yield f"{path}:{row}", text, None
             row += 1
 
 
-def hf_documents(name, args):
+def hf_documents(name):
     try:
         import datasets
     except ImportError:
         fail(f"'{name}' is not a file, and Hugging Face datasets need the datasets package (pip install datasets)")
-    stream = datasets.load_dataset(name, args.hf_config, split=args.hf_split, streaming=True)
+    stream = datasets.load_dataset(name, hf_config, split=hf_split, streaming=True)
     for row, record in enumerate(stream):
-        if args.chat:  # conversations in a "messages" column, checked like a .jsonl line
+        if chat:  # conversations in a "messages" column, checked like a .jsonl line
             messages = record.get("messages")
-            problem = conversation_problem(messages)
-            if problem:
-                BadConversations.report(f"{name}:{row}", problem)
-            else:
-                yield f"{name}:{row}", [{"role": m["role"], "content": m["content"]} for m in messages]
+            problem = tok.chat_problem(messages)
+            yield f"{name}:{row}", None if problem else [{"role": m["role"], "content": m["content"]} for m in messages], problem
         else:
-            yield f"{name}:{row}", record[args.text_field]
+            yield f"{name}:{row}", record[text_field], None
 
 
 EXTENSIONS = (".txt", ".md", ".jsonl", ".parquet")
@@ -233,15 +267,15 @@ def expand_paths(source):
     return None
 
 
-def documents(args):
-    if not args.sources:
-        yield from demo_conversations() if args.chat else demo_documents()
+def source_documents():
+    if not sources:
+        yield from demo_conversations() if chat else demo_documents()
         return
-    for source in args.sources:
+    for source in sources:
         paths = expand_paths(source)
         if paths is None:
             if "/" in source and not source.startswith((".", "/")) and not os.path.exists(source.split("/")[0]):
-                yield from hf_documents(source, args)
+                yield from hf_documents(source)
                 continue
             fail(f"no such file, directory or glob: {source}")
         if not paths:
@@ -249,31 +283,50 @@ def documents(args):
         for path in paths:
             if not os.access(path, os.R_OK):
                 fail(f"{path}: not readable")
-            if args.chat:
+            if chat:
                 if not path.endswith(".jsonl"):
-                    fail(f"{path}: --chat takes .jsonl files of {{\"messages\": [...]}} records")
+                    fail(f"{path}: --chat=True takes .jsonl files of {{\"messages\": [...]}} records")
                 yield from chat_documents(path)
             elif path.endswith(".jsonl"):
-                yield from jsonl_documents(path, args.text_field)
+                yield from jsonl_documents(path, text_field)
             elif path.endswith(".parquet"):
-                yield from parquet_documents(path, args.text_field)
+                yield from parquet_documents(path, text_field)
             else:
                 yield from text_file_documents(path)
 
 
-def split_of(name, val_fraction):
-    return "val" if zlib.crc32(name.encode()) % 1_000_000 < val_fraction * 1_000_000 else "train"
-
-
-def limited_documents(args):
+def documents():
+    """(name, split, text or conversation, problem) of every document to write (empty texts left out),
+    up to max_docs."""
     count = 0
-    for name, text in documents(args):
-        if isinstance(text, str) and not text.strip():
+    for name, content, problem in source_documents():
+        if isinstance(content, str) and not content.strip():
             continue
-        yield name, text
-        count += 1
-        if args.max_docs and count >= args.max_docs:
+        yield name, split_of(name), content, problem
+        count += problem is None
+        if max_docs and count >= max_docs:
             return
+
+
+def split_of(name):
+    """'val' for a val_fraction of document names. Documents named <doc>@<item> (the demo's questions
+    on a module or a topic) go where <doc> goes."""
+    key = name.split("@")[0]
+    return "val" if zlib.crc32(key.encode()) % 1_000_000 < val_fraction * 1_000_000 else "train"
+
+
+def check_splits():
+    """Fail, before tokenizing anything, when a split would get no documents: reads documents only
+    until both splits have one."""
+    counts = {"train": 0, "val": 0}
+    for _, split, _, problem in documents():
+        counts[split] += problem is None
+        if counts["train"] and counts["val"]:
+            return
+    total = counts["train"] + counts["val"]
+    empty = "val" if total else "train"
+    fail(f"no documents in the {empty} split ({total} in all): "
+         + ("the sources hold no text" if total == 0 else "use more documents or another --val_fraction"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,165 +340,166 @@ def _init_worker(tokenizer_dir):
     _worker_encoder = tok.load_tokenizer(tokenizer_dir)
 
 
+def _encode(content):
+    """(bytes, tokens, loss mask or None) of a text or a conversation."""
+    if isinstance(content, str):
+        return len(content.encode("utf-8")), [tok.bos_id(_worker_encoder)] + _worker_encoder.encode_ordinary(content), None
+    ids, mask = tok.encode_chat(_worker_encoder, content)
+    return sum(len(m["content"].encode("utf-8")) for m in content), ids, mask
+
+
 def _encode_batch(batch):
-    """[(split, bytes, tokens, loss mask or None)] for [(split, text or conversation)]."""
-    bos = tok.bos_id(_worker_encoder)
+    """[(split, bytes, tokens, loss mask or None, cleaned)] for [(split, text or conversation)]; cleaned:
+    lone surrogates had to be replaced (rare, so looked for only when encoding fails)."""
     encoded = []
     for split, content in batch:
-        if isinstance(content, str):
-            tokens, mask = [bos] + _worker_encoder.encode_ordinary(content), None
-            nbytes = len(content.encode("utf-8"))
-        else:
-            tokens, mask = tok.encode_chat(_worker_encoder, content)
-            nbytes = sum(len(m["content"].encode("utf-8")) for m in content)
-        encoded.append((split, nbytes, np.array(tokens, dtype=np.uint32), None if mask is None else np.array(mask, dtype=np.uint8)))
+        try:
+            (nbytes, tokens, mask), cleaned = _encode(content), False
+        except UnicodeEncodeError:
+            content = utf8_clean(content) if isinstance(content, str) else \
+                [{**m, "content": utf8_clean(m["content"])} for m in content]
+            (nbytes, tokens, mask), cleaned = _encode(content), True
+        encoded.append((split, nbytes, np.array(tokens, dtype=np.uint32),
+                        None if mask is None else np.array(mask, dtype=np.uint8), cleaned))
     return encoded
 
 
-def batches(args, docs_per_batch=64):
-    batch = []
-    for name, text in limited_documents(args):
-        batch.append((split_of(name, args.val_fraction), text))
-        if len(batch) == docs_per_batch:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 class Progress:
-    def __init__(self):
-        self.start = self.last = time.time()
-        self.documents = self.tokens = self.bytes = 0
+    """A progress line on stderr: rewritten in place twice a second on a terminal, a new line every
+    progress_seconds in a log file (so a redirected or SLURM log shows signs of life too)."""
 
-    def update(self, tokens, nbytes, final=False):
-        self.documents += not final
-        self.tokens += tokens
-        self.bytes += nbytes
+    def __init__(self, what):
+        self.what, self.start, self.last, self.tty = what, time.time(), time.time(), sys.stderr.isatty()
+        self.documents = self.tokens = self.bytes = self.skipped = 0
+
+    def update(self, documents=0, tokens=0, nbytes=0, final=False):
+        self.documents, self.tokens, self.bytes = self.documents + documents, self.tokens + tokens, self.bytes + nbytes
         now = time.time()
-        if final or (sys.stderr.isatty() and now - self.last > 0.5):
+        if final or now - self.last > (0.5 if self.tty else progress_seconds):
             self.last = now
             rate = self.bytes / max(now - self.start, 1e-9) / 1e6
-            print(f"\r{self.documents:,} documents, {self.tokens:,} tokens, {self.bytes / 1e6:,.1f} MB "
-                  f"({rate:.1f} MB/s)", end="\n" if final else "", file=sys.stderr, flush=True)
+            line = (f"{self.what}: {self.documents:,} documents, " + (f"{self.tokens:,} tokens, " if self.tokens else "")
+                    + f"{self.bytes / 1e6:,.1f} MB in {now - self.start:,.0f}s ({rate:.1f} MB/s)")
+            print(("\r" if self.tty else "") + line, end="\n" if final or not self.tty else "", file=sys.stderr, flush=True)
 
 
-def build_tokenizer(args):
-    if args.tokenizer == "bpe":
-        chars = 0
+def build_tokenizer(spec):
+    if spec == "bpe":
+        progress = Progress("reading the tokenizer's training text")
 
         def training_texts():
-            nonlocal chars
-            for name, text in limited_documents(args):
-                if split_of(name, args.val_fraction) == "train":
+            for _, split, text, problem in documents():
+                if split == "train" and problem is None:
+                    try:
+                        text.encode("utf-8")
+                    except UnicodeEncodeError:
+                        text = utf8_clean(text)
                     yield text
-                    chars += len(text)
-                    if chars >= args.tokenizer_train_chars:
+                    progress.update(1, nbytes=len(text))
+                    if progress.bytes >= tokenizer_train_chars:
                         return
-        started = time.time()
-        enc = tok.train_bpe(training_texts(), args.vocab_size)
-        if chars == 0:
+        print(f"training a BPE tokenizer of {vocab_size} tokens (rustbpe) on up to {tokenizer_train_chars:,} "
+              f"characters of the train split", file=sys.stderr, flush=True)
+        enc = tok.train_bpe(training_texts(), vocab_size)
+        if progress.documents == 0:
             fail("no text to train the tokenizer on: the sources are empty (or every document fell in the val split)")
-        print(f"trained a BPE tokenizer of {enc.n_vocab} tokens in {time.time() - started:.1f}s", file=sys.stderr)
+        print(f"trained a BPE tokenizer of {enc.n_vocab} tokens on {progress.bytes / 1e6:,.1f} MB in "
+              f"{time.time() - progress.start:.1f}s", file=sys.stderr, flush=True)
         return enc
-    if args.tokenizer in tok.TIKTOKEN_NAMES:
-        return tok.from_tiktoken_name(args.tokenizer)
-    if args.tokenizer.startswith("hf:"):  # the tokenizer of a Hugging Face model directory
-        from export_hf import tokenizer_from_hf
-        return tokenizer_from_hf(args.tokenizer[3:])
-    if os.path.isfile(os.path.join(args.tokenizer, "tokenizer.json")):
-        return tok.load_tokenizer(args.tokenizer)
-    fail(f"unknown --tokenizer={args.tokenizer}: use bpe, one of {', '.join(tok.TIKTOKEN_NAMES)}, "
+    if spec in tok.TIKTOKEN_NAMES:
+        return tok.from_tiktoken_name(spec)
+    if spec.startswith("hf:"):  # the tokenizer of a Hugging Face model directory
+        try:
+            return tok.tokenizer_from_hf(spec[3:])
+        except (FileNotFoundError, ValueError) as e:
+            fail(str(e))
+    if os.path.isfile(os.path.join(spec, "tokenizer.json")):
+        return tok.load_tokenizer(spec)
+    fail(f"unknown --tokenizer={spec}: use bpe, one of {', '.join(tok.TIKTOKEN_NAMES)}, "
          f"a directory holding a tokenizer.json, or hf:<model directory>")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sources", nargs="*", help="files, directories, globs or a Hugging Face dataset name (default: the demo corpus)")
-    parser.add_argument("--out", default=None, help="output directory (default: data/demo, or data/<name of the first source>)")
-    parser.add_argument("--tokenizer", default="bpe", help="bpe (train one here), gpt2, cl100k_base, o200k_base, a directory with a saved tokenizer, or hf:<Hugging Face model directory>")
-    parser.add_argument("--chat", action="store_true", help="the .jsonl sources are conversations: {\"messages\": [{\"role\", \"content\"}, ...]}")
-    parser.add_argument("--vocab_size", type=int, default=4096, help="vocabulary of a trained BPE, special tokens included")
-    parser.add_argument("--tokenizer_train_chars", type=int, default=2_000_000_000, help="train the BPE on at most this many characters")
-    parser.add_argument("--val_fraction", type=float, default=None, help="fraction of documents held out for validation (default: 0.05 for the demo, else 0.005)")
-    parser.add_argument("--text_field", default="text", help="the field (.jsonl) or column (.parquet, datasets) holding the text")
-    parser.add_argument("--max_docs", type=int, default=0, help="stop after this many documents (0: all)")
-    parser.add_argument("--shard_tokens", type=int, default=100_000_000, help="tokens per shard file")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
-    parser.add_argument("--hf_config", default=None, help="dataset configuration, for a Hugging Face dataset")
-    parser.add_argument("--hf_split", default="train", help="dataset split, for a Hugging Face dataset")
-    args = parser.parse_args(argv)
-    if args.val_fraction is None:
-        args.val_fraction = 0.005 if args.sources else 0.05
-    if not 0 < args.val_fraction < 1:
-        fail(f"--val_fraction={args.val_fraction} must be between 0 and 1")
-    out = args.out or os.path.join("data", "demo" if not args.sources else
-                                   os.path.splitext(os.path.basename(args.sources[0].rstrip("/")))[0] or "corpus")
-    if args.sources or args.chat:
-        build(args, out)
-    else:  # the demo: the text corpus, then its chat set (OUT-chat) with the same tokenizer
-        build(args, out)
-        build(argparse.Namespace(**{**vars(args), "chat": True, "tokenizer": out}), out.rstrip("/") + "-chat")
-
-
-def build(args, out):
+def build(out):
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        write_dataset(args, out, tmp)
+        write_dataset(out, tmp)
     finally:  # on any failure, nothing but the old dataset (if any) is left
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_dataset(args, out, tmp):
-    enc = build_tokenizer(args)
+def write_dataset(out, tmp):
+    check_splits()
+    enc = build_tokenizer(tokenizer)
     tok.save_tokenizer(enc, tmp)
     dtype = np.uint16 if enc.n_vocab <= 1 << 16 else np.uint32
-    writers = {split: ShardWriter(tmp, split, dtype, args.shard_tokens) for split in ("train", "val")}
+    writers = {split: ShardWriter(tmp, split, dtype, shard_tokens) for split in ("train", "val")}
     # chat datasets: a parallel file of loss masks, one byte per token, with the same shard boundaries
-    mask_writers = {split: ShardWriter(tmp, f"{split}_mask", np.uint8, args.shard_tokens) for split in ("train", "val")}
+    mask_writers = {split: ShardWriter(tmp, f"{split}_mask", np.uint8, shard_tokens) for split in ("train", "val")}
     byte_counts = {"train": 0, "val": 0}
-    progress = Progress()
-    pool = multiprocessing.Pool(args.workers, _init_worker, (tmp,)) if args.workers > 1 else None
+    skipped, replaced = [], 0  # (document, why) not written; documents whose lone surrogates became U+FFFD
+    progress = Progress("tokenizing")
+
+    def batches(docs_per_batch=64):
+        batch = []
+        for name, split, content, problem in documents():
+            if problem is not None:
+                skipped.append((name, problem))
+                if len(skipped) <= 20:
+                    print(f"skipping {name}: {problem}", file=sys.stderr, flush=True)
+                continue
+            batch.append((split, content))
+            if len(batch) == docs_per_batch:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    n_workers = workers or os.cpu_count() or 1
+    pool = multiprocessing.Pool(n_workers, _init_worker, (tmp,)) if n_workers > 1 else None
     if pool is None:
         _init_worker(tmp)
-    encoded = pool.imap(_encode_batch, batches(args)) if pool else map(_encode_batch, batches(args))
+    encoded = pool.imap(_encode_batch, batches()) if pool else map(_encode_batch, batches())
     try:
-        for batch in encoded:  # imap keeps the input order, so the output is the same for any --workers
-            for split, nbytes, tokens, mask in batch:
+        for batch in encoded:  # imap keeps the input order, so the output is the same for any number of workers
+            for split, nbytes, tokens, mask, cleaned in batch:
+                replaced += cleaned
                 writers[split].add(tokens)
                 if mask is not None:
                     mask_writers[split].add(mask)
                 byte_counts[split] += nbytes
-                progress.update(len(tokens), nbytes)
+                progress.update(1, len(tokens), nbytes)
     finally:
         if pool:
             pool.terminate()
     for writer in [*writers.values(), *mask_writers.values()]:
         writer.close()
-    progress.update(0, 0, final=True)
+    progress.update(final=True)
+    if skipped:
+        print(f"skipped {len(skipped)} documents (the first {min(len(skipped), 20)} named above)", file=sys.stderr)
+    if replaced:
+        print(f"replaced lone surrogates (valid in JSON, not in UTF-8) with U+FFFD in {replaced} documents", file=sys.stderr)
     for split, writer in writers.items():
         if writer.documents == 0:
             fail(f"no documents in the {split} split ({progress.documents} in all): "
                  + ("the sources hold no text" if progress.documents == 0 else "use more documents or another --val_fraction"))
 
-    if BadConversations.count:
-        print(f"skipped {BadConversations.count} bad conversations", file=sys.stderr)
     meta = {
         "format_version": SHARD_VERSION,
-        "chat": bool(args.chat),
+        "chat": bool(chat),
         "tokenizer": enc.name,
         "vocab_size": enc.n_vocab,
         "bos_id": tok.bos_id(enc),
         "special_tokens": dict(enc._special_tokens),
         "token_dtype": np.dtype(dtype).name,
-        "sources": args.sources or ["demo: CPython standard library " + ("docstring and pydoc topic Q&A" if args.chat else
-                                                                          "sources + pydoc_data.topics")],
+        "sources": sources or ["demo: CPython standard library " + ("docstring and pydoc topic Q&A" if chat else
+                                                                     "sources + pydoc_data.topics")],
         "splits": {split: {"shards": w.shards, "masks": mask_writers[split].shards, "tokens": w.total,
-                           "documents": w.documents, "bytes": byte_counts[split]} for split, w in writers.items()},
-        "skipped_conversations": BadConversations.count,
+                           "documents": w.documents, "bytes": byte_counts[split], "max_token_ids": w.max_ids}
+                   for split, w in writers.items()},
+        "skipped_documents": len(skipped),
+        "documents_with_replaced_characters": replaced,
     }
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
@@ -457,4 +511,12 @@ def write_dataset(args, out, tmp):
 
 
 if __name__ == "__main__":
-    main()
+    val_fraction = val_fraction or (0.005 if sources else 0.05)
+    if not 0 < val_fraction < 1:
+        fail(f"--val_fraction={val_fraction} must be between 0 and 1")
+    out = out or os.path.join("data", "demo" if not sources else
+                              os.path.splitext(os.path.basename(sources[0].rstrip("/")))[0] or "corpus")
+    build(out)
+    if not sources and not chat:  # the demo: the text corpus, then its chat set (OUT-chat) with the same tokenizer
+        chat, tokenizer = True, out
+        build(out.rstrip("/") + "-chat")

@@ -3,26 +3,27 @@
 # each stage. Extra config files apply to every stage; rerunning resumes where a run stopped.
 #   ./run_pipeline.sh configs/tiny.py                                   # offline, CPU, minutes
 #   LAUNCH="torchrun --standalone --nproc_per_node=8" ./run_pipeline.sh  # 8 GPUs
+# The stages' directories are named here: $OUT_ROOT/<stage>[-<overlay>...], e.g. out/pretrain-tiny,
+# each stage starting from the one before.
 set -euo pipefail
 cd "$(dirname "$0")"
 launch=${LAUNCH:-python}
+out_root=${OUT_ROOT:-out}
 overlays=("$@")
+suffix=""
+for overlay in "${overlays[@]}"; do suffix="$suffix-$(basename "$overlay" .py)"; done
 stage="setup"
 trap 'echo "run_pipeline.sh: stopped in the $stage stage; fix it and rerun: finished stages are skipped quickly and a stopped one resumes" >&2' ERR
 
-# a config variable of a stage as train.py will see it (train.py's defaults, the configs, the overlays)
-setting() {
-    local name=$1; shift
-    python - "$@" <<PY
-exec(open("train.py").read().split("exec(open(")[0])
-exec(open("configurator.py").read())
-print(repr($name) if not isinstance($name, str) else $name)
-PY
-}
-
 stage="prepare"
 for config in configs/pretrain.py configs/midtrain.py configs/finetune.py; do
-    for dir in $(setting "' '.join(data_mixture or [data_dir])" "$config" "${overlays[@]}"); do
+    # the datasets a stage reads, from the configuration train.py would run with
+    settings=$(python train.py "$config" "${overlays[@]}" --print_config)
+    dirs=$(python -c "
+import ast, sys
+config = dict(line.split(' = ', 1) for line in sys.argv[1].splitlines())
+print(' '.join(ast.literal_eval(config['data_mixture']) or [ast.literal_eval(config['data_dir'])]))" "$settings")
+    for dir in $dirs; do
         if [ ! -f "$dir/meta.json" ]; then
             case "$dir" in
                 data/demo|data/demo-chat) python prepare.py ;;
@@ -32,18 +33,20 @@ for config in configs/pretrain.py configs/midtrain.py configs/finetune.py; do
     done
 done
 
+previous=""
 for stage in pretrain midtrain finetune; do
-    config="configs/$stage.py"
-    out_dir=$(setting out_dir "$config" "${overlays[@]}")
-    extra=()
-    [ "$stage" = pretrain ] && extra=(--init_from=resume)  # from scratch the first time, resumed after
+    out_dir="$out_root/$stage$suffix"
+    # pretraining starts from scratch the first time and resumes after; a later stage starts from
+    # the stage before (and resumes itself once it has checkpoints)
+    start=${previous:-resume}
     echo "=== $stage -> $out_dir"
-    $launch train.py "$config" "${overlays[@]}" "${extra[@]}"
+    $launch train.py "configs/$stage.py" "${overlays[@]}" --out_dir="$out_dir" --init_from="$start"
     if [ "$stage" = pretrain ]; then
         python sample.py --out_dir="$out_dir" --start="def " --num_samples=1 --max_new_tokens=100
     else
         python sample.py --out_dir="$out_dir" --prompt="What does json.dumps do?" --max_new_tokens=100
     fi
+    previous=$out_dir
 done
 
 stage="export"

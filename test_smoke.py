@@ -11,8 +11,7 @@ import pytest
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SHARED_GPT2 = os.path.join(ROOT, "..", "shared", "tokenizers", "gpt2.tiktoken")
 # a model small enough that a step takes milliseconds on a CPU
-TINY_MODEL = ["--n_layer=2", "--n_head=4", "--n_kv_head=2", "--n_embd=64", "--block_size=64", "--device=cpu",
-              "--compile=False", "--eval_iters=4"]
+TINY_MODEL = ["tests/tiny_model.py", "--eval_iters=4"]
 
 
 def run(*args, check=True, cwd=ROOT):

@@ -1,6 +1,7 @@
 """
-Tokenizers: a byte-level BPE trained here with rustbpe, or a tiktoken encoding by name,
-always used as a tiktoken.Encoding and always saved as text, never pickled:
+Tokenizers: a byte-level BPE trained here with rustbpe, a tiktoken encoding by name, or the
+byte-level BPE of a Hugging Face model directory, always used as a tiktoken.Encoding and always
+saved as text, never pickled:
 
     tokenizer.tiktoken   tiktoken's rank file: one "base64(token bytes) rank" per line
     tokenizer.json       name, split pattern and special tokens
@@ -110,6 +111,47 @@ def bos_id(enc):
     return enc._special_tokens[BOS]
 
 
+def missing_special_tokens(special_tokens):
+    """The special tokens this repo's stages need (document start, chat template) that are not there."""
+    return [t for t in SPECIAL_TOKENS[:3] if t not in special_tokens]
+
+
+def bytes_to_unicode():
+    """GPT-2's reversible map from bytes to printable characters, used by byte-level BPE vocabularies."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = printable[:], 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def tokenizer_from_hf(directory):
+    """The byte-level BPE of a Hugging Face model directory's tokenizer.json (a regex split, no
+    normalizer), with this repo's special tokens."""
+    path = os.path.join(directory, "tokenizer.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no tokenizer.json in {directory}")
+    with open(path, encoding="utf-8") as f:
+        spec = json.load(f)
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    split = [s for s in steps if s.get("type") == "Split"]
+    if model.get("type") != "BPE" or spec.get("normalizer") or len(split) != 1 or "Regex" not in split[0]["pattern"] \
+            or not any(s.get("type") == "ByteLevel" for s in steps):
+        raise ValueError(f"{directory}: only byte-level BPE tokenizers with a regex split are supported")
+    to_byte = {c: b for b, c in bytes_to_unicode().items()}
+    ranks = {bytes(to_byte[c] for c in token): rank for token, rank in model["vocab"].items()}
+    specials = {t["content"]: t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+    if missing_special_tokens(specials):
+        raise ValueError(f"{directory}: the tokenizer lacks the special tokens {missing_special_tokens(specials)} "
+                         f"that this repo's stages use")
+    return tiktoken.Encoding(name=os.path.basename(directory.rstrip("/")), pat_str=split[0]["pattern"]["Regex"],
+                             mergeable_ranks=ranks, special_tokens=specials)
+
+
 # The chat template (ChatML) as Jinja, for Hugging Face's apply_chat_template; encode_chat is the
 # same rendering, token for token, with the loss mask that finetuning uses.
 CHAT_TEMPLATE = (
@@ -119,16 +161,28 @@ CHAT_TEMPLATE = (
 CHAT_ROLES = ("system", "user", "assistant")
 
 
+def chat_problem(messages):
+    """What is wrong with a conversation's messages, or None when nothing is."""
+    if not isinstance(messages, list) or not messages:
+        return "no non-empty 'messages' list"
+    bad = next((m for m in messages if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES
+                or not isinstance(m.get("content"), str)), None)
+    if bad is not None:
+        return f"a message is not {{'role': {'|'.join(CHAT_ROLES)}, 'content': str}}: {str(bad)[:100]}"
+    return None
+
+
 def encode_chat(enc, messages, add_generation_prompt=False):
     """(ids, mask): the conversation rendered as
         <|endoftext|><|im_start|>role\ncontent<|im_end|>\n ... [<|im_start|>assistant\n]
     mask[i] is 1 where token i is a target finetuning learns: the assistant's content and its
-    <|im_end|>. Raises ValueError for a message that is not {"role": one of CHAT_ROLES, "content": str}."""
+    <|im_end|>. Raises ValueError for messages that chat_problem finds wrong."""
     specials = enc._special_tokens
     ids, mask = [specials[BOS]], [0]
+    problem = chat_problem(messages) if messages else None
+    if problem:
+        raise ValueError(problem)
     for message in messages:
-        if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES or not isinstance(message.get("content"), str):
-            raise ValueError(f"a message must be {{'role': {'|'.join(CHAT_ROLES)}, 'content': str}}, got {str(message)[:100]}")
         header = f"{message['role']}\n"
         segment = enc.encode_ordinary(header + message["content"])  # encoded as one piece, as a tokenizer of the rendered text would
         learn = message["role"] == "assistant"

@@ -3,9 +3,9 @@ Train a GPT. One process on one device:
     python train.py configs/pretrain.py configs/tiny.py
 or data-parallel across GPUs and machines with torchrun:
     torchrun --standalone --nproc_per_node=8 train.py configs/pretrain.py
-Every global below is a config variable; config files and --key=value override them (configurator.py).
+Every global below is a config variable; config files and --key=value override them (configurator.py;
+python train.py --help lists them).
 """
-import glob
 import json
 import math
 import os
@@ -80,15 +80,14 @@ dtype = "auto"                  # 'auto' (bfloat16 autocast on cuda, float32 on 
 compile = None                  # torch.compile the model; None: on for cuda, off for cpu
 activation_checkpointing = False  # recompute each block in the backward pass: less memory, ~1/3 more compute
 peak_flops = 0.0                # device peak FLOP/s for MFU; 0: from model.PEAK_BF16_FLOPS (cuda only)
-profile = False                 # torch.profiler over 3 steps after 7 (compilation, warmup): out_dir/profile/
 seed = 1337
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 # ----------------------------------------------------------------------------------------------
 
-from checkpoint import (checkpoint_paths, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
-                        wait_for_checkpoint)
-from model import GPT, ModelArgs, device_peak_flops, resolve_device
+from checkpoint import checkpoint_paths, load_checkpoint, remove_stale_writes, save_checkpoint, wait_for_checkpoint
 from data import learned_targets, open_dataset, read_windows, sample_windows
+from evaluate import validation, validation_windows
+from model import GPT, ModelArgs, device_peak_flops, resolve_device
 import tokenizer as tok
 
 # distributed: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
@@ -134,8 +133,10 @@ if wsd_decay_shape not in ("linear", "cosine", "sqrt"):
 
 def lr_at(step):
     """AdamW's learning rate at a step; Muon's is muon_lr scaled by the same factor."""
+    # 1) linear warmup from 0
     if step < warmup_iters:
         return learning_rate * (step + 1) / warmup_iters
+    # 2) wsd: stable at the peak, then the last wsd_decay_frac of the run decays to min_lr
     if lr_schedule == "wsd":
         decay_start = max_iters - int(wsd_decay_frac * max_iters)
         if step < decay_start:
@@ -144,10 +145,11 @@ def lr_at(step):
         remaining = {"linear": 1 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress)),
                      "sqrt": 1 - math.sqrt(progress)}[wsd_decay_shape]
         return min_lr + (learning_rate - min_lr) * remaining
+    # 3) cosine or linear from the peak down to min_lr over the rest of the run
     progress = min(1.0, (step - warmup_iters) / max(1, max_iters - warmup_iters))
     if lr_schedule == "cosine":
         return min_lr + (learning_rate - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
-    return learning_rate + (min_lr - learning_rate) * progress  # linear
+    return learning_rate + (min_lr - learning_rate) * progress
 
 
 def muon_momentum_at(step):
@@ -171,10 +173,7 @@ if batch_size_schedule is not None:
             or batch_size_schedule["strategy"] != "doubling" or batch_size_schedule["interval_steps"] < 1:
         fail(f"batch_size_schedule must be dict(strategy='doubling', start_batch_size=..., interval_steps=..., "
              f"max_batch_size=...), got {batch_size_schedule!r}")
-    all_batch_sizes = sorted({batch_size_at(s) for s in range(0, max_iters + 1)})
-else:
-    all_batch_sizes = [batch_size]
-for size in all_batch_sizes:
+for size in sorted({batch_size_at(s) for s in range(0, max_iters + 1)}):
     if size <= 0 or size % sequences_per_micro_step:
         multiples = [sequences_per_micro_step * k for k in (max(1, size // sequences_per_micro_step), size // sequences_per_micro_step + 1)]
         fail(f"batch size {size} is not a multiple of micro_batch_size x world_size = {micro_batch_size} x {world_size} "
@@ -186,38 +185,36 @@ def grad_accum_at(step):
 
 
 # ---- where to start from ----------------------------------------------------------------------
-# A plain start over a run's checkpoints is refused, never silently overwritten; 'resume' is
-# always safe to use (it starts from scratch only where there is no checkpoint at all).
-if master:  # temporary files of writes that a crash interrupted: nothing loads them
-    for stale in glob.glob(os.path.join(out_dir, "ckpt_*.pt.tmp")):
-        os.remove(stale)
-if init_from == "scratch" and checkpoint_paths(out_dir):
+# The rule: a run directory that holds checkpoints is resumed, never overwritten: by 'resume', and
+# by a stage handoff too (so rerunning a pipeline resumes each stage); 'scratch' over it is refused.
+# Otherwise 'resume' starts from scratch, and a handoff (an earlier stage's out_dir or checkpoint
+# file, or hf:<dir>) takes that model's weights only: a fresh optimizer, step count and schedule.
+# Either way the model's shape is the checkpoint's: a later stage's config need not repeat it.
+if master:
+    remove_stale_writes(out_dir)
+resuming = bool(checkpoint_paths(out_dir))
+if resuming and init_from == "scratch":
     fail(f"{out_dir} already holds checkpoints ({os.path.basename(checkpoint_paths(out_dir)[-1])}): "
          f"continue with --init_from=resume, or choose a new --out_dir")
-if init_from not in ("scratch", "resume") and checkpoint_paths(out_dir):
+if resuming and init_from != "resume":
     log(f"{out_dir} already holds this stage's checkpoints: resuming it (not starting again from {init_from})")
-    init_from = "resume"
 source = None  # the checkpoint to start from
 try:
-    if init_from == "resume" and checkpoint_paths(out_dir):
+    if resuming:
         source = load_checkpoint(out_dir, device)
-    elif init_from.startswith("hf:"):  # a Hugging Face Llama/Qwen3 model on disk
-        from export_hf import load_hf_checkpoint
-        source = load_hf_checkpoint(init_from[3:])
-    elif init_from not in ("scratch", "resume"):
-        source = load_checkpoint(init_from, device)  # stage handoff
+    elif init_from != "scratch" and init_from != "resume":
+        source = load_checkpoint(init_from, device)
 except (ValueError, FileNotFoundError) as e:
     fail(str(e))
 if init_from == "resume" and source is None:
     log(f"no checkpoint in {out_dir}: starting from scratch")
 if source is not None:
-    # the model is the checkpoint's: a later stage's config need not repeat its shape
     differences = {k: v for k, v in source["model_args"].items() if k in config and config[k] != v
                    and not (k == "vocab_size" and config[k] == 0)}
     if differences:
         log(f"model shape from {source['path']}, not the config: {differences}")
-    globals().update(differences)
-    config.update(differences)
+    config.update(differences)  # what the checkpoints and metrics.jsonl record
+    block_size = source["model_args"]["block_size"]
 
 
 # ---- data -------------------------------------------------------------------------------------
@@ -241,10 +238,6 @@ for dataset in datasets:
     if dataset["truncated"]:
         log(f"{dataset['directory']}: {dataset['truncated']} training conversations are longer than "
             f"block_size + 1 = {block_size + 1} tokens and will be cut")
-if vocab_size == 0:
-    vocab_size = meta["vocab_size"]
-if vocab_size < meta["vocab_size"] and source is None:
-    fail(f"vocab_size={vocab_size} is smaller than the dataset's vocabulary ({meta['vocab_size']}); use 0 to take it from the data")
 
 
 def to_device(array):
@@ -276,50 +269,19 @@ def train_micro_batches(start_step):
         step += 1
 
 
-# the same validation windows at every evaluation, per dataset, split between ranks
-val_windows = []
-for d in range(len(datasets)):
-    windows = sample_windows([datasets[d]], [1.0], "val", eval_iters * micro_batch_size * world_size, (seed, 2**32, d))
-    windows = [(d, shard, offset) for _, shard, offset in windows]
-    val_windows.append(windows[rank * eval_iters * micro_batch_size:(rank + 1) * eval_iters * micro_batch_size])
-token_bytes = torch.from_numpy(tok.token_byte_lengths(encoder)).to(device)
-
-
-@torch.no_grad()
-def evaluate():
-    """{dataset directory: (mean val loss per target, bits per byte)}, and their mixture-weighted
-    mean. In chat datasets only the learned targets (the assistant's words) count. Bits per byte
-    does not depend on the tokenizer: the loss in bits summed over the UTF-8 bytes the targets
-    stand for (special tokens excluded)."""
-    model.eval()
-    results = {}
-    for d, dataset in enumerate(datasets):
-        # summed over the windows: loss over the targets, target count, loss on byte-carrying targets, their bytes
-        sums = torch.zeros(4, device=device, dtype=torch.float64)
-        for k in range(eval_iters):
-            x, y = read_windows(datasets, "val", val_windows[d][k * micro_batch_size:(k + 1) * micro_batch_size], block_size, True)
-            x, y = to_device(x), to_device(y)
-            with autocast:
-                losses = eval_model(x, y, loss_reduction="none").double()  # 0 where the target is -1
-            nbytes = token_bytes[y.clamp(min=0)] * (y >= 0)
-            sums += torch.stack([losses.sum(), (y >= 0).sum().double(), (losses * (nbytes > 0)).sum(), nbytes.sum().double()])
-        if ddp:
-            dist.all_reduce(sums)
-        loss_sum, count, byte_loss_sum, bytes_sum = sums.tolist()
-        results[dataset["directory"]] = (loss_sum / max(count, 1), byte_loss_sum / (math.log(2) * max(bytes_sum, 1)))
-    model.train()
-    mean = tuple(float(sum(w * r[i] for w, r in zip(mixture_weights, results.values()))) for i in range(2))
-    return mean, results
-
-
-model_args = ModelArgs(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
-                       n_kv_head=n_kv_head, n_embd=n_embd, mlp_ratio=mlp_ratio, rope_base=rope_base,
-                       qk_norm=qk_norm, tie_embeddings=tie_embeddings)
+# ---- the model and its optimizers -------------------------------------------------------------
 if source is not None:
     model_args = ModelArgs(**source["model_args"])
-if source is not None and (not tok.same_ids(source["tokenizer"], encoder_state) or model_args.vocab_size < meta["vocab_size"]):
+else:
+    model_args = ModelArgs(vocab_size=vocab_size or meta["vocab_size"], block_size=block_size, n_layer=n_layer,
+                           n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd, mlp_ratio=mlp_ratio,
+                           rope_base=rope_base, qk_norm=qk_norm, tie_embeddings=tie_embeddings)
+if source is not None and not tok.same_ids(source["tokenizer"], encoder_state):
     fail(f"the tokenizer of {source['path']} (vocabulary {source['model_args']['vocab_size']}) differs from "
          f"{data_dir}'s (vocabulary {meta['vocab_size']}): prepare the data with --tokenizer=<the earlier dataset's directory>")
+if model_args.vocab_size < meta["vocab_size"]:
+    fail(f"vocab_size={model_args.vocab_size} is smaller than the dataset's vocabulary ({meta['vocab_size']}); "
+         f"use 0 to take it from the data")
 try:
     model_args.check()
 except ValueError as e:
@@ -328,55 +290,50 @@ torch.manual_seed(seed)
 with torch.device(device):  # initialise directly on the device: a CPU init of a large model is slow
     raw_model = GPT(model_args)
 raw_model.checkpoint_blocks = activation_checkpointing
-step, tokens_seen = 0, 0
-
 optimizers, optimizer_summary = raw_model.configure_optimizers(
     learning_rate, weight_decay, (beta1, beta2), use_muon, muon_lr, muon_weight_decay, muon_momentum)
+adamw, muon = optimizers[0], (optimizers[1] if use_muon else None)
 log(optimizer_summary)
 
-parent = None  # the checkpoint this run's weights started from
+# Resuming is exact without saving any random generator's state: nothing draws from one after the
+# initialisation above (no dropout), and the windows of step s come from default_rng((seed, s)).
+step, tokens_seen, parent = 0, 0, None  # parent: the checkpoint this run's weights started from
 if source is not None:
     raw_model.load_state_dict(source["model"])
-    if init_from == "resume":
+    if resuming:
         if len(source["optimizers"]) != len(optimizers):
             fail(f"{source['path']} has {len(source['optimizers'])} optimizer state(s), this config "
                  f"{len(optimizers)}: use_muon must stay as it was")
         for opt, opt_state in zip(optimizers, source["optimizers"]):
             opt.load_state_dict(opt_state)
         step, tokens_seen, parent = source["step"], source["tokens_seen"], source["parent"]
-        set_rng_state(source["rng"][rank if rank < len(source["rng"]) else 0])
         log(f"resumed from {source['path']} at step {step}")
     else:
         parent = source["path"]
         log(f"weights from {parent} (step {source['step']}); fresh optimizer, step count and schedule")
     del source
 
-
-def gather_rng_states():
-    """Every rank's generator states (a collective); numpy's and python's are rank 0's for all."""
-    local = rng_state()
-    states = [dict(local) for _ in range(world_size)]
-    if ddp:
-        for key in ("torch_cpu", "torch_cuda"):
-            if local[key] is not None:
-                gathered = [torch.empty_like(local[key].to(device)) for _ in range(world_size)]
-                dist.all_gather(gathered, local[key].to(device))
-                for r in range(world_size):
-                    states[r][key] = gathered[r].cpu()
-    return states
+# compile first, then wrap in DDP: DDP then hooks the compiled graph's gradients, and the
+# checkpoints come from raw_model, so their keys never carry _orig_mod. or module. prefixes
+eval_model = torch.compile(raw_model) if compile else raw_model
+model = DDP(eval_model, device_ids=[local_rank] if device_type == "cuda" else None) if ddp else eval_model
 
 
+# ---- evaluation: the same validation windows at every evaluation, split between ranks -------------
+val_windows = validation_windows(datasets, eval_iters, micro_batch_size, seed, rank, world_size)
+token_bytes = torch.from_numpy(tok.token_byte_lengths(encoder)).to(device)
+
+
+# ---- checkpoints, and stopping on a signal ----------------------------------------------------
 def write_checkpoint():
     """All ranks call this; rank 0 writes (in the background) while the others go on."""
     started = time.time()
-    rng_states = gather_rng_states()
     optimizer_states = [opt.state_dict() for opt in optimizers]  # Muon's gathers its shards: a collective
     if master:
         save_checkpoint(out_dir, {
             "step": step, "tokens_seen": tokens_seen, "batch_size": batch_size_at(step),
-            "model": raw_model.state_dict(), "optimizers": optimizer_states,
-            "rng": rng_states, "model_args": asdict(model_args), "config": config,
-            "tokenizer": encoder_state, "data_dir": data_dir, "parent": parent,
+            "model": raw_model.state_dict(), "optimizers": optimizer_states, "model_args": asdict(model_args),
+            "config": config, "tokenizer": encoder_state, "data_dir": data_dir, "parent": parent,
         }, keep_last_checkpoints, keep_every_checkpoints, background=True)
         log(f"checkpoint at step {step}: training paused {time.time() - started:.2f}s (written in the background)")
 
@@ -397,11 +354,8 @@ def on_stop_signal(signum, frame):
 signal.signal(signal.SIGTERM, on_stop_signal)
 signal.signal(signal.SIGUSR1, on_stop_signal)
 
-# compile first, then wrap in DDP: DDP then hooks the compiled graph's gradients, and the
-# checkpoints come from raw_model, so their keys never carry _orig_mod. or module. prefixes
-eval_model = torch.compile(raw_model) if compile else raw_model
-model = DDP(eval_model, device_ids=[local_rank] if device_type == "cuda" else None) if ddp else eval_model
 
+# ---- logging ----------------------------------------------------------------------------------
 flops_per_token = raw_model.flops_per_token()
 peak = peak_flops or device_peak_flops(device_type)
 log("\n".join(f"{k} = {v!r}" for k, v in config.items()))
@@ -431,152 +385,110 @@ def peak_memory_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def write_profile(profiler):
-    """A Chrome trace (chrome://tracing, Perfetto), the top ops, and the host syncs counted: .item()
-    and friends (aten::_local_scalar_dense) and explicit CUDA synchronizations."""
-    if not master:
-        return
-    directory = os.path.join(out_dir, "profile")
-    os.makedirs(directory, exist_ok=True)
-    profiler.export_chrome_trace(os.path.join(directory, "trace.json"))
-    sort_by = "self_device_time_total" if device_type == "cuda" else "self_cpu_time_total"
-    with open(os.path.join(directory, "ops.txt"), "w") as f:
-        f.write(profiler.key_averages().table(sort_by=sort_by, row_limit=40))
-
-    def inside_fused_adamw(event):  # its CPU kernel reads found_inf with .item(); the CUDA kernel, on the device
-        while event is not None and event.name != "aten::_fused_adamw_":
-            event = event.cpu_parent
-        return event is not None
-
-    events = profiler.events()
-    summary = {"steps": profiled_steps,
-               "item_calls": sum(e.name == "aten::_local_scalar_dense" and not inside_fused_adamw(e) for e in events),
-               "cuda_syncs": sum(e.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize") for e in events),
-               # the attention kernels the model really ran (flash, cuDNN, memory-efficient or math)
-               "attention_ops": sorted({e.name for e in events if e.name.startswith(
-                   ("aten::_scaled_dot_product", "aten::_flash", "aten::_efficient", "aten::_cudnn"))})}
-    with open(os.path.join(directory, "summary.json"), "w") as f:
-        json.dump(summary, f)
-    log(f"profile of steps {profiled_steps} in {directory}: {summary['item_calls']} .item() calls, "
-        f"{summary['cuda_syncs']} CUDA synchronizations")
-
-
-profiler = None
-if profile:  # the 8th to 10th steps from the start: after compilation and the first allocations
-    profiled_steps = [s for s in (step + 8, step + 9, step + 10) if s <= max_iters]  # numbered as the log numbers them
-    if not profiled_steps:
-        log(f"profile: nothing to profile, the run ends at step {max_iters}, before its 8th step from {step}")
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device_type == "cuda" else [])
-    profiler = torch.profiler.profile(activities=activities, schedule=torch.profiler.schedule(
-        skip_first=5, wait=0, warmup=2, active=3, repeat=1), on_trace_ready=write_profile)
-    profiler.start()
-
 # ---- the loop ---------------------------------------------------------------------------------
-try:
-    start_step = step
-    batches = train_micro_batches(step)
-    x, y, loss_scale = next(batches)
-    # divergence guard, on the device: the count of non-finite steps in a row and in all
-    bad_in_a_row = torch.zeros((), device=device, dtype=torch.int64)
-    bad_total = torch.zeros((), device=device, dtype=torch.int64)
-    last_log_time, last_log_step, last_log_tokens = time.time(), step, tokens_seen
-    while True:
-        last_step = step == max_iters
-        if step % eval_interval == 0 or last_step:
-            if eval_iters > 0:
-                (val_loss, val_bpb), per_dataset = evaluate()
-                log(f"step {step}: val loss {val_loss:.4f}, val bpb {val_bpb:.4f}" + ("".join(
-                    f" | {name}: {loss:.4f}, {bpb:.4f} bpb" for name, (loss, bpb) in per_dataset.items()) if len(datasets) > 1 else ""))
-                record({"step": step, "val_loss": val_loss, "val_bpb": val_bpb, "tokens": tokens_seen,
-                        "val_by_dataset": {name: {"loss": loss, "bpb": bpb} for name, (loss, bpb) in per_dataset.items()}})
-            if step > start_step:
-                write_checkpoint()
-            last_log_time = time.time()  # evaluation time does not count towards tokens/s
-        if last_step:
-            break
+start_step = step
+batches = train_micro_batches(step)
+x, y, loss_scale = next(batches)
+# divergence guard, on the device: the count of non-finite steps in a row and in all
+bad_in_a_row = torch.zeros((), device=device, dtype=torch.int64)
+bad_total = torch.zeros((), device=device, dtype=torch.int64)
+last_log_time, last_log_step, last_log_tokens = time.time(), step, tokens_seen
+while True:
+    last_step = step == max_iters
 
-        lr = lr_at(step)
-        for group in optimizers[0].param_groups:
-            group["lr"] = lr
-        if use_muon:
-            for group in optimizers[1].param_groups:
-                group["lr"] = muon_lr * lr / learning_rate
-                group["momentum"] = muon_momentum_at(step)
-        accum_steps = grad_accum_at(step)
-        loss_sum = torch.zeros((), device=device)  # accumulated on the device: no host sync per micro-step
-        for micro_step in range(accum_steps):
-            if ddp:  # all-reduce the gradients only on the last micro-step
-                model.require_backward_grad_sync = micro_step == accum_steps - 1
-            with autocast:
-                loss = model(x, y, loss_reduction="sum") * loss_scale
-            x, y, loss_scale = next(batches)  # the next batch is prepared while the device works on this one
-            loss.backward()
-            loss_sum += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-        # a non-finite loss gives non-finite (all-reduced, so the same on every rank) gradients: then
-        # every optimizer skips the step on this flag, with no host sync
-        bad = ~torch.isfinite(grad_norm)
-        for opt in optimizers:
-            opt.found_inf = bad.float()
-            opt.step()
-        raw_model.zero_grad(set_to_none=True)
-        bad_in_a_row = (bad_in_a_row + 1) * bad
-        bad_total += bad
-        tokens_seen += batch_size_at(step) * block_size
-        step += 1
+    # once in a while: evaluate, and checkpoint
+    if step % eval_interval == 0 or last_step:
+        if eval_iters > 0:
+            per_dataset, (val_loss, val_bpb) = validation(eval_model, datasets, val_windows, mixture_weights, block_size,
+                                                          token_bytes, device, autocast)
+            log(f"step {step}: val loss {val_loss:.4f}, val bpb {val_bpb:.4f}" + ("".join(
+                f" | {name}: {loss:.4f}, {bpb:.4f} bpb" for name, (loss, bpb) in per_dataset.items()) if len(datasets) > 1 else ""))
+            record({"step": step, "val_loss": val_loss, "val_bpb": val_bpb, "tokens": tokens_seen,
+                    "val_by_dataset": {name: {"loss": loss, "bpb": bpb} for name, (loss, bpb) in per_dataset.items()}})
+        if step > start_step:
+            write_checkpoint()
+        last_log_time = time.time()  # evaluation time does not count towards tokens/s
+    if last_step:
+        break
 
-        if step % log_interval == 0 or step == max_iters:
-            loss_value = loss_sum.item()  # the only host sync of the step, on log steps only
-            if ddp:
-                loss_value = loss_sum.new_tensor(loss_value)
-                dist.all_reduce(loss_value)  # a sum: gloo has no average
-                loss_value = loss_value.item() / world_size
-            if bad_in_a_row.item() >= max_bad_steps:
-                fail(f"the loss or gradients were not finite for {bad_in_a_row.item()} steps in a row (to step {step}); "
-                     f"no update was applied and no checkpoint written since: lower the learning rate or resume "
-                     f"from an earlier checkpoint")
-            now = time.time()
-            elapsed, steps_done = now - last_log_time, step - last_log_step
-            tokens_per_s = (tokens_seen - last_log_tokens) / elapsed
-            metrics = {"step": step, "loss": loss_value, "lr": lr, "batch_size": batch_size_at(step - 1),
-                       "grad_accum": accum_steps, "grad_norm": grad_norm.item(), "skipped_steps": bad_total.item(),
-                       "tokens": tokens_seen, "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": tokens_per_s / world_size,
-                       "ms_per_step": 1000 * elapsed / steps_done, "peak_memory_mb": peak_memory_mb()}
-            if peak:
-                metrics["mfu"] = flops_per_token * tokens_per_s / (peak * world_size)
-            log(f"step {step}/{max_iters} | loss {loss_value:.4f} | lr {lr:.2e} | grad norm {metrics['grad_norm']:.3f} | "
-                f"{tokens_per_s:,.0f} tok/s | {metrics['ms_per_step']:.1f} ms/step"
-                + (f" | MFU {100 * metrics['mfu']:.1f}%" if peak else "") + f" | {metrics['peak_memory_mb']:,.0f} MB"
-                + (f" | {metrics['skipped_steps']} skipped steps" if metrics["skipped_steps"] else ""))
-            record(metrics)
-            last_log_time, last_log_step, last_log_tokens = now, step, tokens_seen
+    # the step: set the schedules, accumulate gradients over the micro-batches, clip, update
+    lr = lr_at(step)
+    for group in adamw.param_groups:
+        group["lr"] = lr
+    if muon is not None:
+        for group in muon.param_groups:
+            group["lr"] = muon_lr * lr / learning_rate
+            group["momentum"] = muon_momentum_at(step)
+    accum_steps = grad_accum_at(step)
+    loss_sum = torch.zeros((), device=device)  # accumulated on the device: no host sync per micro-step
+    for micro_step in range(accum_steps):
+        if ddp:  # all-reduce the gradients only on the last micro-step
+            model.require_backward_grad_sync = micro_step == accum_steps - 1
+        with autocast:
+            loss = model(x, y, loss_reduction="sum") * loss_scale
+        x, y, loss_scale = next(batches)  # the next batch is prepared while the device works on this one
+        loss.backward()
+        loss_sum += loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    # a non-finite loss gives non-finite (all-reduced, so the same on every rank) gradients: then
+    # every optimizer skips the step on this flag, with no host sync
+    bad = ~torch.isfinite(grad_norm)
+    for opt in optimizers:
+        opt.found_inf = bad.float()
+        opt.step()
+    raw_model.zero_grad(set_to_none=True)
+    bad_in_a_row = (bad_in_a_row + 1) * bad
+    bad_total += bad
+    tokens_seen += batch_size_at(step) * block_size
+    step += 1
 
-        # preemption: all ranks must stop at the same step; they agree (a collective) on log steps
-        stop = stop_signal is not None
-        if ddp and step % log_interval == 0:
-            flag = torch.tensor([float(stop)], device=device)
+    # every log_interval steps: the only host syncs, the log line and a metrics.jsonl record
+    if step % log_interval == 0 or step == max_iters:
+        loss_value = loss_sum.item()
+        if ddp:
+            loss_value = loss_sum.new_tensor(loss_value)
+            dist.all_reduce(loss_value)  # a sum: gloo has no average
+            loss_value = loss_value.item() / world_size
+        if bad_in_a_row.item() >= max_bad_steps:
+            fail(f"the loss or gradients were not finite for {bad_in_a_row.item()} steps in a row (to step {step}); "
+                 f"no update was applied and no checkpoint written since: lower the learning rate or resume "
+                 f"from an earlier checkpoint")
+        now = time.time()
+        elapsed, steps_done = now - last_log_time, step - last_log_step
+        tokens_per_s = (tokens_seen - last_log_tokens) / elapsed
+        metrics = {"step": step, "loss": loss_value, "lr": lr, "batch_size": batch_size_at(step - 1),
+                   "grad_accum": accum_steps, "grad_norm": grad_norm.item(), "skipped_steps": bad_total.item(),
+                   "tokens": tokens_seen, "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": tokens_per_s / world_size,
+                   "ms_per_step": 1000 * elapsed / steps_done, "peak_memory_mb": peak_memory_mb()}
+        if peak:
+            metrics["mfu"] = flops_per_token * tokens_per_s / (peak * world_size)
+        log(f"step {step}/{max_iters} | loss {loss_value:.4f} | lr {lr:.2e} | grad norm {metrics['grad_norm']:.3f} | "
+            f"{tokens_per_s:,.0f} tok/s | {metrics['ms_per_step']:.1f} ms/step"
+            + (f" | MFU {100 * metrics['mfu']:.1f}%" if peak else "") + f" | {metrics['peak_memory_mb']:,.0f} MB"
+            + (f" | {metrics['skipped_steps']} skipped steps" if metrics["skipped_steps"] else ""))
+        record(metrics)
+        last_log_time, last_log_step, last_log_tokens = now, step, tokens_seen
+
+    # on a stop signal: all ranks must stop at the same step, so they agree (a collective) on log steps
+    stop = stop_signal is not None
+    if ddp:
+        stop = False
+        if step % log_interval == 0:
+            flag = torch.tensor([float(stop_signal is not None)], device=device)
             dist.all_reduce(flag)
             stop = flag.item() > 0
-        elif ddp:
-            stop = False
-        if stop and step < max_iters:
-            log(f"stopping at step {step} on a signal")
-            write_checkpoint()
-            break
-        if profiler is not None:
-            profiler.step()
-    if profiler is not None:
-        profiler.stop()
-    if master:
-        wait_for_checkpoint()
-    if ddp:  # leave together: a rank that tears down while another still writes can abort the group
-        dist.barrier()
-except BaseException as e:
-    if not isinstance(e, SystemExit):
-        print(f"error on rank {rank} at step {step}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-    raise
-finally:
-    if master:
-        wait_for_checkpoint()
-    if ddp and dist.is_initialized():
-        dist.destroy_process_group()
+    if stop and step < max_iters:
+        log(f"stopping at step {step} on a signal")
+        write_checkpoint()
+        break
+
+# the end: the last checkpoint written, every rank leaves together
+if master:
+    wait_for_checkpoint()
+if ddp:
+    dist.barrier()  # a rank that tears down while another still works can abort the group
+    dist.destroy_process_group()
+    # and without Python's exit: gloo's C++ teardown at interpreter exit can abort a process
+    # (SIGABRT, "terminate called without an active exception") when all the work is done
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)

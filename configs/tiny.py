@@ -1,6 +1,9 @@
 # Stacked after any stage config, e.g. `python train.py configs/pretrain.py configs/tiny.py`:
 # the same stage shrunk to a few minutes on a laptop CPU, on the demo data from `python prepare.py`
 # (data/demo for text, data/demo-chat for conversations).
+if out_dir == "out/run":  # train.py's default: no stage config came first
+    raise ValueError("configs/tiny.py shrinks a stage: name the stage first, e.g. "
+                     "python train.py configs/pretrain.py configs/tiny.py")
 out_dir = out_dir + "-tiny"
 if init_from.startswith("out/"):  # the previous stage's tiny run
     init_from = init_from + "-tiny"

@@ -10,8 +10,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import tokenizer as tok
-from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from export_hf import export, load_hf_checkpoint
+from checkpoint import load_checkpoint, load_hf_checkpoint, model_from_checkpoint, save_checkpoint
+from export_hf import export
 from model import GPT, ModelArgs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -92,8 +92,7 @@ def test_use_muon_trains_the_tiny_model(tmp_path):
     subprocess.run([sys.executable, "prepare.py", f"--out={tmp_path}/data", "--vocab_size=512"], cwd=ROOT,
                    check=True, capture_output=True)
     result = subprocess.run([sys.executable, "train.py", "--use_muon=True", f"--data_dir={tmp_path}/data",
-                             f"--out_dir={tmp_path}/out", "--n_layer=2", "--n_head=4", "--n_kv_head=2", "--n_embd=64",
-                             "--block_size=64", "--device=cpu", "--compile=False", "--micro_batch_size=16",
+                             f"--out_dir={tmp_path}/out", "tests/tiny_model.py", "--micro_batch_size=16",
                              "--batch_size=32", "--max_iters=40", "--warmup_iters=4", "--learning_rate=1e-2",
                              "--eval_interval=40", "--eval_iters=4", "--log_interval=1"],
                             cwd=ROOT, capture_output=True, text=True)

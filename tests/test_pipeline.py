@@ -10,8 +10,7 @@ import tokenizer as tok
 from data import learned_targets, open_dataset, read_shard, read_windows, sample_windows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--n_layer=2", "--n_head=4", "--n_kv_head=2", "--n_embd=64", "--block_size=64", "--device=cpu",
-        "--compile=False", "--eval_iters=2", "--log_interval=1", "--micro_batch_size=4", "--batch_size=8"]
+TINY = ["tests/tiny_model.py", "--eval_iters=2", "--log_interval=1", "--micro_batch_size=4", "--batch_size=8"]
 
 
 def run(*args, check=True, env=None):
@@ -34,13 +33,13 @@ def test_chat_prepare_masks_exactly_the_assistant_tokens(data, tmp_path):
     lines.insert(2, json.dumps({"messages": [{"role": "robot", "content": "beep"}]}))
     lines.insert(3, json.dumps({"messages": []}))
     (tmp_path / "chat.jsonl").write_text(("\n".join(lines) + "\n") * 20)
-    result = run("prepare.py", str(tmp_path / "chat.jsonl"), "--chat", f"--tokenizer={data}", f"--out={tmp_path}/chat",
+    result = run("prepare.py", str(tmp_path / "chat.jsonl"), "--chat=True", f"--tokenizer={data}", f"--out={tmp_path}/chat",
                  "--val_fraction=0.3")
     assert f"{tmp_path}/chat.jsonl:2: not valid JSON" in result.stderr
-    assert f"{tmp_path}/chat.jsonl:3: a message is not" in result.stderr and "skipped 60 bad conversations" in result.stderr
+    assert f"{tmp_path}/chat.jsonl:3: a message is not" in result.stderr and "skipped 60 documents" in result.stderr
     enc = tok.load_tokenizer(str(tmp_path / "chat"))
     meta = json.loads((tmp_path / "chat" / "meta.json").read_text())
-    assert meta["chat"] and meta["skipped_conversations"] == 60
+    assert meta["chat"] and meta["skipped_documents"] == 60
     tokens = np.concatenate([read_shard(str(tmp_path / "chat" / n)) for n in meta["splits"]["train"]["shards"]])
     masks = np.concatenate([read_shard(str(tmp_path / "chat" / n)) for n in meta["splits"]["train"]["masks"]])
     assert len(tokens) == len(masks) and set(np.unique(masks)) == {0, 1}
@@ -54,7 +53,7 @@ def test_chat_prepare_masks_exactly_the_assistant_tokens(data, tmp_path):
 def test_a_micro_batch_with_nothing_to_learn_gives_a_finite_loss(data, tmp_path):
     (tmp_path / "questions.jsonl").write_text("".join(
         json.dumps({"messages": [{"role": "user", "content": f"Question {i}: what is {i} squared?"}]}) + "\n" for i in range(300)))
-    run("prepare.py", str(tmp_path / "questions.jsonl"), "--chat", f"--tokenizer={data}", f"--out={tmp_path}/q", "--val_fraction=0.2")
+    run("prepare.py", str(tmp_path / "questions.jsonl"), "--chat=True", f"--tokenizer={data}", f"--out={tmp_path}/q", "--val_fraction=0.2")
     run("train.py", *TINY, f"--data_dir={tmp_path}/q", f"--out_dir={tmp_path}/out", "--use_loss_mask=True", "--max_iters=3",
         "--eval_interval=3")
     with open(tmp_path / "out" / "metrics.jsonl") as f:
@@ -82,20 +81,20 @@ def test_mixture_follows_the_weights_and_is_deterministic(data):
 def test_the_pipeline_end_to_end(data, tmp_path):
     """./run_pipeline.sh configs/tiny.py with a few steps per stage (tests/fast_pipeline.py), on the
     repo's own demo data (built by the pipeline if missing)."""
-    env = {**os.environ, "PIPELINE_TEST_OUT": str(tmp_path)}
+    env = {**os.environ, "OUT_ROOT": str(tmp_path)}
     command = ["bash", "run_pipeline.sh", "configs/tiny.py", "tests/fast_pipeline.py"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     for stage in ("pretrain", "midtrain", "finetune"):
-        assert f"=== {stage} -> {tmp_path}/{stage}-tiny" in result.stdout
-        assert os.path.exists(tmp_path / f"{stage}-tiny" / "ckpt_0000008.pt")
+        assert f"=== {stage} -> {tmp_path}/{stage}-tiny-fast_pipeline" in result.stdout
+        assert os.path.exists(tmp_path / f"{stage}-tiny-fast_pipeline" / "ckpt_0000008.pt")
     from checkpoint import load_checkpoint
-    assert load_checkpoint(str(tmp_path / "finetune-tiny"))["parent"].startswith(str(tmp_path / "midtrain-tiny"))
-    assert (tmp_path / "finetune-tiny" / "hf" / "model.safetensors").exists()
+    assert load_checkpoint(str(tmp_path / "finetune-tiny-fast_pipeline"))["parent"].startswith(str(tmp_path / "midtrain-tiny-fast_pipeline"))
+    assert (tmp_path / "finetune-tiny-fast_pipeline" / "hf" / "model.safetensors").exists()
     # a rerun finds every stage done: it resumes each at its last step and trains no further
-    checkpoints = {stage: sorted(p for p in os.listdir(tmp_path / f"{stage}-tiny") if p.startswith("ckpt_"))
+    checkpoints = {stage: sorted(p for p in os.listdir(tmp_path / f"{stage}-tiny-fast_pipeline") if p.startswith("ckpt_"))
                    for stage in ("pretrain", "midtrain", "finetune")}
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
     assert again.returncode == 0 and "resuming it" in again.stdout and "resumed from" in again.stdout
-    assert checkpoints == {stage: sorted(p for p in os.listdir(tmp_path / f"{stage}-tiny") if p.startswith("ckpt_"))
+    assert checkpoints == {stage: sorted(p for p in os.listdir(tmp_path / f"{stage}-tiny-fast_pipeline") if p.startswith("ckpt_"))
                            for stage in checkpoints}

@@ -15,8 +15,7 @@ import torch
 from checkpoint import checkpoint_paths, load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--n_layer=2", "--n_head=4", "--n_kv_head=2", "--n_embd=64", "--block_size=64", "--device=cpu",
-        "--compile=False", "--eval_iters=1", "--log_interval=1", "--micro_batch_size=4", "--learning_rate=1e-2",
+TINY = ["tests/tiny_model.py", "--eval_iters=1", "--log_interval=1", "--micro_batch_size=4", "--learning_rate=1e-2",
         "--warmup_iters=2"]
 # the batch doubles at steps 4 and 8: a stop at step 6 and the end at 12 fall in different phases
 SCHEDULE = "--batch_size_schedule={'strategy': 'doubling', 'start_batch_size': 4, 'interval_steps': 4, 'max_batch_size': 16}"
@@ -78,7 +77,6 @@ def test_resume_on_another_world_size(data, tmp_path, optimizer):
     # the state a 2-process run saves is the whole state: the same tensors a 1-process run saves
     two_half, one_half = load_checkpoint(str(tmp_path / "two/ckpt_0000006.pt")), load_checkpoint(str(tmp_path / "one/ckpt_0000006.pt"))
     assert_same_state(two_half, one_half, exact=False)
-    assert len(two_half["rng"]) == 2
     os.makedirs(tmp_path / "resumed")
     shutil.copy(tmp_path / "two" / "ckpt_0000006.pt", tmp_path / "resumed")
     result = train(*args, f"--out_dir={tmp_path}/resumed", "--init_from=resume")

@@ -8,13 +8,14 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--n_layer=1", "--n_head=2", "--n_kv_head=1", "--n_embd=32", "--block_size=32", "--device=cpu",
+SMALL = ["tests/tiny_model.py", "--n_layer=1", "--n_head=2", "--n_kv_head=1", "--n_embd=32", "--block_size=32",
          "--micro_batch_size=4", "--eval_iters=2"]
 
 
-def train(*args, env=None):
-    result = subprocess.run([sys.executable, "train.py", *SMALL, *args], cwd=ROOT, capture_output=True, text=True,
-                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+def profile(*args):
+    """bench.py --profile=True: train.py's steps 8-10 under the profiler."""
+    result = subprocess.run([sys.executable, "bench.py", *SMALL, "--profile=True", *args], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -24,17 +25,17 @@ def test_no_host_sync_between_log_steps(data, tmp_path, setup):
     # steps 8-10 are profiled; logs, evals and checkpoints only at step 12
     extra = ["--use_muon=True", f"--data_dir={data}-chat", "--use_loss_mask=True"] if setup == "muon_chat" \
         else [f"--data_dir={data}"]
-    train(*extra, f"--out_dir={tmp_path}/run", "--compile=False", "--batch_size=8", "--max_iters=12",
-          "--log_interval=12", "--eval_interval=12", "--profile=True")
-    with open(f"{tmp_path}/run/profile/summary.json") as f:
+    profile(*extra, f"--profile_dir={tmp_path}/run", "--batch_size=8", "--max_iters=12", "--log_interval=12",
+            "--eval_interval=12")
+    with open(f"{tmp_path}/run/summary.json") as f:
         summary = json.load(f)
     assert summary["steps"] == [8, 9, 10]
     assert summary["item_calls"] == 0 and summary["cuda_syncs"] == 0
     assert any("flash" in op for op in summary["attention_ops"]), summary  # SDPA's fused kernel, GQA included
     # the count does see syncs: a log step inside the profiled window brings its .item() calls
-    train(*extra, f"--out_dir={tmp_path}/logged", "--compile=False", "--batch_size=8", "--max_iters=12",
-          "--log_interval=3", "--eval_interval=12", "--profile=True")
-    with open(f"{tmp_path}/logged/profile/summary.json") as f:
+    profile(*extra, f"--profile_dir={tmp_path}/logged", "--batch_size=8", "--max_iters=12", "--log_interval=3",
+            "--eval_interval=12")
+    with open(f"{tmp_path}/logged/summary.json") as f:
         assert json.load(f)["item_calls"] >= 3  # loss, grad norm, the divergence counters at step 9
 
 

@@ -8,7 +8,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_gpu_check_dry_run(tmp_path):
-    result = subprocess.run([sys.executable, "gpu_check.py", "--device=cpu", f"--out_file={tmp_path}/check.json"],
+    result = subprocess.run([sys.executable, "dev/gpu_check.py", "--device=cpu", f"--out_file={tmp_path}/check.json"],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "check.json").read_text())

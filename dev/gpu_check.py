@@ -27,12 +27,13 @@ import torch
 device = "auto"
 out_file = "gpu_check.json"
 time_limit_s = 400              # no new part starts after this; a running one gets 60 s more at most
-exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
+exec(open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configurator.py")).read())
 
-from model import device_peak_flops, resolve_device
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from model import device_peak_flops, resolve_device  # noqa: E402
 
 started = time.time()
-ROOT = os.path.dirname(os.path.abspath(__file__))
 device, device_type, _, _ = resolve_device(device)
 dry_run = device_type != "cuda"
 results = {"device": torch.cuda.get_device_name() if not dry_run else "cpu (dry run)", "torch": torch.__version__,
@@ -105,14 +106,16 @@ part_done("ceilings and SDPA")
 if not os.path.exists(os.path.join(ROOT, "data/demo/meta.json")):
     run("prepare.py")
 with tempfile.TemporaryDirectory() as tmp:
-    smoke = run("train.py", "configs/pretrain.py", "configs/tiny.py", f"--device={device}", f"--out_dir={tmp}/smoke",
-                "--max_iters=30", "--eval_interval=1000", "--log_interval=6", "--profile=True",
-                *(["--compile=False"] if dry_run else ["--dtype=bfloat16", "--compile=True"]), env={"TORCH_LOGS": "recompiles"})
+    smoke_args = ["configs/pretrain.py", "configs/tiny.py", f"--device={device}", "--eval_interval=1000", "--log_interval=6",
+                  *(["--compile=False"] if dry_run else ["--dtype=bfloat16", "--compile=True"])]
+    smoke = run("train.py", *smoke_args, f"--out_dir={tmp}/smoke", "--max_iters=30", env={"TORCH_LOGS": "recompiles"})
+    profiled = run("bench.py", *smoke_args, "--max_iters=12", "--profile=True", f"--profile_dir={tmp}/profile")
+    smoke.stderr += profiled.stderr
     losses, syncs = [], {}
     try:  # a part that fails is reported, never the end of the check
         with open(f"{tmp}/smoke/metrics.jsonl") as f:
             losses = [r["loss"] for r in map(json.loads, f) if "loss" in r]
-        with open(f"{tmp}/smoke/profile/summary.json") as f:
+        with open(f"{tmp}/profile/summary.json") as f:
             syncs = json.load(f)
     except (OSError, ValueError) as e:
         smoke.stderr += f"\n{type(e).__name__}: {e}"
