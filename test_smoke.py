@@ -163,6 +163,35 @@ def test_configurator_errors(tmp_path):
     assert result.returncode != 0 and "has no value" in result.stderr
 
 
+def test_every_script_explains_its_settings():
+    for script, setting in [("train.py", "--learning_rate=0.0006\n        peak"), ("prepare.py", "--chat=False\n        the .jsonl"),
+                            ("sample.py", "--temperature=0.8\n        0: greedy"), ("export_hf.py", "--dtype='bfloat16'"),
+                            ("bench.py", "--bench_steps=10\n        timed steps")]:
+        result = run(script, "--help")
+        assert setting in result.stdout, (script, result.stdout[-2000:])
+
+
+def test_the_command_line_wins_and_config_files_derive_from_it(tmp_path):
+    # configs/tiny.py derives warmup_iters and eval_interval from max_iters: from the command line's value
+    result = run("train.py", "configs/pretrain.py", "configs/tiny.py", "--max_iters=100", "--learning_rate=0.01",
+                 "--print_config")
+    config = dict(line.split(" = ", 1) for line in result.stdout.splitlines())
+    assert (config["max_iters"], config["warmup_iters"], config["eval_interval"]) == ("100", "5", "25")
+    assert config["learning_rate"] == "0.01" and config["out_dir"] == "'out/pretrain-tiny'"
+    # a config file that fails says where, in one line
+    (tmp_path / "raises.py").write_text("n_layer = 4\nn_head = n_layers // 2\n")
+    (tmp_path / "syntax.py").write_text("n_layer = 4\nn_head = (\n")
+    for name, message in [("raises.py", "raises.py:2: NameError: name 'n_layers' is not defined"),
+                          ("syntax.py", "syntax.py:2: SyntaxError")]:
+        result = run("train.py", str(tmp_path / name), check=False)
+        assert result.returncode != 0 and result.stderr.strip().startswith(f"config error: {tmp_path / name}"), result.stderr
+        assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    result = run("train.py", "configs/tiny.py", check=False)  # the overlay alone: which stage would it shrink?
+    assert result.returncode != 0 and "name the stage first" in result.stderr
+    result = run("train.py", "configs/pretrain", check=False)
+    assert result.returncode != 0 and "unexpected argument 'configs/pretrain': config files end in .py" in result.stderr
+
+
 # ---- tokenizer and shards ---------------------------------------------------------------------
 def test_tokenizer_round_trip(tmp_path):
     import tokenizer as tok

@@ -34,5 +34,7 @@ if __name__ == "__main__":
         dist.init_process_group("gloo")
     run(sys.argv[1])
     if dist.is_initialized():
-        dist.barrier()  # leave together, as train.py does: a rank torn down early can abort the other's gloo
+        dist.barrier()  # leave together, and without Python's exit, as train.py does (gloo can abort there)
         dist.destroy_process_group()
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(0)
