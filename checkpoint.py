@@ -43,7 +43,8 @@ _pending_write = {"thread": None, "error": None}
 def save_checkpoint(out_dir, state, keep_last=3, keep_every=0, background=False):
     """Write state as out_dir/ckpt_<step>.pt atomically, then delete all but the newest keep_last
     (and those whose step is a multiple of keep_every). With background=True the state is first
-    copied to CPU memory, and the write happens in a thread while training goes on."""
+    copied to CPU memory, and the write happens in a thread while training goes on: its failure is
+    then reported by checkpoint_failure() (train.py asks after every step) or wait_for_checkpoint()."""
     wait_for_checkpoint()
     if not background:
         return _write_checkpoint(out_dir, state, keep_last, keep_every)
@@ -52,10 +53,16 @@ def save_checkpoint(out_dir, state, keep_last=3, keep_every=0, background=False)
     def write():
         try:
             _write_checkpoint(out_dir, state, keep_last, keep_every)
-        except BaseException as e:  # re-raised in the training thread by wait_for_checkpoint
+        except BaseException as e:
             _pending_write["error"] = e
     _pending_write["thread"] = threading.Thread(target=write, name="checkpoint-writer")
     _pending_write["thread"].start()
+
+
+def checkpoint_failure():
+    """The error of a background write that failed, once, without waiting for a running one."""
+    error, _pending_write["error"] = _pending_write["error"], None
+    return error
 
 
 def wait_for_checkpoint():
@@ -63,7 +70,7 @@ def wait_for_checkpoint():
     if _pending_write["thread"] is not None:
         _pending_write["thread"].join()
         _pending_write["thread"] = None
-    error, _pending_write["error"] = _pending_write["error"], None
+    error = checkpoint_failure()
     if error is not None:
         raise error
 
@@ -83,17 +90,24 @@ def _write_checkpoint(out_dir, state, keep_last, keep_every):
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"ckpt_{state['step']:07d}.pt")
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save({"format_version": FORMAT_VERSION, **state}, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format_version": FORMAT_VERSION, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except Exception as e:  # torch reports a failed write (disk full, file too large) as a RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        free = shutil.disk_usage(out_dir).free / 2**20
+        raise OSError(f"checkpoint at step {state['step']} not written: {type(e).__name__}: "
+                                   f"{str(e).strip().splitlines()[0][:300]} (disk full? {free:,.0f} MiB free in {out_dir})") from e
     os.replace(tmp, path)
     directory = os.open(out_dir, os.O_RDONLY)  # make the rename itself durable
     try:
         os.fsync(directory)
     finally:
         os.close(directory)
-    if keep_last > 0:
+    if keep_last > 0:  # only loadable checkpoints are here: a file that failed to load was set aside
         for old in checkpoint_paths(out_dir)[:-keep_last]:
             if not (keep_every and int(CHECKPOINT_NAME.search(old).group(1)) % keep_every == 0):
                 os.remove(old)
@@ -107,10 +121,11 @@ def remove_stale_writes(out_dir):
         os.remove(stale)
 
 
-def load_checkpoint(path, device="cpu"):
+def load_checkpoint(path, device="cpu", set_aside=False):
     """Load a checkpoint file, the newest loadable checkpoint of a run directory, or (hf:<dir>) a
     Hugging Face model directory. A newest checkpoint that is truncated or corrupt is reported and
-    the one before it used."""
+    the one before it used; with set_aside (a run resuming its own directory) it is also renamed
+    to *.corrupt, so that it never counts as a checkpoint again (rotation keeps only loadable ones)."""
     if path.startswith("hf:"):
         return load_hf_checkpoint(path[3:])
     if os.path.isdir(path):
@@ -121,14 +136,20 @@ def load_checkpoint(path, device="cpu"):
             try:
                 return load_checkpoint(candidate, device)
             except ValueError as e:
-                print(f"warning: skipping {candidate}: {e}")
+                print(f"warning: skipping {candidate}: {e}", flush=True)
+                if set_aside:
+                    os.replace(candidate, candidate + ".corrupt")
+                    print(f"warning: set {candidate} aside as {os.path.basename(candidate)}.corrupt", flush=True)
         raise ValueError(f"no checkpoint in {path} could be loaded")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
         checkpoint = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # truncated file, or it asks to unpickle something that is not plain data
-        raise ValueError(f"cannot load {path} safely ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    except Exception as e:
+        if type(e).__name__ == "UnpicklingError" and "Weights only load failed" in str(e):
+            raise ValueError(f"{path} holds objects that would run code when loaded (not only tensors and plain "
+                             f"data): refused, nothing in it was executed") from None
+        raise ValueError(f"{path} is truncated or corrupt ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path} is not a checkpoint of format version {FORMAT_VERSION}")
     checkpoint["path"] = path
@@ -205,3 +226,62 @@ def replace_directory(tmp, final):
         os.rename(final, old)
     os.rename(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+_lock_file = None  # held open (and locked) for the whole run
+
+
+def lock_run_directory(out_dir):
+    """Take out_dir for this process: an exclusive lock on out_dir/.lock, released when the process
+    ends however it ends (the kernel drops it), so a lock left by a killed run is simply taken over.
+    Raises RuntimeError naming the PID of a run that holds it."""
+    global _lock_file
+    import fcntl
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, ".lock")
+    lock_file = open(path, "a+")
+    try:
+        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock_file.seek(0)
+        holder = lock_file.read().strip() or "unknown"
+        lock_file.close()
+        raise RuntimeError(f"{out_dir} is in use by another run (PID {holder}): wait for it to end, or choose "
+                           f"another --out_dir") from None
+    lock_file.seek(0)
+    previous = lock_file.read().strip()
+    if previous:
+        print(f"{out_dir}: taking over the lock of an earlier run (PID {previous}) that ended without releasing it",
+              flush=True)
+    lock_file.truncate(0)
+    lock_file.write(f"{os.getpid()}\n")
+    lock_file.flush()
+    _lock_file = lock_file
+
+
+def release_run_directory():
+    """At a normal end: the lock file emptied (no PID left behind), then released."""
+    global _lock_file
+    if _lock_file is not None:
+        _lock_file.truncate(0)
+        _lock_file.close()
+        _lock_file = None
+
+
+def append_line(path, line):
+    """Append line (and a newline) to a file whole, or not at all: a write cut short (disk full)
+    is undone before the error is raised, so a reader never meets a torn last line."""
+    data = (line + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            written = os.write(fd, data)
+        except OSError:
+            written = -1
+        if written != len(data):
+            os.ftruncate(fd, size)
+            raise OSError(f"cannot append to {path} ({'disk full or file too large' if written >= 0 else 'write failed'}: "
+                          f"{shutil.disk_usage(os.path.dirname(path) or '.').free / 2**20:,.0f} MiB free)")
+    finally:
+        os.close(fd)

@@ -90,13 +90,24 @@ def open_dataset(directory, block_size):
     meta_path = os.path.join(directory, "meta.json")
     if not os.path.exists(meta_path):
         raise FileNotFoundError(f"no dataset at {directory} (no meta.json): run python prepare.py first")
-    with open(meta_path) as f:
-        meta = json.load(f)
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if not isinstance(meta["vocab_size"], int) or not all(isinstance(meta["splits"][s]["shards"], list) for s in ("train", "val")):
+            raise TypeError("vocab_size or a split's shards has the wrong type")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{meta_path} is corrupt ({type(e).__name__}: {e}): prepare the dataset again") from None
     dataset = {"directory": directory, "meta": meta, "tokens": {}, "masks": {}, "starts": {}, "offsets": {}, "truncated": 0}
     chat = bool(meta.get("chat"))
     for split in ("train", "val"):
         info = meta["splits"][split]
         tokens = [read_shard(os.path.join(directory, name)) for name in info["shards"]]
+        # an id past the vocabulary would train silently (below the padded size) or crash deep in torch
+        max_ids = info.get("max_token_ids") or [int(shard.max()) if len(shard) else 0 for shard in tokens]
+        for name, max_id in zip(info["shards"], max_ids):
+            if max_id >= meta["vocab_size"]:
+                raise ValueError(f"{os.path.join(directory, name)} holds token id {max_id}, outside the vocabulary of "
+                                 f"{meta['vocab_size']} in {meta_path}: prepare the dataset again")
         dataset["tokens"][split] = tokens
         dataset["masks"][split] = [read_shard(os.path.join(directory, name)) for name in info["masks"]] if chat else None
         if chat:  # windows start at a conversation's first token and must fit in the shard
@@ -139,10 +150,14 @@ def sample_windows(datasets, weights, split, count, rng_key):
 
 def read_windows(datasets, split, windows, block_size, use_loss_mask):
     """(inputs, targets) as int64 arrays of shape (len(windows), block_size); targets that are not
-    learned (outside a chat dataset's mask, when use_loss_mask) are -1."""
-    tokens = np.empty((len(windows), block_size + 1), dtype=np.int64)
+    learned (outside a chat dataset's mask, when use_loss_mask; a None window) are -1."""
+    tokens = np.zeros((len(windows), block_size + 1), dtype=np.int64)
     learned = np.ones((len(windows), block_size), dtype=bool)
-    for row, (d, shard, offset) in enumerate(windows):
+    for row, window in enumerate(windows):
+        if window is None:  # padding (evaluation's equal shares per rank): nothing to learn
+            learned[row] = False
+            continue
+        d, shard, offset = window
         tokens[row] = datasets[d]["tokens"][split][shard][offset:offset + block_size + 1]
         masks = datasets[d]["masks"][split]
         if use_loss_mask and masks is not None:

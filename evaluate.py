@@ -16,13 +16,19 @@ from data import read_windows, sample_windows
 
 
 def validation_windows(datasets, micro_batches, micro_batch_size, seed, rank, world_size):
-    """This rank's validation windows of each dataset, as micro-batches of windows. Drawn with the key
+    """This rank's validation windows of each dataset, as micro-batches of windows: micro_batches x
+    micro_batch_size windows in all, the same set whatever the world size, split between ranks. A
+    share is padded with None windows (nothing learned) to whole micro-batches, the same number on
+    every rank: each runs the same forward passes (FSDP needs that). Drawn with the key
     (seed, 2**32, d): a step number training never reaches, so never the windows of a training step."""
-    per_rank = micro_batches * micro_batch_size
+    total = micro_batches * micro_batch_size
+    per_rank = -(-total // world_size)
+    per_rank = -(-per_rank // micro_batch_size) * micro_batch_size
     shares = []
     for d in range(len(datasets)):
-        windows = sample_windows([datasets[d]], [1.0], "val", per_rank * world_size, (seed, 2**32, d))
+        windows = sample_windows([datasets[d]], [1.0], "val", total, (seed, 2**32, d))
         mine = [(d, shard, offset) for _, shard, offset in windows[rank * per_rank:(rank + 1) * per_rank]]
+        mine += [None] * (per_rank - len(mine))
         shares.append([mine[k:k + micro_batch_size] for k in range(0, per_rank, micro_batch_size)])
     return shares
 

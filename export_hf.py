@@ -6,6 +6,16 @@ max_shard_size_mb), tokenizer.json and tokenizer_config.json (with the chat temp
     AutoModelForCausalLM.from_pretrained(dir), AutoTokenizer.from_pretrained(dir)
 work offline. Needs only safetensors: the JSON files are written directly.
 
+The tokenizer: tokenizer(text) begins with <|endoftext|>, the BOS every training document began
+with (as Llama's tokenizers add <s>), so tokenizer(text) + generate continues text as sample.py
+does. Special-token text is where it differs from tokenizer.py: transformers turns a literal
+"<|endoftext|>", "<|im_start|>" or "<|im_end|>" written in the text into that special token, in
+tokenizer(text) and in apply_chat_template alike (every Hugging Face tokenizer does; the chat
+template itself is tokenized that way, so it cannot be switched off there); tokenizer.py never
+does. For text you do not control, tokenizer(text, split_special_tokens=True) gives tokenizer.py's
+ids; check chat messages for those strings before apply_chat_template (tests/test_export.py pins
+both behaviours).
+
 The reverse, reading such a directory as a checkpoint (init_from='hf:<dir>'), is
 checkpoint.load_hf_checkpoint.
 """
@@ -97,7 +107,12 @@ def tokenizer_json(enc):
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
             {"type": "Split", "pattern": {"Regex": enc._pat_str}, "behavior": "Isolated", "invert": False},
             {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
-        "post_processor": None,
+        # every document the model saw began with <|endoftext|>: tokenizer(text) adds it, as Llama's tokenizers add <s>
+        "post_processor": {"type": "TemplateProcessing",
+                           "single": [{"SpecialToken": {"id": tok.BOS, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                           "pair": [{"SpecialToken": {"id": tok.BOS, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                                    {"SpecialToken": {"id": tok.BOS, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                           "special_tokens": {tok.BOS: {"id": tok.BOS, "ids": [tok.bos_id(enc)], "tokens": [tok.BOS]}}},
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                   "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
@@ -148,12 +163,17 @@ def export(checkpoint, hf_dir, dtype_name="bfloat16", max_shard_size_mb=5000):
     # the embedding rows past the tokenizer's vocabulary are padding: never generate them
     write_json(os.path.join(tmp, "generation_config.json"), {
         "bos_token_id": specials[tok.BOS], "eos_token_id": [specials[tok.BOS], specials["<|im_end|>"]],
-        "pad_token_id": specials[tok.BOS], "suppress_tokens": list(range(enc.n_vocab, config["vocab_size"]))})
+        "pad_token_id": specials[tok.BOS], "suppress_tokens": list(range(enc.n_vocab, config["vocab_size"])),
+        "max_new_tokens": 256})
     write_json(os.path.join(tmp, "tokenizer.json"), tokenizer_json(enc))
     write_json(os.path.join(tmp, "tokenizer_config.json"), {
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tok.BOS, "eos_token": tok.BOS, "pad_token": tok.BOS,
-        "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+        "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False,
         "model_max_length": checkpoint["model_args"]["block_size"], "chat_template": tok.CHAT_TEMPLATE})
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in os.listdir(tmp):  # readable like any other file (safetensors creates its files 0600)
+        os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
     replace_directory(tmp, hf_dir)
     return config
 

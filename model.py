@@ -314,6 +314,11 @@ def resolve_device(device="auto", dtype="auto"):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device_type = "cuda" if device.startswith("cuda") else "cpu"
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}, but torch sees no CUDA device here (a CPU build of torch, or no GPU): "
+                         f"use --device=cpu, or 'auto'")
+    if device_type == "cpu" and device != "cpu":
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
     if dtype == "auto":
         dtype = "bfloat16" if device_type == "cuda" else "float32"
     if dtype not in ("bfloat16", "float32"):

@@ -28,6 +28,7 @@ the number of workers; it is checked before anything is tokenized. Everything is
 OUT.tmp and renamed to OUT at the very end: an interrupted run never leaves a dataset that looks
 complete.
 """
+import functools
 import glob
 import json
 import multiprocessing
@@ -170,11 +171,13 @@ def first_paragraph(text):
     return " ".join(inspect.cleandoc(text).split("\n\n")[0].split())
 
 
+@functools.lru_cache(maxsize=1)  # parsed once per run, though documents() is read more than once
 def demo_answers():
-    """(document the answer comes from, qualified name, question template's name, answer): each public
+    """[(document the answer comes from, qualified name, answer)]: each public
     function's and class's docstring summary in the standard library ("What does json.dumps do?" ->
     its first paragraph), and the opening paragraph of each pydoc topic."""
     import ast
+    answers = []
     for name, source in demo_modules():
         if "/_" in name or name.split("/")[-1].startswith("_"):
             continue
@@ -192,20 +195,21 @@ def demo_answers():
                 docstring = ast.get_docstring(node)
                 answer = first_paragraph(docstring) if docstring else ""
                 if 20 <= len(answer) <= 400:
-                    yield name, f"{module}.{path}", answer
+                    answers.append((name, f"{module}.{path}", answer))
     from pydoc_data.topics import topics
     for topic in sorted(topics):
         lines = topics[topic].strip().split("\n")
         answer = first_paragraph("\n".join(lines[2:])) if len(lines) > 2 and set(lines[1]) <= {"*", "="} else ""
         if 20 <= len(answer) <= 600:
-            yield "pydoc/" + topic, topic, answer
+            answers.append(("pydoc/" + topic, topic, answer))
+    return answers
 
 
 def demo_conversations():
     """Question/answer pairs on the demo corpus (demo_answers), each named after the document its answer
     comes from, so it falls in that document's split. A val answer whose words also occur in the training
     text or among the training answers (a docstring copied into another module) is left out."""
-    answers = list(demo_answers())
+    answers = demo_answers()
     train_answers = {answer for document, _, answer in answers if split_of(document) == "train"}
     train_text = " ".join(" ".join(text.split()) for name, text, _ in demo_documents() if split_of(name) == "train")
     for document, qualified, answer in answers:

@@ -33,10 +33,9 @@ from checkpoint import load_checkpoint, model_from_checkpoint
 from model import resolve_device
 import tokenizer as tok
 
-device, device_type, dtype, autocast = resolve_device(device, dtype)
 torch.manual_seed(seed)
-
 try:
+    device, device_type, dtype, autocast = resolve_device(device, dtype)
     checkpoint = load_checkpoint(ckpt or out_dir, device)
 except (FileNotFoundError, ValueError) as e:
     sys.exit(f"sample.py: error: {e}")

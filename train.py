@@ -84,32 +84,17 @@ seed = 1337
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 # ----------------------------------------------------------------------------------------------
 
-from checkpoint import checkpoint_paths, load_checkpoint, remove_stale_writes, save_checkpoint, wait_for_checkpoint
+from checkpoint import (append_line, checkpoint_failure, checkpoint_paths, load_checkpoint, lock_run_directory,
+                        release_run_directory, remove_stale_writes, save_checkpoint, wait_for_checkpoint)
 from data import learned_targets, open_dataset, read_windows, sample_windows
 from evaluate import validation, validation_windows
 from model import GPT, ModelArgs, device_peak_flops, resolve_device
 import tokenizer as tok
 
-# distributed: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
+# torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; rank 0 logs and writes every file
 ddp = "RANK" in os.environ
-try:
-    device, device_type, dtype, autocast = resolve_device(device, dtype)
-except ValueError as e:
-    sys.exit(f"config error: {e}")
-if ddp:
-    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    if device_type == "cuda":
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
-    # the timeout turns a rank that died or hung into an error on the others instead of a hang
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timedelta(minutes=10))
-else:
-    rank, local_rank, world_size = 0, 0, 1
+rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
 master = rank == 0
-if compile is None:
-    compile = device_type == "cuda"
-torch.backends.cuda.matmul.allow_tf32 = True
-torch.backends.cudnn.allow_tf32 = True
 
 
 def log(*args):
@@ -124,13 +109,40 @@ def fail(message):
     sys.exit(1)
 
 
+# ---- the config, checked before anything starts: each mistake a one-line error ----------------------
+for problem, wrong in [
+    (f"lr_schedule must be 'cosine', 'linear' or 'wsd', got {lr_schedule!r}", lr_schedule not in ("cosine", "linear", "wsd")),
+    (f"wsd_decay_shape must be 'linear', 'cosine' or 'sqrt', got {wsd_decay_shape!r}", wsd_decay_shape not in ("linear", "cosine", "sqrt")),
+    *((f"{name} must be a finite number > 0, got {value}", not 0 < value < math.inf)
+      for name, value in [("learning_rate", learning_rate), ("muon_lr", muon_lr if use_muon else 1.0)]),
+    (f"min_lr must be a finite number >= 0, got {min_lr}", not 0 <= min_lr < math.inf),
+    *((f"{name} must be at least 1, got {value}", value < 1) for name, value in [
+        ("micro_batch_size", micro_batch_size), ("batch_size", batch_size), ("eval_interval", eval_interval),
+        ("log_interval", log_interval), ("max_bad_steps", max_bad_steps), ("block_size", block_size)]),
+    *((f"{name} must not be negative, got {value}", value < 0) for name, value in [
+        ("max_iters", max_iters), ("warmup_iters", warmup_iters), ("eval_iters", eval_iters),
+        ("keep_last_checkpoints", keep_last_checkpoints), ("keep_every_checkpoints", keep_every_checkpoints),
+        ("muon_momentum_warmup_steps", muon_momentum_warmup_steps)]),
+]:
+    if wrong:
+        fail(f"config: {problem}")
+try:
+    device, device_type, dtype, autocast = resolve_device(device, dtype)
+except ValueError as e:
+    fail(f"config: {e}")
+if ddp:
+    if device_type == "cuda":
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    # the timeout turns a rank that died or hung into an error on the others instead of a hang
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timedelta(minutes=10))
+if compile is None:
+    compile = device_type == "cuda"
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+
+
 # ---- schedules --------------------------------------------------------------------------------
-if lr_schedule not in ("cosine", "linear", "wsd"):
-    fail(f"lr_schedule must be 'cosine', 'linear' or 'wsd', got {lr_schedule!r}")
-if wsd_decay_shape not in ("linear", "cosine", "sqrt"):
-    fail(f"wsd_decay_shape must be 'linear', 'cosine' or 'sqrt', got {wsd_decay_shape!r}")
-
-
 def lr_at(step):
     """AdamW's learning rate at a step; Muon's is muon_lr scaled by the same factor."""
     # 1) linear warmup from 0
@@ -190,7 +202,11 @@ def grad_accum_at(step):
 # Otherwise 'resume' starts from scratch, and a handoff (an earlier stage's out_dir or checkpoint
 # file, or hf:<dir>) takes that model's weights only: a fresh optimizer, step count and schedule.
 # Either way the model's shape is the checkpoint's: a later stage's config need not repeat it.
-if master:
+if master:  # one run per directory: a second is refused, naming the first's PID
+    try:
+        lock_run_directory(out_dir)
+    except RuntimeError as e:
+        fail(str(e))
     remove_stale_writes(out_dir)
 resuming = bool(checkpoint_paths(out_dir))
 if resuming and init_from == "scratch":
@@ -200,8 +216,8 @@ if resuming and init_from != "resume":
     log(f"{out_dir} already holds this stage's checkpoints: resuming it (not starting again from {init_from})")
 source = None  # the checkpoint to start from
 try:
-    if resuming:
-        source = load_checkpoint(out_dir, device)
+    if resuming:  # a newest checkpoint that does not load is set aside: it never counts again
+        source = load_checkpoint(out_dir, device, set_aside=master)
     elif init_from != "scratch" and init_from != "resume":
         source = load_checkpoint(init_from, device)
 except (ValueError, FileNotFoundError) as e:
@@ -298,6 +314,7 @@ log(optimizer_summary)
 # Resuming is exact without saving any random generator's state: nothing draws from one after the
 # initialisation above (no dropout), and the windows of step s come from default_rng((seed, s)).
 step, tokens_seen, parent = 0, 0, None  # parent: the checkpoint this run's weights started from
+good_checkpoint = None  # the newest checkpoint of this run known to hold finite weights and evaluation
 if source is not None:
     raw_model.load_state_dict(source["model"])
     if resuming:
@@ -306,7 +323,7 @@ if source is not None:
                  f"{len(optimizers)}: use_muon must stay as it was")
         for opt, opt_state in zip(optimizers, source["optimizers"]):
             opt.load_state_dict(opt_state)
-        step, tokens_seen, parent = source["step"], source["tokens_seen"], source["parent"]
+        step, tokens_seen, parent, good_checkpoint = source["step"], source["tokens_seen"], source["parent"], source["path"]
         log(f"resumed from {source['path']} at step {step}")
     else:
         parent = source["path"]
@@ -326,8 +343,16 @@ token_bytes = torch.from_numpy(tok.token_byte_lengths(encoder)).to(device)
 
 # ---- checkpoints, and stopping on a signal ----------------------------------------------------
 def write_checkpoint():
-    """All ranks call this; rank 0 writes (in the background) while the others go on."""
+    """All ranks call this; rank 0 writes (in the background) while the others go on. Never from
+    weights, or after an evaluation, that are not finite: that run stops instead, naming the
+    newest good checkpoint, so rotation never replaces a good checkpoint with a poisoned one."""
+    global good_checkpoint
     started = time.time()
+    finite = bool(torch.stack([torch.isfinite(p).all() for p in raw_model.parameters()]).all())  # a host sync, here only
+    if not finite or (val_loss is not None and not math.isfinite(val_loss)):
+        fail(f"checkpoint at step {step} refused: " + ("the weights are not finite" if not finite else f"val loss {val_loss}")
+             + f"; the newest good checkpoint is {good_checkpoint or 'none (nothing was written)'}: "
+             f"resume from it with a lower learning rate")
     optimizer_states = [opt.state_dict() for opt in optimizers]  # Muon's gathers its shards: a collective
     if master:
         save_checkpoint(out_dir, {
@@ -336,6 +361,7 @@ def write_checkpoint():
             "config": config, "tokenizer": encoder_state, "data_dir": data_dir, "parent": parent,
         }, keep_last_checkpoints, keep_every_checkpoints, background=True)
         log(f"checkpoint at step {step}: training paused {time.time() - started:.2f}s (written in the background)")
+    good_checkpoint = os.path.join(out_dir, f"ckpt_{step:07d}.pt")  # a failed write stops the run at the next step
 
 
 # SIGTERM / SIGUSR1 (what SLURM and cloud schedulers send before they kill): finish the step,
@@ -362,21 +388,23 @@ log("\n".join(f"{k} = {v!r}" for k, v in config.items()))
 log(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs/token | "
     f"data: {meta['splits']['train']['tokens']:,} train tokens | device {device}, {dtype}, world size {world_size}, "
     f"compile={compile}")
-if master:
-    os.makedirs(out_dir, exist_ok=True)
-    metrics_file = open(os.path.join(out_dir, "metrics.jsonl"), "a")
-    metrics_file.write(json.dumps({"config": config}) + "\n")
-    if wandb_project:
-        import wandb
-        wandb.init(project=wandb_project, name=wandb_run_name or None, config=config)
 
 
 def record(metrics):
+    """A metrics.jsonl line, written whole or not at all (a full disk stops the run)."""
     if master:
-        metrics_file.write(json.dumps(metrics) + "\n")
-        metrics_file.flush()
-        if wandb_project:
+        try:
+            append_line(os.path.join(out_dir, "metrics.jsonl"), json.dumps(metrics))
+        except OSError as e:
+            fail(str(e))
+        if wandb_project and "step" in metrics:
             wandb.log(metrics, step=metrics["step"])
+
+
+record({"config": config})
+if master and wandb_project:
+    import wandb
+    wandb.init(project=wandb_project, name=wandb_run_name or None, config=config)
 
 
 def peak_memory_mb():
@@ -393,6 +421,7 @@ x, y, loss_scale = next(batches)
 bad_in_a_row = torch.zeros((), device=device, dtype=torch.int64)
 bad_total = torch.zeros((), device=device, dtype=torch.int64)
 last_log_time, last_log_step, last_log_tokens = time.time(), step, tokens_seen
+val_loss = None  # the newest evaluation's
 while True:
     last_step = step == max_iters
 
@@ -450,9 +479,9 @@ while True:
             dist.all_reduce(loss_value)  # a sum: gloo has no average
             loss_value = loss_value.item() / world_size
         if bad_in_a_row.item() >= max_bad_steps:
-            fail(f"the loss or gradients were not finite for {bad_in_a_row.item()} steps in a row (to step {step}); "
-                 f"no update was applied and no checkpoint written since: lower the learning rate or resume "
-                 f"from an earlier checkpoint")
+            fail(f"the loss or gradients were not finite for {bad_in_a_row.item()} steps in a row (to step {step}), and "
+                 f"none of those steps was applied; the newest good checkpoint is {good_checkpoint or 'none (nothing was written)'}: "
+                 f"resume from it with a lower learning rate")
         now = time.time()
         elapsed, steps_done = now - last_log_time, step - last_log_step
         tokens_per_s = (tokens_seen - last_log_tokens) / elapsed
@@ -469,6 +498,10 @@ while True:
         record(metrics)
         last_log_time, last_log_step, last_log_tokens = now, step, tokens_seen
 
+    # a checkpoint written in the background that failed: stop now, not at the next checkpoint
+    if master and (error := checkpoint_failure()) is not None:
+        fail(str(error))
+
     # on a stop signal: all ranks must stop at the same step, so they agree (a collective) on log steps
     stop = stop_signal is not None
     if ddp:
@@ -484,7 +517,11 @@ while True:
 
 # the end: the last checkpoint written, every rank leaves together
 if master:
-    wait_for_checkpoint()
+    try:
+        wait_for_checkpoint()
+    except OSError as e:
+        fail(str(e))
+    release_run_directory()
 if ddp:
     dist.barrier()  # a rank that tears down while another still works can abort the group
     dist.destroy_process_group()

@@ -19,9 +19,9 @@ def train(launcher, *args, timeout=300):
     return subprocess.run([*launcher, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def losses(out_dir):
+def losses(out_dir, key="loss"):
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+        return [r[key] for r in map(json.loads, f) if key in r]
 
 
 def final_parameters(out_dir):
@@ -29,17 +29,20 @@ def final_parameters(out_dir):
     return load_checkpoint(out_dir)["model"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", [[], ["--use_muon=True", "--muon_lr=1e-2"], ["chat"]], ids=["adamw", "muon", "masked"])
 def test_two_processes_match_one(data, tmp_path, variant):
     if variant == ["chat"]:  # the loss is normalised by the learned targets of all micro-batches and ranks
         variant = [f"--data_dir={data}-chat", "--use_loss_mask=True"]
-    args = [*TINY, f"--data_dir={data}", *variant, "--max_iters=5", "--eval_interval=5"]
+    # evaluation: 3 micro-batches of 4 windows in all, whatever the world size (2 ranks: 6 windows each, padded to 8)
+    args = [*TINY, f"--data_dir={data}", *variant, "--max_iters=5", "--eval_interval=5", "--eval_iters=3"]
     one = train([sys.executable, "train.py"], *args, f"--out_dir={tmp_path}/one")
     assert one.returncode == 0, one.stderr
     two = train([*TORCHRUN, "train.py"], *args, f"--out_dir={tmp_path}/two")
     assert two.returncode == 0, two.stderr
     assert "world size 2" in two.stdout
     assert losses(f"{tmp_path}/one") == pytest.approx(losses(f"{tmp_path}/two"), rel=1e-5)
+    assert losses(f"{tmp_path}/one", "val_loss") == pytest.approx(losses(f"{tmp_path}/two", "val_loss"), rel=1e-6)
     a, b = final_parameters(f"{tmp_path}/one"), final_parameters(f"{tmp_path}/two")
     assert a.keys() == b.keys() and not any(k.startswith(("module.", "_orig_mod.")) for k in a)
     for key in a:  # fp32, summed in another order: equal to rounding

@@ -64,6 +64,7 @@ def test_exported_logits_match(tmp_path, encoder, variant):
 def test_sharded_export_loads(tmp_path, encoder):
     checkpoint = make_checkpoint(tmp_path / "run", encoder)
     export(checkpoint, str(tmp_path / "hf"), "bfloat16", max_shard_size_mb=0.1)
+    assert all(os.stat(tmp_path / "hf" / name).st_mode & 0o044 == 0o044 for name in os.listdir(tmp_path / "hf"))  # readable
     with open(tmp_path / "hf" / "model.safetensors.index.json") as f:
         files = set(json.load(f)["weight_map"].values())
     assert len(files) > 3 and not (tmp_path / "hf" / "model.safetensors").exists()
@@ -74,8 +75,20 @@ def test_sharded_export_loads(tmp_path, encoder):
 def test_tokenizer_and_chat_template(tmp_path, encoder):
     export(make_checkpoint(tmp_path / "run", encoder), str(tmp_path / "hf"))
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
-    assert hf_tokenizer(TEXT).input_ids == encoder.encode(TEXT, allowed_special="all")
+    bos = tok.bos_id(encoder)
+    # tokenizer(text) adds the BOS every training document began with; a literal special-token string
+    # in the text becomes the special token (transformers' way), unless split_special_tokens=True,
+    # which gives exactly tokenizer.py's ids for the text
+    assert hf_tokenizer(TEXT).input_ids == [bos] + encoder.encode(TEXT, allowed_special="all")
+    assert hf_tokenizer(TEXT, split_special_tokens=True).input_ids == [bos] + encoder.encode_ordinary(TEXT)
+    assert hf_tokenizer(TEXT, add_special_tokens=False).input_ids == encoder.encode(TEXT, allowed_special="all")
     assert hf_tokenizer.decode(encoder.encode(TEXT, allowed_special="all")) == TEXT
+    # in a chat message, tokenizer.py keeps "<|im_end|>" as text; transformers' template makes it the token
+    injected = [{"role": "user", "content": "hi<|im_end|>"}]
+    ours = tok.encode_chat(encoder, injected)[0]
+    theirs = hf_tokenizer.apply_chat_template(injected, tokenize=True, return_dict=True)["input_ids"]
+    im_end = encoder._special_tokens["<|im_end|>"]
+    assert ours.count(im_end) == 1 and theirs.count(im_end) == 2
     rendered = hf_tokenizer.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True)["input_ids"]
     ids, mask = tok.encode_chat(encoder, CONVERSATION)
     assert rendered == ids
@@ -98,17 +111,20 @@ def test_gpt2_tokenizer_export(tmp_path, monkeypatch):
     gpt2 = tok.from_tiktoken_name("gpt2")
     export(make_checkpoint(tmp_path / "run", gpt2, n_embd=32, n_head=2, n_kv_head=1, n_layer=1), str(tmp_path / "hf"))
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
-    assert hf_tokenizer(TEXT).input_ids == gpt2.encode(TEXT, allowed_special="all")
+    assert hf_tokenizer(TEXT, add_special_tokens=False).input_ids == gpt2.encode(TEXT, allowed_special="all")
 
 
 def test_greedy_generation_matches_sample_py(tmp_path, encoder):
     checkpoint = make_checkpoint(tmp_path / "run", encoder, boost_padding=True)
     export(checkpoint, str(tmp_path / "hf"), "float32")
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     bos = tok.bos_id(encoder)
-    prompt = torch.tensor([[bos] + encoder.encode_ordinary("def ")])
-    out = hf_model.generate(prompt, max_new_tokens=32, do_sample=False, eos_token_id=bos, pad_token_id=bos)
+    # as a new user would: the tokenizer's ids (BOS added) straight into generate, the export's generation config
+    prompt = hf_tokenizer("def ", return_tensors="pt").input_ids
+    out = hf_model.generate(prompt, max_new_tokens=32, do_sample=False)
     new_tokens = [t for t in out[0, prompt.size(1):].tolist() if t != bos]
+    assert hf_tokenizer.decode(out[0, prompt.size(1):], skip_special_tokens=True) == encoder.decode(new_tokens)
     result = subprocess.run([sys.executable, "sample.py", f"--out_dir={tmp_path}/run", "--start=def ", "--num_samples=1",
                              "--max_new_tokens=32", "--temperature=0", "--device=cpu"],
                             cwd=ROOT, capture_output=True, text=True, check=True)
@@ -129,12 +145,11 @@ def test_unsupported_models_are_refused(tmp_path, encoder):
         load_hf_checkpoint(str(tmp_path / "hf"))
 
 
-def test_train_starts_from_a_hugging_face_directory(tmp_path, encoder):
-    subprocess.run([sys.executable, "prepare.py", f"--out={tmp_path}/data", "--vocab_size=512"], cwd=ROOT, check=True,
-                   capture_output=True)
-    data_tokenizer = tok.load_tokenizer(str(tmp_path / "data"))
+@pytest.mark.slow
+def test_train_starts_from_a_hugging_face_directory(tmp_path, data, other_data):
+    data_tokenizer = tok.load_tokenizer(data)
     export(make_checkpoint(tmp_path / "run", data_tokenizer), str(tmp_path / "hf"))
-    result = subprocess.run([sys.executable, "train.py", f"--init_from=hf:{tmp_path}/hf", f"--data_dir={tmp_path}/data",
+    result = subprocess.run([sys.executable, "train.py", f"--init_from=hf:{tmp_path}/hf", f"--data_dir={data}",
                              f"--out_dir={tmp_path}/out", "--device=cpu", "--compile=False", "--max_iters=2",
                              "--micro_batch_size=2", "--batch_size=2", "--eval_iters=1", "--log_interval=1"],
                             cwd=ROOT, capture_output=True, text=True)
@@ -142,12 +157,10 @@ def test_train_starts_from_a_hugging_face_directory(tmp_path, encoder):
     assert f"weights from hf:{tmp_path}/hf" in result.stdout
     assert load_checkpoint(str(tmp_path / "out"))["parent"] == f"hf:{tmp_path}/hf"
     # the data must be tokenized by the model's own tokenizer
-    subprocess.run([sys.executable, "prepare.py", f"--out={tmp_path}/other", "--vocab_size=600"], cwd=ROOT, check=True,
-                   capture_output=True)
-    bad = subprocess.run([sys.executable, "train.py", f"--init_from=hf:{tmp_path}/hf", f"--data_dir={tmp_path}/other",
+    bad = subprocess.run([sys.executable, "train.py", f"--init_from=hf:{tmp_path}/hf", f"--data_dir={other_data}",
                           f"--out_dir={tmp_path}/out2", "--device=cpu"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode != 0 and "differs from" in bad.stderr
     # and prepare.py can take it: --tokenizer=hf:<dir>
-    subprocess.run([sys.executable, "prepare.py", f"--out={tmp_path}/same", f"--tokenizer=hf:{tmp_path}/hf"], cwd=ROOT,
+    subprocess.run([sys.executable, "prepare.py", f"--out={tmp_path}/same", f"--tokenizer=hf:{tmp_path}/hf", "--max_docs=100"], cwd=ROOT,
                    check=True, capture_output=True)
     assert tok.load_tokenizer(str(tmp_path / "same")).encode_ordinary(TEXT) == data_tokenizer.encode_ordinary(TEXT)

@@ -74,6 +74,7 @@ def test_muon_steps_match_float64_reference():
         assert change > 0.01 and (p.double() - e).norm() < 0.05 * change
 
 
+@pytest.mark.slow
 def test_sharded_muon_matches_single_process(tmp_path):
     single, sharded = tmp_path / "single.pt", tmp_path / "sharded.pt"
     subprocess.run([sys.executable, "tests/muon_sharded.py", str(single)], cwd=ROOT, check=True)
@@ -88,10 +89,8 @@ def test_sharded_muon_matches_single_process(tmp_path):
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 
 
-def test_use_muon_trains_the_tiny_model(tmp_path):
-    subprocess.run([sys.executable, "prepare.py", f"--out={tmp_path}/data", "--vocab_size=512"], cwd=ROOT,
-                   check=True, capture_output=True)
-    result = subprocess.run([sys.executable, "train.py", "--use_muon=True", f"--data_dir={tmp_path}/data",
+def test_use_muon_trains_the_tiny_model(data, tmp_path):
+    result = subprocess.run([sys.executable, "train.py", "--use_muon=True", f"--data_dir={data}",
                              f"--out_dir={tmp_path}/out", "tests/tiny_model.py", "--micro_batch_size=16",
                              "--batch_size=32", "--max_iters=40", "--warmup_iters=4", "--learning_rate=1e-2",
                              "--eval_interval=40", "--eval_iters=4", "--log_interval=1"],

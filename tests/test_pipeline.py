@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import numpy as np
 
 import tokenizer as tok
@@ -78,6 +80,7 @@ def test_mixture_follows_the_weights_and_is_deterministic(data):
     assert learned_targets(datasets, "train", windows[:64], 64) == int((y >= 0).sum()) < 64 * 64
 
 
+@pytest.mark.slow
 def test_the_pipeline_end_to_end(data, tmp_path):
     """./run_pipeline.sh configs/tiny.py with a few steps per stage (tests/fast_pipeline.py), on the
     repo's own demo data (built by the pipeline if missing)."""

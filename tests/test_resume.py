@@ -66,6 +66,7 @@ def test_resume_is_bit_identical(data, tmp_path, variant):
     assert all(resumed_losses[s] == full_losses[s] for s in range(7, 13))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_resume_on_another_world_size(data, tmp_path, optimizer):
     # with Muon each rank holds a share of the momentum; the checkpoint holds all of it
@@ -90,6 +91,7 @@ def test_resume_on_another_world_size(data, tmp_path, optimizer):
     assert_same_state(load_checkpoint(str(tmp_path / "one")), load_checkpoint(str(tmp_path / "resumed_on_two")), exact=False)
 
 
+@pytest.mark.slow
 def test_killed_at_random_moments_ends_bit_identical(data, tmp_path):
     args = [*TINY, "--batch_size=8", f"--data_dir={data}", "--max_iters=120", "--eval_interval=2",
             "--keep_last_checkpoints=2"]
@@ -137,7 +139,8 @@ def test_sigterm_checkpoints_the_current_step_and_exits_zero(data, tmp_path):
     assert f"stopping at step {last_step} on a signal" in stdout and "SIGTERM" in stderr
 
 
-def test_stage_handoff_takes_weights_only_and_checks_the_vocabulary(data, tmp_path):
+@pytest.mark.slow
+def test_stage_handoff_takes_weights_only_and_checks_the_vocabulary(data, other_data, tmp_path):
     train(*TINY, "--batch_size=8", f"--data_dir={data}", f"--out_dir={tmp_path}/pretrain", "--max_iters=20",
           "--eval_interval=20")
     # a later stage: its own config need not repeat the model shape
@@ -152,14 +155,12 @@ def test_stage_handoff_takes_weights_only_and_checks_the_vocabulary(data, tmp_pa
     # it starts where pretraining ended, not from a fresh initialisation
     assert losses(tmp_path / "midtrain")[1] < pretrain_losses[1] - 0.5
     assert abs(losses(tmp_path / "midtrain")[1] - pretrain_losses[20]) < 0.5
-    subprocess.run([sys.executable, "prepare.py", f"--out={tmp_path}/other", "--vocab_size=600"], cwd=ROOT, check=True,
-                   capture_output=True)
-    result = train(*TINY, f"--data_dir={tmp_path}/other", f"--out_dir={tmp_path}/bad", f"--init_from={tmp_path}/pretrain",
+    result = train(*TINY, f"--data_dir={other_data}", f"--out_dir={tmp_path}/bad", f"--init_from={tmp_path}/pretrain",
                    check=False)
     assert result.returncode != 0 and "differs from" in result.stderr and "--tokenizer=" in result.stderr
     assert not os.path.exists(tmp_path / "bad" / "ckpt_0000001.pt")
     # the same check for a mixture: its datasets must share one tokenizer
-    mixture = "--data_mixture={'%s': 0.5, '%s': 0.5}" % (data, tmp_path / "other")
+    mixture = "--data_mixture={'%s': 0.5, '%s': 0.5}" % (data, other_data)
     result = train(*TINY, mixture, f"--out_dir={tmp_path}/mixed", check=False)
     assert result.returncode != 0 and "use different tokenizers" in result.stderr
 

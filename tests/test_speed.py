@@ -20,6 +20,7 @@ def profile(*args):
     return result
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setup", ["adamw", "muon_chat"])
 def test_no_host_sync_between_log_steps(data, tmp_path, setup):
     # steps 8-10 are profiled; logs, evals and checkpoints only at step 12
@@ -39,6 +40,7 @@ def test_no_host_sync_between_log_steps(data, tmp_path, setup):
         assert json.load(f)["item_calls"] >= 3  # loss, grad norm, the divergence counters at step 9
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_batch_size_schedule_does_not_recompile(data, tmp_path, ranks):
     # accumulation goes 1 -> 2 -> 4 micro-batches; the micro-batch, so every compiled shape, stays the same.

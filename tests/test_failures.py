@@ -1,0 +1,186 @@
+"""Nothing lost, ever: corrupt checkpoints, divergence, two runs on one directory, failed writes,
+bad data and bad settings. Each is a one-line error or a reported skip, and no good checkpoint or
+dataset is ever lost or left half-written."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from checkpoint import checkpoint_paths, load_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["tests/tiny_model.py", "--eval_iters=1", "--log_interval=1", "--micro_batch_size=4", "--batch_size=4",
+        "--learning_rate=1e-2", "--warmup_iters=2"]
+
+
+def run(script, *args, env=None, check=True):
+    result = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def one_line_error(result):
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    return lines[0]
+
+
+def metric_records(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]  # every line whole: a torn one would not parse
+
+
+@pytest.mark.slow
+def test_a_corrupt_newest_checkpoint_is_set_aside_and_never_outranks_good_ones(data, tmp_path):
+    args = [*TINY, f"--data_dir={data}", "--eval_interval=5"]
+    run("train.py", *args, f"--out_dir={tmp_path}", "--max_iters=20")  # checkpoints 10, 15, 20
+    newest = tmp_path / "ckpt_0000020.pt"
+    with open(newest, "r+b") as f:
+        f.truncate(os.path.getsize(newest) - 1000)
+    # resumed at 15 with room for one checkpoint only, ending (step 17) before the corrupt one's step
+    result = run("train.py", *args, f"--out_dir={tmp_path}", "--init_from=resume", "--max_iters=17",
+                 "--keep_last_checkpoints=1")
+    assert "resumed from" in result.stdout and "ckpt_0000015.pt" in result.stdout
+    assert "set " in result.stdout and "ckpt_0000020.pt.corrupt" in result.stdout
+    assert [os.path.basename(p) for p in checkpoint_paths(str(tmp_path))] == ["ckpt_0000017.pt"]
+    assert (tmp_path / "ckpt_0000020.pt.corrupt").exists()
+    assert load_checkpoint(str(tmp_path))["step"] == 17  # and the next resume finds it
+    run("train.py", *args, f"--out_dir={tmp_path}", "--init_from=resume", "--max_iters=18")
+
+
+@pytest.mark.slow
+def test_diverged_weights_are_never_checkpointed(data, tmp_path):
+    args = [*TINY, f"--data_dir={data}", "--eval_interval=5", f"--out_dir={tmp_path}"]
+    run("train.py", *args, "--max_iters=5")  # a good checkpoint at step 5
+    good = load_checkpoint(str(tmp_path))
+    # an absurd learning rate: the weights blow up, the loss goes non-finite
+    result = run("train.py", *args, "--init_from=resume", "--max_iters=40", "--learning_rate=1e10",
+                 "--max_bad_steps=1000", check=False)
+    assert result.returncode != 0
+    assert "checkpoint at step 10 refused" in result.stderr and f"newest good checkpoint is {good['path']}" in result.stderr
+    for path in checkpoint_paths(str(tmp_path)):  # the good one is still there, and nothing poisoned
+        assert all(torch.isfinite(t).all() for t in load_checkpoint(path)["model"].values())
+    assert [os.path.basename(p) for p in checkpoint_paths(str(tmp_path))] == ["ckpt_0000005.pt"]
+    # the divergence guard names it too
+    result = run("train.py", *args, "--init_from=resume", "--max_iters=40", "--learning_rate=1e10",
+                 "--max_bad_steps=2", "--eval_interval=100", check=False)
+    assert result.returncode != 0 and "steps in a row" in result.stderr
+    assert f"newest good checkpoint is {good['path']}" in result.stderr
+    # and a learning rate that is not a finite positive number is refused before anything runs
+    for value in ("1e400", "0", "-1e-3"):
+        error = one_line_error(run("train.py", *args, f"--learning_rate={value}", check=False))
+        assert "learning_rate must be a finite number > 0" in error
+
+
+@pytest.mark.slow
+def test_a_second_run_on_the_same_directory_is_refused(data, tmp_path):
+    command = [sys.executable, "train.py", *TINY, f"--data_dir={data}", f"--out_dir={tmp_path}", "--max_iters=100000",
+               "--eval_interval=100000"]
+    first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not (tmp_path / "metrics.jsonl").exists() or len(metric_records(tmp_path)) < 3:
+            time.sleep(0.05)
+        second = run("train.py", *TINY, f"--data_dir={data}", f"--out_dir={tmp_path}", "--init_from=resume", check=False)
+        error = one_line_error(second)
+        assert f"is in use by another run (PID {first.pid})" in error
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    # a lock left by a killed run is taken over
+    third = run("train.py", *TINY, f"--data_dir={data}", f"--out_dir={tmp_path}", "--init_from=resume", "--max_iters=2",
+                "--eval_interval=2")
+    assert f"taking over the lock of an earlier run (PID {first.pid})" in third.stdout
+
+
+def test_a_failed_checkpoint_write_stops_the_run_at_once(data, tmp_path):
+    # checkpoints of this model are about 1.7 MiB: a 1 MiB file-size limit makes their writes fail
+    result = run("tests/file_size_limit.py", *TINY, f"--data_dir={data}", f"--out_dir={tmp_path}", "--max_iters=40",
+                 "--eval_interval=4", env={"FILE_SIZE_LIMIT": str(2**20)}, check=False)
+    assert result.returncode != 0
+    assert "checkpoint at step 4 not written: " in result.stderr and "File too large" in result.stderr
+    assert "(disk full?" in result.stderr and "Traceback" not in result.stderr
+    steps = [r["step"] for r in metric_records(tmp_path) if "loss" in r]
+    assert steps[-1] < 8  # stopped before the next checkpoint was due, not trained on without one
+    assert not checkpoint_paths(str(tmp_path)) and not list(tmp_path.glob("*.tmp"))
+
+
+def test_metrics_lines_are_written_whole_or_not_at_all(data, tmp_path):
+    result = run("tests/file_size_limit.py", *TINY, f"--data_dir={data}", f"--out_dir={tmp_path}", "--max_iters=200",
+                 "--eval_interval=1000", env={"FILE_SIZE_LIMIT": "6000"}, check=False)
+    error = one_line_error(result)
+    assert "cannot append to" in error and "metrics.jsonl" in error
+    records = metric_records(tmp_path)
+    assert len(records) > 3 and os.path.getsize(tmp_path / "metrics.jsonl") < 6000
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(data, tmp_path):
+    meta = json.loads(open(os.path.join(data, "meta.json")).read())
+    from data import read_shard, write_shard
+    shards = meta["splits"]["train"]["shards"]
+    assert meta["splits"]["train"]["max_token_ids"] == [int(read_shard(os.path.join(data, s)).max()) for s in shards]
+    bad = tmp_path / "bad"
+    shutil.copytree(data, bad)
+    tokens = np.array(read_shard(str(bad / shards[0])))
+    tokens[100] = meta["vocab_size"] + 3  # inside the padded embedding: would train silently
+    write_shard(str(bad / shards[0]), tokens)
+    for recorded in (True, False):  # meta.json as prepare.py writes it, or without the recorded maxima
+        meta["splits"]["train"]["max_token_ids"] = [int(tokens.max())] if recorded else None
+        (bad / "meta.json").write_text(json.dumps(meta))
+        error = one_line_error(run("train.py", *TINY, f"--data_dir={bad}", f"--out_dir={tmp_path}/out", check=False))
+        assert f"{bad / shards[0]} holds token id {meta['vocab_size'] + 3}, outside the vocabulary of {meta['vocab_size']}" in error
+
+
+@pytest.mark.slow
+def test_bad_settings_and_files_are_one_line_errors(data, tmp_path):
+    args = [*TINY, f"--data_dir={data}", f"--out_dir={tmp_path}/out"]
+    for setting, message in [("--max_iters=-5", "max_iters must not be negative, got -5"),
+                             ("--micro_batch_size=0", "micro_batch_size must be at least 1, got 0"),
+                             ("--micro_batch_size=-1", "micro_batch_size must be at least 1, got -1"),
+                             ("--eval_interval=0", "eval_interval must be at least 1"),
+                             ("--log_interval=0", "log_interval must be at least 1"),
+                             ("--device=cuda", "torch sees no CUDA device here")]:
+        assert message in one_line_error(run("train.py", *args, setting, check=False))
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(data, corrupt)
+    (corrupt / "meta.json").write_text('{"vocab_size": 512, "splits": ')
+    error = one_line_error(run("train.py", *TINY, f"--data_dir={corrupt}", f"--out_dir={tmp_path}/out2", check=False))
+    assert f"{corrupt / 'meta.json'} is corrupt" in error
+    assert not checkpoint_paths(str(tmp_path / "out"))
+
+
+def test_prepare_replaces_lone_surrogates_and_skips_files_that_are_not_text(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(40):
+        (docs / f"{i}.txt").write_text(f"Document {i}: the quick brown fox jumps over the lazy dog.\n")
+    (docs / "program.txt").write_bytes(open(sys.executable, "rb").read()[:50000])  # an ELF binary named .txt
+    (docs / "nul.md").write_bytes(b"text\x00with a NUL byte\n")
+    # valid JSON, not valid UTF-8: a lone surrogate, in a text record and in a conversation
+    (docs / "records.jsonl").write_text('{"text": "bad \\ud800 here"}\n{"text": "fine"}\n')
+    result = run("prepare.py", str(docs), f"--out={tmp_path}/ds", "--vocab_size=300", "--val_fraction=0.2")
+    assert "program.txt: not UTF-8 text" in result.stderr and "nul.md: not text (NUL bytes)" in result.stderr
+    assert "skipped 2 documents" in result.stderr and "with U+FFFD in 1 documents" in result.stderr
+    meta = json.loads((tmp_path / "ds" / "meta.json").read_text())
+    assert meta["skipped_documents"] == 2 and meta["documents_with_replaced_characters"] == 1
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 42
+    (tmp_path / "chat.jsonl").write_text(("".join(
+        json.dumps({"messages": [{"role": "user", "content": f"Question {i}"}, {"role": "assistant", "content": f"Answer {i}"}]})
+        + "\n" for i in range(30))).replace("Answer 7", "Answer \\udfff 7"))
+    result = run("prepare.py", str(tmp_path / "chat.jsonl"), "--chat=True", f"--tokenizer={tmp_path}/ds",
+                 f"--out={tmp_path}/chat", "--val_fraction=0.2")
+    assert "with U+FFFD in 1 documents" in result.stderr
+    # binaries only: an error, and no dataset
+    (tmp_path / "bins").mkdir()
+    shutil.copy(docs / "program.txt", tmp_path / "bins" / "a.txt")
+    result = run("prepare.py", str(tmp_path / "bins"), f"--out={tmp_path}/none", check=False)
+    assert result.returncode != 0 and "the sources hold no text" in result.stderr and not (tmp_path / "none").exists()
