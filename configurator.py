@@ -12,7 +12,8 @@ A plain argument that is not a .py file is an input, for a script with a `source
 (prepare.py); elsewhere it is an error. Only names the script already defines may be set, and a
 value must keep the type of the default (an int is accepted for a float; anything where the default
 is None). --help prints the settings with their defaults and comments; --print_config prints the
-effective configuration (as a config file) and exits. Leaves `config`, the final {name: value}.
+effective configuration (as a config file) and exits. Leaves `config`, the final {name: value},
+and `config_defaults`, the script's own values.
 Yes, it execs files and rewrites globals(): that is the hack, and it keeps every script flat.
 """
 import ast as _ast
@@ -136,6 +137,7 @@ for _arg in _arguments:  # 2. config files, in order; 3. inputs
                       f"(see --help)")
 
 config = {k: globals()[k] for k in _defaults}
+config_defaults = dict(_defaults)
 if _print_config:
     print("\n".join(f"{k} = {v!r}" for k, v in config.items()))
     _sys.exit(0)

@@ -52,7 +52,7 @@ vocab_size = 4096               # vocabulary of a trained BPE, special tokens in
 tokenizer_train_chars = 2_000_000_000  # train the BPE on at most this many characters
 val_fraction = 0.0              # fraction of documents held out for validation; 0: 0.05 for the demo, else 0.005
 text_field = "text"             # the field (.jsonl) or column (.parquet, datasets) holding the text
-text_document_chars = 100_000   # a .txt/.md file longer than this is cut into documents of about this size
+text_document_chars = 10_000    # a .txt/.md file longer than this is cut, at blank lines, into documents of about this size
 max_docs = 0                    # stop after this many documents (0: all)
 shard_tokens = 100_000_000      # tokens per shard file
 workers = 0                     # tokenizer processes; 0: one per CPU core
@@ -117,10 +117,10 @@ def text_file_documents(path):
     piece, start = 0, 0
     while start < len(text):
         end = start + text_document_chars
-        if end < len(text):  # end at a blank line in the second half of the piece, else a newline, else anywhere
-            cut = text.rfind("\n\n", start + text_document_chars // 2, end)
-            cut = cut if cut >= 0 else text.rfind("\n", start + text_document_chars // 2, end)
-            end = cut + 1 if cut >= 0 else end
+        if end < len(text):  # end after a blank line in the second half of the piece, else a newline, else anywhere
+            blank_line = text.rfind("\n\n", start + text_document_chars // 2, end - 1)
+            newline = text.rfind("\n", start + text_document_chars // 2, end)
+            end = blank_line + 2 if blank_line >= 0 else newline + 1 if newline >= 0 else end
         yield f"{path}#{piece}", text[start:end], None
         piece, start = piece + 1, end
 

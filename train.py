@@ -364,8 +364,8 @@ def write_checkpoint():
     good_checkpoint = os.path.join(out_dir, f"ckpt_{step:07d}.pt")  # a failed write stops the run at the next step
 
 
-# SIGTERM / SIGUSR1 (what SLURM and cloud schedulers send before they kill): finish the step,
-# checkpoint, exit 0. A second signal exits at once (a half-written checkpoint stays a *.tmp).
+# SIGTERM / SIGUSR1 (what SLURM and cloud schedulers send before they kill) and Ctrl-C: finish the
+# step, checkpoint, exit 0. A second signal exits at once (a half-written checkpoint stays a *.tmp).
 stop_signal = None
 
 
@@ -374,34 +374,42 @@ def on_stop_signal(signum, frame):
     if stop_signal is not None:
         os._exit(128 + signum)
     stop_signal = signum
-    print(f"rank {rank}: got {signal.Signals(signum).name}; stopping after this step", file=sys.stderr, flush=True)
+    print(f"rank {rank}: got {signal.Signals(signum).name}; stopping after this step with a checkpoint "
+          f"(a second signal stops at once)", file=sys.stderr, flush=True)
 
 
-signal.signal(signal.SIGTERM, on_stop_signal)
-signal.signal(signal.SIGUSR1, on_stop_signal)
+for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+    signal.signal(signum, on_stop_signal)
 
 
-# ---- logging ----------------------------------------------------------------------------------
+# ---- logging: the full config into out_dir/config.py and metrics.jsonl, what differs from the defaults on the console
 flops_per_token = raw_model.flops_per_token()
 peak = peak_flops or device_peak_flops(device_type)
-log("\n".join(f"{k} = {v!r}" for k, v in config.items()))
-log(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs/token | "
-    f"data: {meta['splits']['train']['tokens']:,} train tokens | device {device}, {dtype}, world size {world_size}, "
-    f"compile={compile}")
+log("config (the rest are train.py's defaults): " + ", ".join(f"{k}={v!r}" for k, v in config.items() if v != config_defaults[k]))
+log(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs/token | data: "
+    + ", ".join(f"{d['meta']['splits']['train']['tokens']:,} train tokens in {d['directory']}" for d in datasets)
+    + f" | device {device}, {dtype}, world size {world_size}, compile={compile}")
 
 
 def record(metrics):
-    """A metrics.jsonl line, written whole or not at all (a full disk stops the run)."""
+    """A metrics.jsonl line with the wall-clock time, written whole or not at all (a full disk stops the run)."""
     if master:
         try:
-            append_line(os.path.join(out_dir, "metrics.jsonl"), json.dumps(metrics))
+            append_line(os.path.join(out_dir, "metrics.jsonl"), json.dumps({**metrics, "time": round(time.time(), 3)}))
         except OSError as e:
             fail(str(e))
         if wandb_project and "step" in metrics:
             wandb.log(metrics, step=metrics["step"])
 
 
+def duration(seconds):
+    return f"{seconds // 3600:.0f}h{seconds % 3600 // 60:02.0f}m" if seconds >= 3600 else f"{seconds // 60:.0f}m{seconds % 60:02.0f}s"
+
+
 record({"config": config})
+if master:
+    with open(os.path.join(out_dir, "config.py"), "w") as f:  # runs again as: python train.py out_dir/config.py
+        f.write("".join(f"{k} = {v!r}\n" for k, v in config.items()))
 if master and wandb_project:
     import wandb
     wandb.init(project=wandb_project, name=wandb_run_name or None, config=config)
@@ -420,13 +428,15 @@ x, y, loss_scale = next(batches)
 # divergence guard, on the device: the count of non-finite steps in a row and in all
 bad_in_a_row = torch.zeros((), device=device, dtype=torch.int64)
 bad_total = torch.zeros((), device=device, dtype=torch.int64)
-last_log_time, last_log_step, last_log_tokens = time.time(), step, tokens_seen
+run_started = last_log_time = time.time()
+last_log_step, last_log_tokens = step, tokens_seen
 val_loss = None  # the newest evaluation's
 while True:
     last_step = step == max_iters
 
     # once in a while: evaluate, and checkpoint
     if step % eval_interval == 0 or last_step:
+        paused = time.time()
         if eval_iters > 0:
             per_dataset, (val_loss, val_bpb) = validation(eval_model, datasets, val_windows, mixture_weights, block_size,
                                                           token_bytes, device, autocast)
@@ -436,7 +446,7 @@ while True:
                     "val_by_dataset": {name: {"loss": loss, "bpb": bpb} for name, (loss, bpb) in per_dataset.items()}})
         if step > start_step:
             write_checkpoint()
-        last_log_time = time.time()  # evaluation time does not count towards tokens/s
+        last_log_time += time.time() - paused  # the time evaluating and checkpointing is not training time
     if last_step:
         break
 
@@ -484,6 +494,7 @@ while True:
                  f"resume from it with a lower learning rate")
         now = time.time()
         elapsed, steps_done = now - last_log_time, step - last_log_step
+        eta = (now - run_started) / (step - start_step) * (max_iters - step)  # evaluations included
         tokens_per_s = (tokens_seen - last_log_tokens) / elapsed
         metrics = {"step": step, "loss": loss_value, "lr": lr, "batch_size": batch_size_at(step - 1),
                    "grad_accum": accum_steps, "grad_norm": grad_norm.item(), "skipped_steps": bad_total.item(),
@@ -494,7 +505,8 @@ while True:
         log(f"step {step}/{max_iters} | loss {loss_value:.4f} | lr {lr:.2e} | grad norm {metrics['grad_norm']:.3f} | "
             f"{tokens_per_s:,.0f} tok/s | {metrics['ms_per_step']:.1f} ms/step"
             + (f" | MFU {100 * metrics['mfu']:.1f}%" if peak else "") + f" | {metrics['peak_memory_mb']:,.0f} MB"
-            + (f" | {metrics['skipped_steps']} skipped steps" if metrics["skipped_steps"] else ""))
+            + (f" | {metrics['skipped_steps']} skipped steps" if metrics["skipped_steps"] else "")
+            + f" | {duration(now - run_started)} elapsed, ETA {duration(eta)}")
         record(metrics)
         last_log_time, last_log_step, last_log_tokens = now, step, tokens_seen
 

@@ -100,15 +100,7 @@ def test_tokenizer_and_chat_template(tmp_path, encoder):
     assert encoder.decode(learned) == CONVERSATION[2]["content"] + "<|im_end|>"
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "..", "shared", "tokenizers", "gpt2.tiktoken")),
-                    reason="../shared/tokenizers/gpt2.tiktoken not present")
-def test_gpt2_tokenizer_export(tmp_path, monkeypatch):
-    import hashlib
-    import shutil
-    url = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
-    shutil.copy(os.path.join(ROOT, "..", "shared", "tokenizers", "gpt2.tiktoken"), tmp_path / hashlib.sha1(url.encode()).hexdigest())
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))
-    gpt2 = tok.from_tiktoken_name("gpt2")
+def test_gpt2_tokenizer_export(tmp_path, gpt2):
     export(make_checkpoint(tmp_path / "run", gpt2, n_embd=32, n_head=2, n_kv_head=1, n_layer=1), str(tmp_path / "hf"))
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     assert hf_tokenizer(TEXT, add_special_tokens=False).input_ids == gpt2.encode(TEXT, allowed_special="all")

@@ -1,0 +1,91 @@
+"""What a user sees: the log line's throughput and ETA, timestamps, the config, progress in log
+files, and Ctrl-C."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from checkpoint import checkpoint_paths
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["tests/tiny_model.py", "--micro_batch_size=4", "--batch_size=4", "--learning_rate=1e-2", "--warmup_iters=2"]
+
+
+def run(script, *args, check=True):
+    result = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def records(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_throughput_around_evaluations_and_what_each_record_says(data, tmp_path):
+    # a long evaluation (60 micro-batches) at step 29, inside the log interval of steps 21-30: the time
+    # it takes must not count as training time, nor its exclusion shrink the interval to 1 step
+    result = run("train.py", *TINY, f"--data_dir={data}", f"--out_dir={tmp_path}", "--max_iters=40", "--log_interval=10",
+                 "--eval_interval=29", "--eval_iters=60")
+    ms = [r["ms_per_step"] for r in records(tmp_path) if "ms_per_step" in r]
+    others = sorted(ms[:2] + ms[3:])
+    assert others[1] / 2 < ms[2] < others[1] * 2, ms
+    # every record has the wall-clock time; the log line the elapsed time and the ETA
+    assert all(isinstance(r["time"], float) and abs(r["time"] - time.time()) < 600 for r in records(tmp_path))
+    assert all(" elapsed, ETA " in line for line in result.stdout.splitlines() if line.startswith("step 40/40 |"))
+    # the full config goes to out_dir/config.py (a config file) and metrics.jsonl; the console gets what differs
+    config_py = (tmp_path / "config.py").read_text()
+    assert "beta2 = 0.95\n" in config_py and "eval_iters = 60\n" in config_py and records(tmp_path)[0]["config"]["beta2"] == 0.95
+    config_line = next(line for line in result.stdout.splitlines() if line.startswith("config"))
+    assert "eval_iters=60" in config_line and "beta2" not in config_line
+
+
+def test_ctrl_c_finishes_the_step_checkpoints_and_exits_cleanly(data, tmp_path):
+    command = [sys.executable, "train.py", *TINY, f"--data_dir={data}", f"--out_dir={tmp_path}", "--max_iters=100000",
+               "--eval_interval=100000", "--log_interval=1", "--eval_iters=1"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not (tmp_path / "metrics.jsonl").exists() or len([r for r in records(tmp_path) if "loss" in r]) < 3:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    last_step = max(r["step"] for r in records(tmp_path) if "loss" in r)
+    assert [os.path.basename(p) for p in checkpoint_paths(str(tmp_path))] == [f"ckpt_{last_step:07d}.pt"]
+    assert f"stopping at step {last_step} on a signal" in stdout and "got SIGINT" in stderr
+
+
+@pytest.mark.slow
+def test_one_large_text_file_is_cut_into_documents_and_the_split_checked_first(tmp_path):
+    # a 3 MB "book": paragraphs, no file boundaries to split on
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "and", "then", "sleeps", "well"]
+    paragraphs = [" ".join(words[(i * 7 + j) % len(words)] for j in range(60 + i % 50)) + "." for i in range(9000)]
+    book = tmp_path / "book.txt"
+    book.write_text("\n\n".join(paragraphs) + "\n")
+    result = run("prepare.py", str(book), f"--out={tmp_path}/ds", "--vocab_size=300", "--val_fraction=0.05",
+                 "--progress_seconds=0")
+    meta = json.loads((tmp_path / "ds" / "meta.json").read_text())
+    documents = meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"]
+    assert 250 < documents < 400 and meta["splits"]["val"]["documents"] > 3  # about 10,000 characters each
+    # cut at blank lines: every document but the file's last ends a paragraph
+    import numpy as np
+    import tokenizer as tok
+    from data import read_shard
+    enc = tok.load_tokenizer(str(tmp_path / "ds"))
+    text = enc.decode(np.concatenate([read_shard(str(tmp_path / "ds" / n)) for n in meta["splits"]["train"]["shards"]]).tolist())
+    pieces = text.split("<|endoftext|>")[1:]
+    assert all(p.endswith(".\n\n") for p in pieces[:-1]) and max(map(len, pieces)) <= 10_000
+    # progress shows in a log file too (stderr is not a terminal here), and the tokenizer's training is announced
+    assert "training a BPE tokenizer" in result.stderr and "trained a BPE tokenizer" in result.stderr
+    assert "tokenizing: " in result.stderr and "reading the tokenizer's training text: " in result.stderr
+    # a split that would be empty fails before any tokenizer is trained
+    result = run("prepare.py", str(book), f"--out={tmp_path}/bad", "--vocab_size=300", "--val_fraction=0.0001",
+                 "--text_document_chars=10000000", check=False)
+    assert result.returncode != 0 and "no documents in the val split (1 in all)" in result.stderr
+    assert "training a BPE" not in result.stderr and not (tmp_path / "bad").exists()
