@@ -65,7 +65,7 @@ def test_training_loss_falls_well_below_uniform_and_unigram(trained, demo_data):
     assert val[-1]["val_loss"] < unigram_val_loss(demo_data) - 0.5  # it uses context, not just frequencies
     assert all(math.isfinite(r["grad_norm"]) and r["tokens_per_s"] > 0 for r in train)
     assert train[-1]["tokens"] == 60 * 32 * 64
-    assert sorted(os.listdir(trained)) == [".lock", "ckpt_0000030.pt", "ckpt_0000060.pt", "metrics.jsonl"]
+    assert sorted(os.listdir(trained)) == [".lock", "ckpt_0000030.pt", "ckpt_0000060.pt", "config.py", "metrics.jsonl"]
     assert open(os.path.join(trained, ".lock")).read() == ""  # released at the end: no PID left behind
 
 
