@@ -19,13 +19,16 @@ block_size = 128
 micro_batch_size = 16
 batch_size = 32
 batch_size_schedule = None
-max_iters = 600 if init_from == "scratch" else 200
+_pretraining = not data_mixture and not use_loss_mask  # the stage on plain text, from scratch
+max_iters = 600 if _pretraining else 200
 warmup_iters = max_iters // 20
 learning_rate = learning_rate * 5  # a small model takes a larger learning rate
 min_lr = min_lr * 5
 muon_lr = muon_lr * 5
 eval_interval = max_iters // 4
-eval_iters = 20
+eval_iters = 10                 # 160 windows: the demo chat set's val split holds about 300 conversations
 log_interval = 20
 device = "cpu"
-compile = False
+# compiled, a step takes about 20% less time on the CPU; compiling costs ~35 s the first time, a few
+# seconds later on (torch's compile cache in /tmp): it pays back within the first stage (BENCHMARKS.md)
+compile = True

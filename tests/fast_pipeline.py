@@ -4,3 +4,4 @@ warmup_iters = 2
 eval_interval = 4
 eval_iters = 2
 log_interval = 2
+compile = False  # 8 steps a stage: compiling would not pay
