@@ -38,8 +38,9 @@ bench_steps = 10                # timed steps
 full_step = True                # also time train.py's full step, for the loop overhead
 profile = False                 # profile train.py's 8th to 10th steps instead of timing (see above)
 profile_dir = "out/profile"     # where --profile=True writes
+memory_cap_gb = 0.0             # cap this process's GPU memory (an H200 answering for an 80 GB H100); 0: none
 # ----------------------------------------------------------------------------------------------
-_own = tuple(f"--{name}=" for name in ("warmup_steps", "bench_steps", "full_step", "profile", "profile_dir"))
+_own = tuple(f"--{name}=" for name in ("warmup_steps", "bench_steps", "full_step", "profile", "profile_dir", "memory_cap_gb"))
 _train_args = [a for a in sys.argv[1:] if not a.startswith(_own) and a not in ("--help", "-h", "--print_config")]
 sys.argv = [sys.argv[0]] + [a for a in sys.argv[1:] if a not in _train_args]
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
@@ -116,6 +117,8 @@ if vocab_size == 0:
         vocab_size = json.load(f)["vocab_size"]
 grad_accum = batch_size // micro_batch_size  # one device; the batch-size schedule is not benchmarked
 
+if memory_cap_gb and device_type == "cuda":  # allocations past the cap fail as they would on the smaller card
+    torch.cuda.set_per_process_memory_fraction(min(1.0, memory_cap_gb * 2**30 / torch.cuda.get_device_properties(device).total_memory))
 torch.manual_seed(c["seed"])
 with torch.device(device):
     raw_model = GPT(ModelArgs(vocab_size=vocab_size, block_size=block_size, n_layer=c["n_layer"], n_head=c["n_head"],
@@ -167,7 +170,8 @@ def time_ms(function, steps):
     return 1000 * (time.perf_counter() - started) / steps
 
 
-for _ in range(warmup_steps):
+first_step_ms = time_ms(bare_step, 1)  # with compilation, when compiled
+for _ in range(warmup_steps - 1):
     bare_step()
 if device_type == "cuda":
     torch.cuda.reset_peak_memory_stats()
@@ -192,6 +196,9 @@ result = {
     "ms_per_step": bare_ms, "tokens_per_s": tokens_per_step / bare_ms * 1000,
     "model_flops_per_s": flops_per_token * tokens_per_step / bare_ms * 1000,
     "mfu": flops_per_token * tokens_per_step / bare_ms * 1000 / peak if peak else None,
+    # the convention of nanoGPT, nanochat and PaLM: causal attention counted whole (12 * L * H * d * T)
+    "mfu_full_attention": raw_model.flops_per_token(full_attention=True) * tokens_per_step / bare_ms * 1000 / peak if peak else None,
+    "first_step_ms": first_step_ms, "compile_s": (first_step_ms - bare_ms) / 1000 if compile else 0.0,
     "peak_memory_mb": peak_memory_mb,
     "adamw_step_ms": optimizer_ms[0], "muon_step_ms": optimizer_ms[1] if c["use_muon"] else None,
     "optimizer_share": sum(optimizer_ms) / bare_ms,

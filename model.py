@@ -241,17 +241,18 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
-    def flops_per_token(self, seq_len=None):
+    def flops_per_token(self, seq_len=None, full_attention=False):
         """Training FLOPs per token: 6 per matmul weight (2 forward, 4 backward) for every matrix that
         multiplies activations (all but the embedding lookup), plus attention's QK^T and AV.
-        Causal attention is counted at half of the full T x T, the work flash attention actually does."""
+        Causal attention is counted at half of the full T x T, the work flash attention actually does;
+        full_attention counts all of it, as nanoGPT, nanochat and PaLM do (12 * L * H * d * T)."""
         a = self.args
         seq_len = seq_len or a.block_size
         matmul_params = self.num_params() - self.embed_tokens.weight.numel()
         if a.tie_embeddings:  # the shared matrix is used as lm_head, so it counts once
             matmul_params += self.lm_head.weight.numel()
         matmul_params -= sum(p.numel() for n, p in self.named_parameters() if p.dim() == 1)
-        attention = 6 * a.n_layer * a.n_head * a.head_dim * seq_len  # 12 * L * H * d * T / 2
+        attention = (12 if full_attention else 6) * a.n_layer * a.n_head * a.head_dim * seq_len  # 12 * L * H * d * T (/ 2)
         return 6 * matmul_params + attention
 
     @torch.no_grad()

@@ -45,8 +45,9 @@ import numpy as np
 sources = []                    # files, directories, globs or a Hugging Face dataset name, also given as plain
                                 # arguments; none: the offline demo corpus and its chat set
 out = ""                        # output directory; '': data/demo, or data/<name of the first source>
-tokenizer = "bpe"               # bpe (train one here), gpt2, cl100k_base, o200k_base, a directory holding a
-                                # tokenizer.json (an earlier dataset's: ids never change between stages), hf:<model dir>
+tokenizer = "bpe"               # bpe (train one here), gpt2, cl100k_base, o200k_base, bytes (256 byte tokens: no
+                                # training, no download), a directory holding a tokenizer.json (an earlier
+                                # dataset's: ids never change between stages), hf:<model dir>
 chat = False                    # the .jsonl sources are conversations: {"messages": [{"role", "content"}, ...]}
 vocab_size = 4096               # vocabulary of a trained BPE, special tokens included
 tokenizer_train_chars = 2_000_000_000  # train the BPE on at most this many characters
@@ -412,6 +413,8 @@ def build_tokenizer(spec):
         return enc
     if spec in tok.TIKTOKEN_NAMES:
         return tok.from_tiktoken_name(spec)
+    if spec == "bytes":
+        return tok.byte_tokenizer()
     if spec.startswith("hf:"):  # the tokenizer of a Hugging Face model directory
         try:
             return tok.tokenizer_from_hf(spec[3:])
@@ -419,7 +422,7 @@ def build_tokenizer(spec):
             fail(str(e))
     if os.path.isfile(os.path.join(spec, "tokenizer.json")):
         return tok.load_tokenizer(spec)
-    fail(f"unknown --tokenizer={spec}: use bpe, one of {', '.join(tok.TIKTOKEN_NAMES)}, "
+    fail(f"unknown --tokenizer={spec}: use bpe, one of {', '.join(tok.TIKTOKEN_NAMES)}, bytes, "
          f"a directory holding a tokenizer.json, or hf:<model directory>")
 
 

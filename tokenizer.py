@@ -48,6 +48,12 @@ def train_bpe(texts, vocab_size):
                              special_tokens=specials)
 
 
+def byte_tokenizer():
+    """The 256 bytes as tokens, and the special tokens: no training, no download (for checks and tests)."""
+    return tiktoken.Encoding(name="bytes", pat_str=SPLIT_PATTERN, mergeable_ranks={bytes([b]): b for b in range(256)},
+                             special_tokens={token: 256 + i for i, token in enumerate(SPECIAL_TOKENS)})
+
+
 def from_tiktoken_name(name):
     """A published tiktoken encoding, with this repo's special tokens appended after its own ids."""
     base = tiktoken.get_encoding(TIKTOKEN_NAMES[name])

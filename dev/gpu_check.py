@@ -1,22 +1,34 @@
 """
-The GPU check: how fast this repo trains on the card at hand, against the card's own limits.
-    python gpu_check.py                     # on one H100/H200: under 8 minutes, compilation included
-    python gpu_check.py --device=cpu        # a dry run of every part, with tiny sizes (tests use it)
-1. the card's ceilings: a large bf16 matmul's TFLOP/s, a large device-to-device copy's GB/s
-2. which backend SDPA runs for the models' attention (flash, cuDNN, memory-efficient or math)
-3. a smoke: 30 steps of the tiny config in bf16 with torch.compile: loss finite and falling, and
-   from its profile the host syncs between log steps (.item() calls, CUDA synchronizations) and
-   the recompiles
-4. for the 1B model of configs/pretrain.py (the largest micro-batch that fits) and a 124M
-   GPT-2-size model: bench.py with Muon, compile on and off: tokens/s, MFU (against the datasheet
-   peak and against the measured matmul ceiling), ms/step, peak memory, Muon's and the data
-   loader's share of the step; train.py's loop overhead (on the 124M model, where a fixed
-   per-step cost weighs most)
-Parts run in that order of importance; one that would start after time_limit_s is skipped and
-reported as such. Prints a table and writes everything to gpu_check.json.
+The GPU check: every number the speed goals need, from one command on a bare one-GPU machine.
+    python dev/gpu_check.py --out_file=$OUT/gpu_check.json   # one H100/H200: 7 minutes, compilation included
+    python dev/gpu_check.py --device=cpu                      # a dry run of every part, tiny sizes (the tests)
+It needs only the repository, torch and numpy/tiktoken: no rustbpe, no network, no prepared data. It
+writes its own dataset under a temporary directory (the demo corpus with the 256-byte tokenizer); the
+models use GPT-2's vocabulary size (50,264 with the chat tokens), so their cost is the real one
+whatever the token ids. Parts run in order of importance; each prints its lines as soon as it ends,
+and out_file (JSON) is rewritten after every part, so a check killed half-way keeps what it measured.
+A part that cannot finish before the deadline (time_limit_s from the start) is skipped and reported;
+a part that fails (a missing package, an out-of-memory) is reported, never the end of the check.
+ 1. ceilings: a large bf16 matmul's TFLOP/s, a large device-to-device copy's GB/s
+ 2. the 1B model of configs/pretrain.py as users run it (train.py: AdamW, bf16, compile), one GPU's share
+    of the config's step (micro-batch 8, 2 accumulation steps): ms/step, tokens/s, MFU, peak memory,
+    the compile time, the loop's pause for one checkpoint
+ 3. a 124M GPT-2-size model (bench.py): the bare step's MFU and train.py's loop overhead over it
+ 4. the 1B model with Muon (bench.py): Muon's share of the step
+ 5. the 1B run of part 2 under torchrun --nproc_per_node=1: what the DDP wrapper costs around the compiled model
+ 6. attention alone at the 1B shape, forward + backward, per SDPA backend, with GQA and with K/V expanded
+ 7. a smoke of the tiny config in bf16 + compile: loss falling, the host syncs between log steps and
+    the attention kernels (bench.py --profile=True), the recompiles
+ 8. the largest micro-batch of the 1B model that fits 80 GB (the process capped at memory_cap_gb, so
+    an H200 answers for an H100), and its step compiled
+MFU is given in two conventions: this repository's (causal attention counted at half, the work a
+flash kernel does) and nanoGPT's, nanochat's and PaLM's (12 * layers * heads * head_dim * seq per token).
 """
 import json
 import os
+import re
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,202 +38,284 @@ import torch
 
 device = "auto"
 out_file = "gpu_check.json"
-time_limit_s = 400              # no new part starts after this; a running one gets 60 s more at most
+time_limit_s = 420.0            # the whole check, compilation included; no part starts that cannot end before it
+memory_cap_gb = 80.0            # part 8: the memory the largest micro-batch must fit in (an H100's)
 exec(open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configurator.py")).read())
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from model import device_peak_flops, resolve_device  # noqa: E402
+from model import GPT, ModelArgs, device_peak_flops, resolve_device  # noqa: E402
 
 started = time.time()
 device, device_type, _, _ = resolve_device(device)
 dry_run = device_type != "cuda"
+GPT2_VOCAB = 50264  # GPT-2's tokenizer with this repo's chat tokens, as configs/pretrain.py's data has
 results = {"device": torch.cuda.get_device_name() if not dry_run else "cpu (dry run)", "torch": torch.__version__,
-           "date": time.strftime("%Y-%m-%d"), "peak_bf16_flops": device_peak_flops(device_type)}
+           "date": time.strftime("%Y-%m-%d"), "time_limit_s": time_limit_s, "peak_bf16_flops": device_peak_flops(device_type),
+           "parts": {}, "timeline_s": {}}
 
 
-def timed(function, repeats):
-    function()
-    if not dry_run:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        function()
-    if not dry_run:
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / repeats
+def save():
+    """out_file, replaced whole: a kill at any moment leaves the previous complete version."""
+    with open(out_file + ".tmp", "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(out_file + ".tmp", out_file)
 
 
-# 1. ceilings
-n = 1024 if dry_run else 8192
-a = torch.randn(n, n, device=device, dtype=torch.float32 if dry_run else torch.bfloat16)
-b = torch.randn_like(a)
-results["matmul_tflops"] = 2 * n**3 / timed(lambda: a @ b, 3 if dry_run else 50) / 1e12
-src = torch.empty(2**24 if dry_run else 2**30, dtype=torch.uint8, device=device)
-dst = torch.empty_like(src)
-results["copy_gb_per_s"] = 2 * src.numel() / timed(lambda: dst.copy_(src), 3 if dry_run else 20) / 1e9  # read + write
-del a, b, src, dst
-
-# 2. the attention backend SDPA picks for the 1B model's attention (32 query and 8 key-value heads
-# of 64, causal, bf16), forward and backward, as the profiler sees it
-shape = (1, 32, 256 if dry_run else 2048, 64)
-dtype = torch.float32 if dry_run else torch.bfloat16
-q = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
-k, v = (torch.randn(shape[0], 8, *shape[2:], device=device, dtype=dtype, requires_grad=True) for _ in range(2))
-with torch.profiler.profile() as profiler:
-    torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
-    if not dry_run:
-        torch.cuda.synchronize()
-ops = sorted({e.name for e in profiler.events() if e.name.startswith(("aten::_scaled_dot_product", "aten::_flash",
-                                                                       "aten::_efficient", "aten::_cudnn"))})
-results["sdpa_ops"] = ops
-results["sdpa_backend"] = next((name for name in ("flash", "cudnn", "efficient", "math") if any(name in op for op in ops)),
-                               "unknown")
-del q, k, v
-if not dry_run:
-    torch.cuda.empty_cache()  # the subprocesses below want the whole card
+def left():
+    return time_limit_s - (time.time() - started)
 
 
-def run(*args, env=None):
-    """A subprocess, given the time left plus a minute (at least 30 s)."""
+def run(*args, launcher=(sys.executable,), env=None):
+    """A subprocess in the repository, stopped at the deadline."""
     try:
-        return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                              env={**os.environ, **(env or {})}, timeout=max(30, time_limit_s + 60 - (time.time() - started)))
-    except subprocess.TimeoutExpired:
-        return subprocess.CompletedProcess(args, -1, "", "timed out: out of gpu_check's time")
+        return subprocess.run([*launcher, *args], cwd=ROOT, capture_output=True, text=True, timeout=max(1.0, left()),
+                              env={**os.environ, **(env or {})})
+    except subprocess.TimeoutExpired as e:
+        raise TimeoutError(f"stopped at the deadline ({time_limit_s:.0f}s from the start)") from e
 
 
-def out_of_time():
-    return time.time() - started > time_limit_s
+def failed(result):
+    return RuntimeError((result.stderr or result.stdout).strip()[-600:] or f"exit code {result.returncode}")
 
 
-def part_done(name):  # when each part ended, in seconds from the start: for tuning time_limit_s
-    results.setdefault("timeline_s", {})[name] = round(time.time() - started, 1)
+def model_flops(shape):
+    """(FLOPs per token in this repository's convention, in the PaLM convention, parameters) of a shape."""
+    with torch.device("meta"):
+        model = GPT(ModelArgs(**shape))
+    return model.flops_per_token(), model.flops_per_token(full_attention=True), model.num_params()
 
 
-part_done("ceilings and SDPA")
-
-
-# 3. the smoke: tiny config, bf16 + compile on the GPU; log steps 6, 12, ...: the profiled steps 8-10 have none
-if not os.path.exists(os.path.join(ROOT, "data/demo/meta.json")):
-    run("prepare.py")
-with tempfile.TemporaryDirectory() as tmp:
-    smoke_args = ["configs/pretrain.py", "configs/tiny.py", f"--device={device}", "--eval_interval=1000", "--log_interval=6",
-                  *(["--compile=False"] if dry_run else ["--dtype=bfloat16", "--compile=True"])]
-    smoke = run("train.py", *smoke_args, f"--out_dir={tmp}/smoke", "--max_iters=30", env={"TORCH_LOGS": "recompiles"})
-    profiled = run("bench.py", *smoke_args, "--max_iters=12", "--profile=True", f"--profile_dir={tmp}/profile")
-    smoke.stderr += profiled.stderr
-    losses, syncs = [], {}
-    try:  # a part that fails is reported, never the end of the check
-        with open(f"{tmp}/smoke/metrics.jsonl") as f:
-            losses = [r["loss"] for r in map(json.loads, f) if "loss" in r]
-        with open(f"{tmp}/profile/summary.json") as f:
-            syncs = json.load(f)
-    except (OSError, ValueError) as e:
-        smoke.stderr += f"\n{type(e).__name__}: {e}"
-results["smoke"] = {"ok": smoke.returncode == 0 and all(map(lambda x: x == x and abs(x) < 1e9, losses))
-                    and len(losses) > 1 and losses[-1] < losses[0], "losses": losses,
-                    "item_calls_between_logs": syncs.get("item_calls"), "cuda_syncs_between_logs": syncs.get("cuda_syncs"),
-                    "attention_ops": syncs.get("attention_ops"),
-                    "recompiles": smoke.stderr.count("Recompiling function"),  # 1 expected: train after eval's no-grad graph
-                    "error": smoke.stderr[-500:] if smoke.returncode or not syncs else None}
-part_done("smoke")
-
-
-# 4. the models
-def bench(*args):
-    if out_of_time():
-        return {"error": "skipped: out of time"}
-    result = run("bench.py", "configs/pretrain.py", f"--device={device}", "--data_dir=data/demo", *args)
-    try:
-        if result.returncode == 0:
-            return json.loads(result.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        pass
-    return {"error": (result.stderr or result.stdout)[-300:]}
-
-
-MODELS = {  # the 124M one is GPT-2 small's shape; both use GPT-2's vocabulary size
-    "1B": ["--vocab_size=50257"],
-    "124M": ["--vocab_size=50257", "--n_layer=12", "--n_head=12", "--n_kv_head=12", "--n_embd=768", "--block_size=1024"],
-}
-MICRO_BATCHES = {"1B": [16, 8, 4, 2, 1], "124M": [32, 16, 8, 4]}  # sequences; tried largest first
-CONFIG_BATCH_SIZE = 128  # configs/pretrain.py's sequences per optimizer step
-if dry_run:
-    # tiny shapes, but GPT-2's vocabulary as in the real run (larger than the demo data's)
-    MODELS = {name: ["--vocab_size=50257", "--n_layer=2", "--n_head=4", "--n_kv_head=2", "--n_embd=64", "--block_size=64"]
-              for name in MODELS}
-    MICRO_BATCHES = {name: [4, 2] for name in MODELS}
-steps = ["--warmup_steps=1", "--bench_steps=2"] if dry_run else ["--warmup_steps=3", "--bench_steps=6"]
-compile_flag = [] if dry_run else ["--compile=True"]
-fits = {}
-for name in MODELS:  # in order of importance: compiled first; compile off only with the time left
-    # the largest micro-batch that fits, tried without compile (quick, and compiled code needs less memory)
-    for micro in MICRO_BATCHES[name]:
-        trial = bench(*MODELS[name], f"--micro_batch_size={micro}", f"--batch_size={micro}", "--compile=False",
-                      "--full_step=False", "--warmup_steps=0", "--bench_steps=1")
-        if "error" not in trial:
-            fits[name] = micro
-            break
-    if name not in fits:
-        results[name] = {"error": trial["error"]}
-        continue
-    batch = [f"--micro_batch_size={fits[name]}", f"--batch_size={fits[name] * (1 if dry_run else 4)}"]
-    part_done(f"{name} micro-batch search")
-    results[name] = {"micro_batch_size": fits[name], "compiled": bench(
-        *MODELS[name], *batch, *steps, "--use_muon=True", *compile_flag, f"--full_step={name == '124M'}")}
-    part_done(f"{name} compiled")
-for name in fits:
-    batch = [f"--micro_batch_size={fits[name]}", f"--batch_size={fits[name] * (1 if dry_run else 4)}"]
-    results[name]["eager"] = bench(*MODELS[name], *batch, *steps, "--use_muon=True", "--compile=False", "--full_step=False")
-    part_done(f"{name} eager")
-    for run_result in (results[name]["compiled"], results[name]["eager"]):
-        if "model_flops_per_s" in run_result:
-            run_result["mfu_vs_measured_matmul"] = run_result["model_flops_per_s"] / (results["matmul_tflops"] * 1e12)
-            # Muon's share of a step of configs/pretrain.py's batch on one GPU; with N GPUs each does
-            # 1/N of the accumulation and 1/N of Newton-Schulz, so the share stays about the same
-            micro_steps = CONFIG_BATCH_SIZE / fits[name]
-            run_result["muon_share_at_config_batch"] = run_result["muon_step_ms"] / (
-                run_result["forward_backward_ms_per_micro_batch"] * micro_steps + run_result["adamw_step_ms"]
-                + run_result["muon_step_ms"])
-results["seconds"] = time.time() - started
-
-with open(out_file, "w") as f:
-    json.dump(results, f, indent=1)
+def mfu(tokens_per_s, shape):
+    peak = results["peak_bf16_flops"]
+    ours, palm, _ = model_flops(shape)
+    return (tokens_per_s * ours / peak, tokens_per_s * palm / peak) if peak else (None, None)
 
 
 def pct(x):
     return f"{100 * x:.1f}%" if isinstance(x, (int, float)) else "n/a"
 
 
-smoke = results["smoke"]
-print(f"\nGPU check: {results['device']}, torch {results['torch']}, {results['date']}, {results['seconds']:.0f} s")
-print(f"  matmul ceiling      {results['matmul_tflops']:.1f} TFLOP/s   copy {results['copy_gb_per_s']:.0f} GB/s")
-print(f"  SDPA backend        {results['sdpa_backend']}  {results['sdpa_ops'][:3]}")
-print(f"  smoke (tiny, {'fp32' if dry_run else 'bf16, compiled'})  {'ok' if smoke['ok'] else 'FAILED'}  "
-      f"losses {[round(x, 3) for x in smoke['losses'][:6]]}")
-print(f"  host syncs in 3 steps between logs: {smoke['item_calls_between_logs']} .item(), "
-      f"{smoke['cuda_syncs_between_logs']} CUDA syncs; recompiles: {smoke['recompiles']}")
-print(f"  attention in the training step: {smoke['attention_ops']}")
-if smoke["error"]:
-    print(f"  smoke error: {smoke['error'][-300:]}")
-print(f"  {'model':6} {'compile':8} {'micro':>5} {'tok/s':>10} {'ms/step':>8} {'MFU':>6} {'vs mm':>6} {'mem MB':>8} "
-      f"{'Muon':>6} {'Muon@128':>8} {'data':>6} {'loop':>6}")
-for name in MODELS:
-    entry = results[name]
-    if "error" in entry:
-        print(f"  {name:6} error: {entry['error'][-120:]}")
-        continue
-    for label in ("compiled", "eager"):
-        r = entry[label]
-        if "error" in r:
-            print(f"  {name:6} {label:8} error: {r['error'][-100:]}")
-            continue
-        print(f"  {name:6} {label:8} {entry['micro_batch_size']:>5} {r['tokens_per_s']:>10,.0f} {r['ms_per_step']:>8.1f} "
-              f"{pct(r['mfu']):>6} {pct(r['mfu_vs_measured_matmul']):>6} {r['peak_memory_mb']:>8,.0f} "
-              f"{pct(r['muon_step_ms'] / r['ms_per_step']):>6} {pct(r['muon_share_at_config_batch']):>8} "
-              f"{pct(r.get('data_share')):>6} {pct(r.get('loop_overhead')):>6}")
-print(f"  (a step here is {1 if dry_run else 4} micro-batch(es); Muon@128: Muon's share of a 128-sequence step, "
-      f"configs/pretrain.py's batch, on one GPU)")
-print(f"  parts ended at (s): {results['timeline_s']}")
-print(f"  full results: {out_file}")
+# ---- the shapes and the data ------------------------------------------------------------------
+ONE_B = dict(vocab_size=GPT2_VOCAB, block_size=2048, n_layer=20, n_head=32, n_kv_head=8, n_embd=2048)  # configs/pretrain.py
+GPT2_SMALL = dict(vocab_size=GPT2_VOCAB, block_size=1024, n_layer=12, n_head=12, n_kv_head=12, n_embd=768)
+MICRO, STEPS, LOG = 8, 30, 5  # configs/pretrain.py's micro-batch; steps per train.py run; log interval
+if dry_run:
+    ONE_B = GPT2_SMALL = dict(vocab_size=GPT2_VOCAB, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+    MICRO, STEPS, LOG = 4, 6, 2
+
+
+def shape_args(shape):
+    return [f"--{k}={v}" for k, v in shape.items()]
+
+
+work = tempfile.mkdtemp(prefix="gpu_check_")
+data = os.path.join(work, "demo")
+prepared = run("prepare.py", f"--out={data}", "--tokenizer=bytes", f"--max_docs={60 if dry_run else 400}")
+if prepared.returncode != 0:
+    sys.exit(f"gpu_check: could not write its dataset: {failed(prepared)}")
+BF16 = [] if dry_run else ["--dtype=bfloat16", "--compile=True"]
+NO_COMPILE = ["--compile=False"] if dry_run else []
+
+
+def train(name, shape, *extra, launcher=(sys.executable,)):
+    """train.py on the check's data; its steady ms/step (the records after the first, which holds the
+    compilation), tokens/s, peak memory, the compile time and the checkpoint pause."""
+    out = os.path.join(work, name)
+    result = run("train.py", "configs/pretrain.py", *shape_args(shape), f"--data_dir={data}", f"--out_dir={out}",
+                 f"--micro_batch_size={MICRO}", f"--batch_size={2 * MICRO}", f"--max_iters={STEPS}",
+                 f"--log_interval={LOG}", "--eval_iters=0", f"--eval_interval={STEPS // 2}", "--warmup_iters=5",
+                 "--keep_last_checkpoints=1", f"--device={device}", *BF16, *NO_COMPILE, *extra, launcher=launcher)
+    if result.returncode != 0:
+        raise failed(result)
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        records = [r for r in map(json.loads, f) if "ms_per_step" in r]
+    shutil.rmtree(out)  # the 1B model's checkpoints are 13 GB
+    steady = statistics.median(r["ms_per_step"] for r in records[1:])
+    tokens_per_s = 2 * MICRO * shape["block_size"] / steady * 1000
+    ours, palm = mfu(tokens_per_s, shape)
+    pauses = [float(p) for p in re.findall(r"training paused ([0-9.]+)s", result.stdout)]
+    return {"ms_per_step": steady, "tokens_per_s": tokens_per_s, "mfu": ours, "mfu_full_attention": palm,
+            "peak_memory_mb": max(r["peak_memory_mb"] for r in records),
+            "compile_s": LOG * (records[0]["ms_per_step"] - steady) / 1000, "checkpoint_pause_s": max(pauses, default=None),
+            "ms_per_step_by_log": [round(r["ms_per_step"], 1) for r in records]}
+
+
+def bench(shape, *extra):
+    result = run("bench.py", "configs/pretrain.py", *shape_args(shape), f"--data_dir={data}", f"--device={device}",
+                 *BF16, *NO_COMPILE, *(["--warmup_steps=1", "--bench_steps=2"] if dry_run else ["--warmup_steps=3", "--bench_steps=10"]),
+                 *extra)
+    if result.returncode != 0:
+        raise failed(result)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# ---- the parts --------------------------------------------------------------------------------
+def ceilings():
+    n = 1024 if dry_run else 8192
+    a = torch.randn(n, n, device=device, dtype=torch.float32 if dry_run else torch.bfloat16)
+    b = torch.randn_like(a)
+
+    def timed(function, repeats):
+        function()
+        if not dry_run:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            function()
+        if not dry_run:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / repeats
+
+    matmul = 2 * n**3 / timed(lambda: a @ b, 3 if dry_run else 50) / 1e12
+    src = torch.empty(2**24 if dry_run else 2**30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy = 2 * src.numel() / timed(lambda: dst.copy_(src), 3 if dry_run else 20) / 1e9  # read + write
+    results["matmul_tflops"] = matmul
+    return {"matmul_tflops": matmul, "copy_gb_per_s": copy,
+            "lines": [f"matmul {matmul:.1f} TFLOP/s ({'fp32' if dry_run else 'bf16'}, {n}^3), copy {copy:.0f} GB/s"]}
+
+
+def train_line(r):
+    return (f"{r['ms_per_step']:.1f} ms/step, {r['tokens_per_s']:,.0f} tok/s, MFU {pct(r['mfu'])} (PaLM convention "
+            f"{pct(r['mfu_full_attention'])}), peak {r['peak_memory_mb'] / 1024:.1f} GB")
+
+
+def one_b_as_configured():
+    r = train("1b", ONE_B)
+    _, _, params = model_flops(ONE_B)
+    r["lines"] = [f"{params / 1e9:.2f}B parameters, micro-batch {MICRO} x 2 accumulation steps: " + train_line(r),
+                  f"compile ~{r['compile_s']:.0f}s; the loop paused {r['checkpoint_pause_s']}s for one checkpoint"]
+    return r
+
+
+def gpt2_small():
+    r = bench(GPT2_SMALL, f"--micro_batch_size={2 * MICRO}", f"--batch_size={4 * MICRO}")
+    r["lines"] = [f"bare step {r['ms_per_step']:.1f} ms, {r['tokens_per_s']:,.0f} tok/s, MFU {pct(r['mfu'])} (PaLM convention "
+                  f"{pct(r['mfu_full_attention'])}); train.py's step {r['full_ms_per_step']:.1f} ms: loop overhead "
+                  f"{100 * r['loop_overhead']:+.1f}%; data loader {pct(r.get('data_share'))} of the step"]
+    return r
+
+
+def one_b_with_muon():
+    r = bench(ONE_B, f"--micro_batch_size={MICRO}", f"--batch_size={2 * MICRO}", "--use_muon=True", "--full_step=False")
+    r["muon_share"] = r["muon_step_ms"] / r["ms_per_step"]
+    r["lines"] = [f"bare step {r['ms_per_step']:.1f} ms (MFU {pct(r['mfu'])}): Muon {r['muon_step_ms']:.1f} ms = "
+                  f"{pct(r['muon_share'])} of it, AdamW (embedding, head, gains) {r['adamw_step_ms']:.1f} ms"]
+    return r
+
+
+def one_b_ddp():
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1")
+    r = train("1b_ddp", ONE_B, launcher=torchrun)
+    plain = results["parts"].get("1B as configured", {}).get("ms_per_step")
+    r["ddp_cost"] = r["ms_per_step"] / plain - 1 if plain else None
+    r["lines"] = ["under torchrun (DDP around the compiled model): " + train_line(r)
+                  + (f"; DDP costs {100 * r['ddp_cost']:+.1f}% of the step" if plain else "")]
+    return r
+
+
+def attention():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    heads, kv_heads, head_dim, length = ONE_B["n_head"], ONE_B["n_kv_head"], ONE_B["n_embd"] // ONE_B["n_head"], ONE_B["block_size"]
+    dtype = torch.float32 if dry_run else torch.bfloat16
+    flops = 3.5 * 4 * MICRO * heads * length**2 * head_dim / 2  # causal forward (QK^T, AV) and a 2.5x backward
+    r, lines = {}, []
+    for backend in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
+        for variant in ("gqa", "expanded"):
+            q = torch.randn(MICRO, heads, length, head_dim, device=device, dtype=dtype, requires_grad=True)
+            kv = kv_heads if variant == "gqa" else heads
+            k, v = (torch.randn(MICRO, kv, length, head_dim, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
+
+            def step():
+                torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, is_causal=True, enable_gqa=variant == "gqa").sum().backward()
+            try:
+                with sdpa_kernel([getattr(SDPBackend, backend)]):
+                    step()  # warmup, and whether the backend takes this input at all
+                    if not dry_run:
+                        torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    for _ in range(2 if dry_run else 10):
+                        step()
+                    if not dry_run:
+                        torch.cuda.synchronize()
+                seconds = (time.perf_counter() - t0) / (2 if dry_run else 10)
+                r[f"{backend}/{variant}"] = {"ms": 1000 * seconds, "tflops": flops / seconds / 1e12}
+                lines.append(f"{backend.lower()} {variant}: {flops / seconds / 1e12:.1f} TFLOP/s ({1000 * seconds:.2f} ms)")
+            except RuntimeError as e:
+                r[f"{backend}/{variant}"] = {"error": str(e).splitlines()[0][:200]}
+                lines.append(f"{backend.lower()} {variant}: does not run here ({str(e).splitlines()[0][:80]})")
+    r["lines"] = lines
+    return r
+
+
+def smoke():
+    args = ["configs/pretrain.py", "configs/tiny.py", f"--data_dir={data}", f"--device={device}", "--eval_interval=1000",
+            "--log_interval=6", *(["--compile=False"] if dry_run else ["--dtype=bfloat16", "--compile=True"])]
+    result = run("train.py", *args, f"--out_dir={work}/smoke", "--max_iters=30", env={"TORCH_LOGS": "recompiles"})
+    if result.returncode != 0:
+        raise failed(result)
+    with open(f"{work}/smoke/metrics.jsonl") as f:
+        losses = [r["loss"] for r in map(json.loads, f) if "loss" in r]
+    profiled = run("bench.py", *args, "--max_iters=12", "--profile=True", f"--profile_dir={work}/profile")
+    if profiled.returncode != 0:
+        raise failed(profiled)
+    with open(f"{work}/profile/summary.json") as f:
+        syncs = json.load(f)
+    r = {"ok": all(abs(x) < 1e9 for x in losses) and len(losses) > 1 and losses[-1] < losses[0], "losses": losses,
+         "item_calls_between_logs": syncs["item_calls"], "cuda_syncs_between_logs": syncs["cuda_syncs"],
+         "attention_ops": syncs["attention_ops"],
+         "recompiles": result.stderr.count("Recompiling function")}  # 1 expected: training after eval's no-grad graph
+    r["lines"] = [f"{'ok' if r['ok'] else 'FAILED'}: losses {[round(x, 3) for x in losses]}",
+                  f"in 3 steps between log steps: {r['item_calls_between_logs']} .item(), {r['cuda_syncs_between_logs']} "
+                  f"CUDA synchronizations; recompiles: {r['recompiles']}; attention: {r['attention_ops']}"]
+    return r
+
+
+def largest_micro_batch():
+    fits, tried = None, []
+    for micro in ([8, 4] if dry_run else [32, 24, 16, 12, 8]):  # eager: it needs more memory than compiled, so it is safe
+        trial = run("bench.py", "configs/pretrain.py", *shape_args(ONE_B), f"--data_dir={data}", f"--device={device}",
+                    f"--micro_batch_size={micro}", f"--batch_size={micro}", "--compile=False", "--full_step=False",
+                    "--warmup_steps=1", "--bench_steps=1", f"--memory_cap_gb={memory_cap_gb}",
+                    *([] if dry_run else ["--dtype=bfloat16"]))
+        tried.append(micro)
+        if trial.returncode == 0:
+            fits = micro
+            break
+    if fits is None:
+        raise RuntimeError(f"no micro-batch of {tried} fits {memory_cap_gb} GB")
+    r = bench(ONE_B, f"--micro_batch_size={fits}", f"--batch_size={2 * fits}", "--full_step=False",
+              f"--memory_cap_gb={memory_cap_gb}")
+    r.update(micro_batch_size=fits, tried=tried)
+    r["lines"] = [f"micro-batch {fits} fits {memory_cap_gb:.0f} GB (tried {tried}); compiled: {r['ms_per_step']:.1f} ms/step, "
+                  f"{r['tokens_per_s']:,.0f} tok/s, MFU {pct(r['mfu'])} (PaLM convention {pct(r['mfu_full_attention'])}), "
+                  f"peak {r['peak_memory_mb'] / 1024:.1f} GB"]
+    return r
+
+
+PARTS = [  # (name, the least time it needs on an H100/H200 in seconds, the part): in order of importance
+    ("ceilings", 20, ceilings), ("1B as configured", 150, one_b_as_configured), ("124M", 60, gpt2_small),
+    ("1B with Muon", 60, one_b_with_muon), ("1B under DDP", 60, one_b_ddp), ("attention", 20, attention),
+    ("smoke", 60, smoke), ("1B at 80 GB", 100, largest_micro_batch)]
+
+print(f"GPU check: {results['device']}, torch {results['torch']}, {results['date']}; deadline {time_limit_s:.0f}s; "
+      f"results in {out_file}", flush=True)
+for name, needs, part in PARTS:
+    if left() < (5 if dry_run else needs):
+        results["parts"][name] = {"skipped": f"out of time: {left():.0f}s left, the part needs about {needs}s"}
+    else:
+        try:
+            results["parts"][name] = part()
+        except Exception as e:  # a part that fails is reported, never the end of the check
+            results["parts"][name] = {"error": f"{type(e).__name__}: {str(e).strip()[-600:]}"}
+    results["timeline_s"][name] = round(time.time() - started, 1)
+    save()
+    outcome = results["parts"][name]
+    lines = outcome.get("lines") or [outcome.get("skipped") or f"error: {outcome.get('error')}"]
+    print(f"[{time.time() - started:5.0f}s] {name}: " + "\n         ".join(lines), flush=True)
+results["seconds"] = round(time.time() - started, 1)
+save()
+shutil.rmtree(work, ignore_errors=True)
+print(f"done in {results['seconds']:.0f}s: {out_file}")
