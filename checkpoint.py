@@ -122,12 +122,14 @@ def remove_stale_writes(out_dir):
 
 
 def load_checkpoint(path, device="cpu", set_aside=False):
-    """Load a checkpoint file, the newest loadable checkpoint of a run directory, or (hf:<dir>) a
-    Hugging Face model directory. A newest checkpoint that is truncated or corrupt is reported and
+    """Load a checkpoint file, the newest loadable checkpoint of a run directory, or a Hugging Face
+    model directory (hf:<dir>, or a directory with a config.json and no checkpoints). A newest checkpoint that is truncated or corrupt is reported and
     the one before it used; with set_aside (a run resuming its own directory) it is also renamed
     to *.corrupt, so that it never counts as a checkpoint again (rotation keeps only loadable ones)."""
     if path.startswith("hf:"):
         return load_hf_checkpoint(path[3:])
+    if os.path.isdir(path) and not checkpoint_paths(path) and os.path.exists(os.path.join(path, "config.json")):
+        return load_hf_checkpoint(path)  # an exported (or any Llama/Qwen3) Hugging Face directory
     if os.path.isdir(path):
         candidates = checkpoint_paths(path)
         if not candidates:

@@ -56,15 +56,17 @@ def _print_help():
     if _os.path.isfile(script):
         with open(script, "rb") as f:
             tokens = list(_tokenize.tokenize(f.readline))
-        name = None
+        name, column = None, 0
         for i, t in enumerate(tokens):
-            if t.type == _tokenize.NAME and t.string == "exec" and t.start[1] == 0:
+            starts_line = tokens[i - 1].type in (_tokenize.NEWLINE, _tokenize.NL, _tokenize.INDENT, _tokenize.DEDENT,
+                                                 _tokenize.ENCODING)
+            if t.type == _tokenize.NAME and t.string == "exec" and starts_line:
                 break  # the settings end where this file is run
-            if t.type == _tokenize.NAME and t.start[1] == 0 and i + 1 < len(tokens) and tokens[i + 1].string == "=":
-                name = t.string if t.string in _defaults else None
-            elif t.type == _tokenize.COMMENT and name and (t.start[0] == tokens[i - 1].end[0] or t.start[1] > 0):
+            if t.type == _tokenize.NAME and starts_line and i + 1 < len(tokens) and tokens[i + 1].string == "=":
+                name, column = (t.string, t.start[1]) if t.string in _defaults else (None, 0)
+            elif t.type == _tokenize.COMMENT and name and (t.start[0] == tokens[i - 1].end[0] or t.start[1] > column):
                 comments[name] = (comments.get(name, "") + " " + t.string.lstrip("# ")).strip()
-            elif t.type == _tokenize.COMMENT and t.start[1] == 0:
+            elif t.type == _tokenize.COMMENT:
                 name = None
         doc = _ast.get_docstring(_ast.parse(open(script).read())) or ""
     print(doc.strip() + "\n\nSettings (config files and --key=value):")

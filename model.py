@@ -328,6 +328,19 @@ def resolve_device(device="auto", dtype="auto"):
     return device, device_type, dtype, autocast
 
 
+def device_name(device_type):
+    """The GPU's name, or the CPU's model and core count: what a run's numbers were measured on."""
+    if device_type == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+        model = platform.processor() or platform.machine()
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
 def device_peak_flops(device_type):
     """Peak dense bf16 FLOP/s of the current CUDA device, or None when unknown (or on the CPU)."""
     if device_type != "cuda":

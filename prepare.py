@@ -8,9 +8,10 @@ Text -> tokenizer -> token shards.
 
 The demo is built from what every CPython installation ships: the text corpus from the standard
 library's .py sources and the documentation in pydoc_data.topics (a few MB, no download); the
-chat set from question/answer pairs on the standard library's docstrings and pydoc topics. A
-module or topic is held out whole: its source, its documentation and its questions are all in
-the val split or all in train, and a val answer that also occurs in training text is dropped.
+chat set from question/answer pairs on the standard library's docstrings and pydoc topics, and
+three evaluation tasks (OUT-tasks, see evaluate.py and demo_tasks). A module or topic is held out
+whole: its source, its documentation and its questions are all in the val split or all in train;
+a val answer or a task item that also occurs in training text is dropped.
 With --chat=True, each .jsonl line is a conversation, {"messages": [{"role": "system"|"user"|
 "assistant", "content": "..."}]}, rendered with tokenizer.encode_chat's template, with a loss mask
 per token ({split}_mask_NNNNNN.bin); a bad line (not JSON, no messages, an unknown role) is
@@ -33,6 +34,8 @@ import glob
 import json
 import multiprocessing
 import os
+import random
+import re
 import shutil
 import sys
 import sysconfig
@@ -206,15 +209,27 @@ def demo_answers():
     return answers
 
 
+@functools.lru_cache(maxsize=1)
+def demo_train_text():
+    """The demo corpus's training text as it is, with its whitespace collapsed (as answers are), and
+    the training answers."""
+    text = "\n".join(text for name, text, _ in demo_documents() if split_of(name) == "train")
+    return text, " ".join(text.split()), {a for document, _, a in demo_answers() if split_of(document) == "train"}
+
+
+def held_out_answer(answer):
+    """Whether a val answer's words occur nowhere in training: not in the training text (a docstring
+    copied into another module) and not among the training answers."""
+    _, collapsed, train_answers = demo_train_text()
+    return answer not in train_answers and answer not in collapsed
+
+
 def demo_conversations():
     """Question/answer pairs on the demo corpus (demo_answers), each named after the document its answer
     comes from, so it falls in that document's split. A val answer whose words also occur in the training
     text or among the training answers (a docstring copied into another module) is left out."""
-    answers = demo_answers()
-    train_answers = {answer for document, _, answer in answers if split_of(document) == "train"}
-    train_text = " ".join(" ".join(text.split()) for name, text, _ in demo_documents() if split_of(name) == "train")
-    for document, qualified, answer in answers:
-        if split_of(document) == "val" and (answer in train_answers or answer in train_text):
+    for document, qualified, answer in demo_answers():
+        if split_of(document) == "val" and not held_out_answer(answer):
             continue
         if document.startswith("pydoc/"):
             question = f"What does the Python documentation say about {qualified}?"
@@ -224,6 +239,62 @@ def demo_conversations():
         if zlib.crc32(qualified.encode()) % 4 == 0:  # some with a system prompt
             messages.insert(0, {"role": "system", "content": DEMO_SYSTEM})
         yield f"{document}@{qualified}", messages, None
+
+
+def demo_tasks(count=200):
+    """Tasks on the demo's held-out modules only ({name: (options, examples)}), none of whose items
+    occurs in the training text: the next line of code among four (multiple choice), an identifier
+    that occurs earlier in the context (generative: copying is learnable), and what a function does
+    among four answers (multiple choice, through the chat template)."""
+    import keyword
+    rng = random.Random(0)
+    modules = [(name, text) for name, text in demo_modules() if split_of(name) == "val"]
+    train_text = demo_train_text()[0]
+    code_lines = [(m, k, line) for m, (_, text) in enumerate(modules) for k, line in enumerate(text.split("\n"))
+                  if len(line.strip()) >= 8 and not line.strip().startswith("#")]
+    next_line, identifier = [], []
+    for m, k, line in rng.sample(code_lines, len(code_lines)):
+        if len(next_line) == len(identifier) == count:
+            break
+        before = [b for b in modules[m][1].split("\n")[max(0, k - 8):k] if b.strip()]
+        if len(before) < 3 or before[-1] + "\n" + line in train_text:
+            continue
+        if len(next_line) < count:  # three distractors: lines of other held-out modules
+            others = [o for _, _, o in rng.sample(code_lines, 12) if o != line][:3]
+            choices = others + [line]
+            rng.shuffle(choices)
+            next_line.append({"context": "\n".join(before), "choices": choices, "answer": choices.index(line)})
+        for found in re.finditer(r"(?<=[^\s])\s?\b([A-Za-z_][A-Za-z0-9_]{3,})\b", line):
+            word = found.group(1)
+            if len(identifier) < count and word not in keyword.kwlist and word != "self" and \
+                    re.search(rf"\b{word}\b", "\n".join(before)) and line[:found.end()] not in train_text:
+                identifier.append({"prompt": "\n".join(before) + "\n" + line[:found.start()], "answer": word})
+                break
+    answers = [(document, qualified, answer) for document, qualified, answer in demo_answers()
+               if split_of(document) == "val" and held_out_answer(answer)]
+    docstring = []
+    for document, qualified, answer in rng.sample(answers, min(count, len(answers))):
+        choices = [a for _, _, a in rng.sample(answers, 6) if a != answer][:3] + [answer]
+        rng.shuffle(choices)
+        question = DEMO_QUESTIONS[zlib.crc32(qualified.encode()) % len(DEMO_QUESTIONS)].format(name=qualified)
+        docstring.append({"context": question, "choices": choices, "answer": choices.index(answer)})
+    return {"next_line": ({"target_delimiter": "\n"}, next_line),
+            "identifier": ({"target_delimiter": "", "stop": ["\n"], "max_new_tokens": 8, "normalize": "identifier"}, identifier),
+            "docstring": ({"chat": True}, docstring)}
+
+
+def write_demo_tasks(out):
+    """OUT-tasks: each demo task as <name>.jsonl and its options as <name>.json (see evaluate.py)."""
+    tmp = out.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name, (options, examples) in demo_tasks().items():
+        with open(os.path.join(tmp, name + ".jsonl"), "w") as f:
+            f.writelines(json.dumps(example) + "\n" for example in examples)
+        with open(os.path.join(tmp, name + ".json"), "w") as f:
+            json.dump(options, f)
+        print(f"wrote {out}/{name}.jsonl: {len(examples)} examples from the held-out modules", file=sys.stderr)
+    replace_directory(tmp, out)
 
 
 def parquet_documents(path, field):
@@ -524,6 +595,7 @@ if __name__ == "__main__":
     out = out or os.path.join("data", "demo" if not sources else
                               os.path.splitext(os.path.basename(sources[0].rstrip("/")))[0] or "corpus")
     build(out)
-    if not sources and not chat:  # the demo: the text corpus, then its chat set (OUT-chat) with the same tokenizer
+    if not sources and not chat:  # the demo: the text corpus, its chat set (OUT-chat) with the same tokenizer, its tasks
         chat, tokenizer = True, out
         build(out.rstrip("/") + "-chat")
+        write_demo_tasks(out.rstrip("/") + "-tasks")

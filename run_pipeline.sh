@@ -17,17 +17,17 @@ trap 'echo "run_pipeline.sh: stopped in the $stage stage; fix it and rerun: fini
 
 stage="prepare"
 for config in configs/pretrain.py configs/midtrain.py configs/finetune.py; do
-    # the datasets a stage reads, from the configuration train.py would run with
+    # the files a stage reads (its datasets' meta.json, its task files), from the configuration train.py would run with
     settings=$(python train.py "$config" "${overlays[@]}" --print_config)
-    dirs=$(python -c "
+    needed=$(python -c "
 import ast, sys
-config = dict(line.split(' = ', 1) for line in sys.argv[1].splitlines())
-print(' '.join(ast.literal_eval(config['data_mixture']) or [ast.literal_eval(config['data_dir'])]))" "$settings")
-    for dir in $dirs; do
-        if [ ! -f "$dir/meta.json" ]; then
-            case "$dir" in
-                data/demo|data/demo-chat) python prepare.py ;;
-                *) echo "run_pipeline.sh: $dir is missing: prepare it first (README, Data)" >&2; exit 1 ;;
+config = {key: ast.literal_eval(value) for key, value in (line.split(' = ', 1) for line in sys.argv[1].splitlines())}
+print(' '.join([d + '/meta.json' for d in config['data_mixture'] or [config['data_dir']]] + list(config['eval_tasks'])))" "$settings")
+    for file in $needed; do
+        if [ ! -f "$file" ]; then
+            case "$file" in
+                data/demo/*|data/demo-chat/*|data/demo-tasks/*) python prepare.py ;;
+                *) echo "run_pipeline.sh: $file is missing: prepare it first (README, Data)" >&2; exit 1 ;;
             esac
         fi
     done
@@ -51,4 +51,6 @@ done
 
 stage="export"
 python export_hf.py --ckpt="$out_dir" --hf_dir="$out_dir/hf"
-echo "=== done: the chat model is in $out_dir, and as a Hugging Face model in $out_dir/hf"
+stage="report"
+python report.py "$out_dir" || echo "run_pipeline.sh: no report (see above); the model is complete" >&2
+echo "=== done: the chat model is in $out_dir, as a Hugging Face model in $out_dir/hf; the report of all three stages in $out_dir/report/report.md"

@@ -33,6 +33,7 @@ init_from = "scratch"           # 'scratch'; 'resume': the newest checkpoint in 
                                 # (fresh optimizer, step and schedule; resumes instead once out_dir has checkpoints)
 eval_interval = 250             # evaluate and checkpoint every this many steps (and at the end)
 eval_iters = 20                 # micro-batches per evaluation (split across ranks); 0: no evaluation
+eval_tasks = {}                 # downstream tasks scored at every evaluation: {task .jsonl: examples (0: all)} (evaluate.py)
 log_interval = 10               # a log line and a metrics.jsonl record every this many steps
 keep_last_checkpoints = 3       # older checkpoints are deleted once a newer one is complete
 keep_every_checkpoints = 0      # also keep every checkpoint whose step is a multiple of this, forever (0: none)
@@ -87,8 +88,8 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator
 from checkpoint import (append_line, checkpoint_failure, checkpoint_paths, load_checkpoint, lock_run_directory,
                         release_run_directory, remove_stale_writes, save_checkpoint, wait_for_checkpoint)
 from data import learned_targets, open_dataset, read_windows, sample_windows
-from evaluate import validation, validation_windows
-from model import GPT, ModelArgs, device_peak_flops, resolve_device
+from evaluate import evaluate_tasks, load_task, validation, validation_windows
+from model import GPT, ModelArgs, device_name, device_peak_flops, resolve_device
 import tokenizer as tok
 
 # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; rank 0 logs and writes every file
@@ -339,6 +340,10 @@ model = DDP(eval_model, device_ids=[local_rank] if device_type == "cuda" else No
 # ---- evaluation: the same validation windows at every evaluation, split between ranks -------------
 val_windows = validation_windows(datasets, eval_iters, micro_batch_size, seed, rank, world_size)
 token_bytes = torch.from_numpy(tok.token_byte_lengths(encoder)).to(device)
+try:
+    tasks = [load_task(path, examples) for path, examples in eval_tasks.items()]
+except (OSError, ValueError) as e:
+    fail(f"eval_tasks: {e}")
 
 
 # ---- checkpoints, and stopping on a signal ----------------------------------------------------
@@ -406,7 +411,8 @@ def duration(seconds):
     return f"{seconds // 3600:.0f}h{seconds % 3600 // 60:02.0f}m" if seconds >= 3600 else f"{seconds // 60:.0f}m{seconds % 60:02.0f}s"
 
 
-record({"config": config})
+record({"config": config, "run": {"step": step, "parent": parent, "params": raw_model.num_params(), "world_size": world_size,
+                                  "device": device_name(device_type), "dtype": dtype, "compile": compile, "torch": torch.__version__}})
 if master:
     with open(os.path.join(out_dir, "config.py"), "w") as f:  # runs again as: python train.py out_dir/config.py
         f.write("".join(f"{k} = {v!r}\n" for k, v in config.items()))
@@ -434,8 +440,8 @@ val_loss = None  # the newest evaluation's
 while True:
     last_step = step == max_iters
 
-    # once in a while: evaluate, and checkpoint
-    if step % eval_interval == 0 or last_step:
+    # once in a while: evaluate (not again where a resumed run starts: it was, before its checkpoint), and checkpoint
+    if (step % eval_interval == 0 or last_step) and not (resuming and step == start_step):
         paused = time.time()
         if eval_iters > 0:
             per_dataset, (val_loss, val_bpb) = validation(eval_model, datasets, val_windows, mixture_weights, block_size,
@@ -444,6 +450,12 @@ while True:
                 f" | {name}: {loss:.4f}, {bpb:.4f} bpb" for name, (loss, bpb) in per_dataset.items()) if len(datasets) > 1 else ""))
             record({"step": step, "val_loss": val_loss, "val_bpb": val_bpb, "tokens": tokens_seen,
                     "val_by_dataset": {name: {"loss": loss, "bpb": bpb} for name, (loss, bpb) in per_dataset.items()}})
+        if tasks:
+            scores = evaluate_tasks(eval_model, raw_model, encoder, tasks, block_size, micro_batch_size, device, autocast,
+                                    rank, world_size)
+            log(f"step {step}: tasks ({time.time() - paused:.1f}s with validation) | " + " | ".join(
+                f"{name} " + ", ".join(f"{k} {v:.3f}" for k, v in s.items() if k != "examples") for name, s in scores.items()))
+            record({"step": step, "tokens": tokens_seen, "tasks": scores})
         if step > start_step:
             write_checkpoint()
         last_log_time += time.time() - paused  # the time evaluating and checkpointing is not training time

@@ -25,8 +25,9 @@ warmup_iters = max_iters // 20
 learning_rate = learning_rate * 5  # a small model takes a larger learning rate
 min_lr = min_lr * 5
 muon_lr = muon_lr * 5
-eval_interval = max_iters // 4
+eval_interval = max_iters // 3
 eval_iters = 10                 # 160 windows: the demo chat set's val split holds about 300 conversations
+eval_tasks = {f"data/demo-tasks/{_task}.jsonl": 100 for _task in ("next_line", "identifier", "docstring")}
 log_interval = 20
 device = "cpu"
 # compiled, a step takes about 20% less time on the CPU; compiling costs ~35 s the first time, a few

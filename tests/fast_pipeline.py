@@ -5,3 +5,4 @@ eval_interval = 4
 eval_iters = 2
 log_interval = 2
 compile = False  # 8 steps a stage: compiling would not pay
+eval_tasks = {_path: 10 for _path in eval_tasks}  # the demo tasks, 10 examples each

@@ -34,8 +34,10 @@ def final_parameters(out_dir):
 def test_two_processes_match_one(data, tmp_path, variant):
     if variant == ["chat"]:  # the loss is normalised by the learned targets of all micro-batches and ranks
         variant = [f"--data_dir={data}-chat", "--use_loss_mask=True"]
-    # evaluation: 3 micro-batches of 4 windows in all, whatever the world size (2 ranks: 6 windows each, padded to 8)
-    args = [*TINY, f"--data_dir={data}", *variant, "--max_iters=5", "--eval_interval=5", "--eval_iters=3"]
+    # evaluation: 3 micro-batches of 4 windows in all, whatever the world size (2 ranks: 6 windows each, padded to 8);
+    # the tasks' examples split between ranks (5 generative ones: 3 and 2, the second rank running a padding example)
+    tasks = "--eval_tasks={'%s-tasks/next_line.jsonl': 6, '%s-tasks/identifier.jsonl': 5}" % (data, data)
+    args = [*TINY, f"--data_dir={data}", *variant, "--max_iters=5", "--eval_interval=5", "--eval_iters=3", tasks]
     one = train([sys.executable, "train.py"], *args, f"--out_dir={tmp_path}/one")
     assert one.returncode == 0, one.stderr
     two = train([*TORCHRUN, "train.py"], *args, f"--out_dir={tmp_path}/two")
@@ -43,6 +45,10 @@ def test_two_processes_match_one(data, tmp_path, variant):
     assert "world size 2" in two.stdout
     assert losses(f"{tmp_path}/one") == pytest.approx(losses(f"{tmp_path}/two"), rel=1e-5)
     assert losses(f"{tmp_path}/one", "val_loss") == pytest.approx(losses(f"{tmp_path}/two", "val_loss"), rel=1e-6)
+    one_tasks, two_tasks = losses(f"{tmp_path}/one", "tasks"), losses(f"{tmp_path}/two", "tasks")
+    assert len(one_tasks) == 2 and one_tasks[-1]["identifier"]["examples"] == 5 and one_tasks[-1]["next_line"]["examples"] == 6
+    for a, b in zip(one_tasks, two_tasks):
+        assert a.keys() == b.keys() and all(a[name] == pytest.approx(b[name]) for name in a)
     a, b = final_parameters(f"{tmp_path}/one"), final_parameters(f"{tmp_path}/two")
     assert a.keys() == b.keys() and not any(k.startswith(("module.", "_orig_mod.")) for k in a)
     for key in a:  # fp32, summed in another order: equal to rounding

@@ -94,6 +94,15 @@ def test_the_pipeline_end_to_end(data, tmp_path):
     from checkpoint import load_checkpoint
     assert load_checkpoint(str(tmp_path / "finetune-tiny-fast_pipeline"))["parent"].startswith(str(tmp_path / "midtrain-tiny-fast_pipeline"))
     assert (tmp_path / "finetune-tiny-fast_pipeline" / "hf" / "model.safetensors").exists()
+    # the report of the three stages: Markdown, and plots that are valid PNG images
+    report = tmp_path / "finetune-tiny-fast_pipeline" / "report"
+    text = (report / "report.md").read_text()
+    assert all(f"## {tmp_path}/{stage}-tiny-fast_pipeline" in text for stage in ("pretrain", "midtrain", "finetune"))
+    assert "tasks at step 8: next_line acc" in text and "![tasks.png](tasks.png)" in text
+    import matplotlib.image
+    for name in ("loss.png", "lr.png", "throughput.png", "tasks.png"):
+        assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert matplotlib.image.imread(str(report / name)).shape[:2] == (450, 800)
     # a rerun finds every stage done: it resumes each at its last step and trains no further
     checkpoints = {stage: sorted(p for p in os.listdir(tmp_path / f"{stage}-tiny-fast_pipeline") if p.startswith("ckpt_"))
                    for stage in ("pretrain", "midtrain", "finetune")}

@@ -1,0 +1,181 @@
+"""Downstream evaluation: the demo's held-out split, task scoring against lm-evaluation-harness,
+generative tasks, the benchmark converter, and the command on checkpoints and exports."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import tokenizer as tok
+from checkpoint import load_checkpoint, model_from_checkpoint
+from data import read_shard
+from evaluate import evaluate_tasks, load_task, normalize, score_multiple_choice, with_shots
+from export_hf import export
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args, env=None, check=True):
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    """The tests' model trained 60 steps on the demo text: a checkpoint, and its export in float32."""
+    out = tmp_path_factory.mktemp("evaluate")
+    run("train.py", "tests/tiny_model.py", f"--data_dir={data}", f"--out_dir={out}/run", "--max_iters=60",
+        "--micro_batch_size=16", "--batch_size=32", "--learning_rate=1e-2", "--warmup_iters=4", "--eval_interval=60",
+        "--eval_iters=2", "--log_interval=20")
+    run("export_hf.py", f"--ckpt={out}/run", f"--hf_dir={out}/hf", "--dtype=float32")
+    return out
+
+
+def test_no_val_answer_or_task_item_occurs_in_training(data):
+    meta = json.loads(open(os.path.join(data, "meta.json")).read())
+    enc = tok.load_tokenizer(data)
+    train = enc.decode(np.concatenate([read_shard(os.path.join(data, s)) for s in meta["splits"]["train"]["shards"]]).tolist())
+    collapsed = " ".join(train.split())
+
+    def answers(directory, split):
+        chat_meta = json.loads(open(os.path.join(directory, "meta.json")).read())
+        ids = np.concatenate([read_shard(os.path.join(directory, s)) for s in chat_meta["splits"][split]["shards"]])
+        masks = np.concatenate([read_shard(os.path.join(directory, s)) for s in chat_meta["splits"][split]["masks"]])
+        learned = enc.decode(np.where(masks > 0, ids, tok.bos_id(enc)).tolist())  # the assistant's words, BOS between
+        return {a.replace("<|im_end|>", "").strip() for a in learned.split("<|endoftext|>") if a.strip()}
+
+    val_answers, train_answers = answers(data + "-chat", "val"), answers(data + "-chat", "train")
+    assert len(val_answers) > 100
+    assert not [a for a in val_answers if a in train_answers or a in collapsed]
+    items = 0
+    for path in glob.glob(os.path.join(data + "-tasks", "*.jsonl")):
+        task = load_task(path)
+        for item in task["examples"]:
+            if task["kind"] == "generative":
+                whole = item["prompt"] + item["answer"]
+                assert whole[-200:] not in train  # the end of the prompt with its answer
+            elif task["options"]["chat"]:
+                assert item["choices"][item["answer"]] not in collapsed
+            else:
+                assert item["context"].split("\n")[-1] + "\n" + item["choices"][item["answer"]] not in train
+            items += 1
+    assert items == 600
+
+
+@pytest.mark.slow
+def test_multiple_choice_agrees_with_lm_evaluation_harness(data, trained, tmp_path):
+    pytest.importorskip("lm_eval")
+    # two tasks: the demo's next line of code (target delimiter "\n") and a HellaSwag-shaped one (" "),
+    # some of whose contexts end in spaces (moved into the continuation)
+    next_line = [json.loads(line) for line in open(os.path.join(data + "-tasks", "next_line.jsonl"))][:24]
+    spaced = [{"context": item["context"][-120:] + ("  " if i % 3 == 0 else ""), "choices": [c.strip() for c in item["choices"]],
+               "answer": item["answer"]} for i, item in enumerate(next_line)]
+    configs = {"demo_next_line": (next_line, "\\n"), "demo_spaced": (spaced, " ")}
+    for name, (items, delimiter) in configs.items():
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
+        (tmp_path / f"{name}.json").write_text(json.dumps({"target_delimiter": delimiter.replace("\\n", "\n")}))
+        (tmp_path / f"{name}.yaml").write_text(
+            f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / name}.jsonl\n"
+            f"test_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{{{context}}}}\"\n"
+            f"doc_to_choice: \"{{{{choices}}}}\"\ndoc_to_target: \"{{{{answer}}}}\"\ntarget_delimiter: \"{delimiter}\"\n"
+            f"metric_list:\n  - metric: acc\n  - metric: acc_norm\n  - metric: acc_bytes\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={trained}/hf,dtype=float32",
+         "--tasks", ",".join(configs), "--include_path", str(tmp_path), "--device", "cpu", "--batch_size", "8",
+         "--output_path", str(tmp_path / "lm_eval"), "--log_samples"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    model, encoder = model_from_checkpoint(load_checkpoint(f"{trained}/run"))
+    model.eval()
+    for name, (items, _) in configs.items():
+        samples = [json.loads(line) for path in glob.glob(f"{tmp_path}/lm_eval/**/samples_{name}_*.jsonl", recursive=True)
+                   for line in open(path)]
+        assert len(samples) == len(items)
+        task = load_task(str(tmp_path / f"{name}.jsonl"))
+        ours = score_multiple_choice(model, encoder, task, list(range(len(items))), model.args.block_size, 16, 7, "cpu",
+                                     torch.autocast("cpu", enabled=False))
+        mine = evaluate_tasks(model, model, encoder, [task], model.args.block_size, 16, "cpu", torch.autocast("cpu", enabled=False))
+        for sample in samples:
+            theirs = [float(ll) for ll, _ in sample["filtered_resps"]]  # written as strings
+            assert np.allclose(ours[sample["doc_id"]], theirs, rtol=0, atol=1e-4), (name, sample["doc_id"])
+            assert np.argmax(ours[sample["doc_id"]]) == np.argmax(theirs)
+        for metric in ("acc", "acc_norm", "acc_bytes"):
+            assert mine[name][metric] == pytest.approx(np.mean([s[metric] for s in samples]))
+
+
+def test_generative_tasks_and_their_normalization(trained, tmp_path):
+    assert normalize("The answer is 12.\n#### 1,234", "number") == "1234"
+    assert normalize("so 3 apples and then 45.", "number") == "45" and normalize("none", "number") == ""
+    assert normalize(" counter_value(x)", "identifier") == "counter_value" and normalize("  Yes \n", "exact") == "Yes"
+    # a prompt the model continues with text it has seen many times: exact match where it copies
+    checkpoint = load_checkpoint(f"{trained}/run")
+    model, encoder = model_from_checkpoint(checkpoint)
+    model.eval()
+    prompts = ["def __init__(self", "import os\nimport", "    return"]
+    expected = []
+    for prompt in prompts:  # what greedy decoding gives, cut at the first newline
+        ids = torch.tensor([[tok.bos_id(encoder)] + encoder.encode_ordinary(prompt)])
+        generated = [int(t) for t in model.generate(ids, 6, temperature=0)]
+        expected.append(encoder.decode(generated).split("\n")[0])
+    (tmp_path / "continue.jsonl").write_text("".join(json.dumps({"prompt": p, "answer": a}) for p, a in
+                                                     zip(prompts, [expected[0], expected[1], "no such thing"])).replace("}{", "}\n{"))
+    (tmp_path / "continue.json").write_text(json.dumps({"stop": ["\n"], "max_new_tokens": 6}))
+    task = load_task(str(tmp_path / "continue.jsonl"))
+    scores = evaluate_tasks(model, model, encoder, [task], model.args.block_size, 16, "cpu", torch.autocast("cpu", enabled=False))
+    assert scores["continue"] == {"exact_match": pytest.approx(2 / 3), "examples": 3}
+    # few-shot: other examples of the task, with their answers, before the example
+    (tmp_path / "continue.json").write_text(json.dumps({"shots": 2}))
+    shots = with_shots(load_task(str(tmp_path / "continue.jsonl")), 0)
+    assert shots.endswith("\n\n" + prompts[0]) and shots.count("\n\n") == 2 and prompts[0] not in shots[:-len(prompts[0])]
+
+
+def test_evaluate_command_on_a_checkpoint_and_its_export(data, trained, tmp_path):
+    tasks = ",".join(sorted(glob.glob(os.path.join(data + "-tasks", "*.jsonl"))))
+    scores = []
+    for source in (f"{trained}/run", f"hf:{trained}/hf", f"{trained}/hf"):
+        result = run("evaluate.py", f"--ckpt={source}", f"--tasks={tasks}", "--examples=12", "--device=cpu",
+                     f"--out_file={tmp_path}/scores.json")
+        assert "next_line" in result.stdout and "identifier" in result.stdout and "docstring" in result.stdout
+        scores.append(json.loads((tmp_path / "scores.json").read_text())["tasks"])
+    assert scores[0].keys() == scores[1].keys() == scores[2].keys()
+    for name in scores[0]:  # the export holds the same model (float32)
+        assert scores[0][name] == pytest.approx(scores[1][name]) and scores[1][name] == scores[2][name]
+    assert scores[0]["next_line"]["examples"] == 12 and scores[0]["next_line"]["chance"] == pytest.approx(0.25)
+    bad = run("evaluate.py", f"--ckpt={trained}/run", "--tasks=no/such/task.jsonl", check=False)
+    assert bad.returncode != 0 and "no task file at no/such/task.jsonl" in bad.stderr
+
+
+def test_convert_benchmarks_from_parquet(tmp_path):
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    rows = {
+        "hellaswag": [{"activity_label": "Baking", "ctx_a": "A man mixes flour.", "ctx_b": "he", "ctx": "",
+                       "endings": ["bakes [title] bread.", "swims.", "sings.", "flies."], "label": "0"}],
+        "arc": [{"question": "What is 2+2?", "choices": {"text": ["3", "4"], "label": ["A", "B"]}, "answerKey": "B"}],
+        "mmlu": [{"question": " Which? ", "subject": "high_school_math", "choices": ["a", "b", "c", "d"], "answer": 2}],
+        "gsm8k": [{"question": "Tom has 2 apples and buys 3.", "answer": "2 + 3 = 5\n#### 5"}],
+    }
+    expected = {
+        "hellaswag": {"context": "Baking: A man mixes flour. He", "choices": ["bakes. bread.", "swims.", "sings.", "flies."], "answer": 0},
+        "arc": {"context": "Question: What is 2+2?\nAnswer:", "choices": ["3", "4"], "answer": 1},
+        "mmlu": {"context": "The following are multiple choice questions (with answers) about high school math.\n\n"
+                            "Which?\nA. a\nB. b\nC. c\nD. d\nAnswer:", "choices": ["A", "B", "C", "D"], "answer": 2},
+        "gsm8k": {"prompt": "Question: Tom has 2 apples and buys 3.\nAnswer:", "answer": "2 + 3 = 5\n#### 5"},
+    }
+    for benchmark, table in rows.items():
+        pq.write_table(pa.Table.from_pylist(table), tmp_path / f"{benchmark}.parquet")
+        run("convert_tasks.py", str(tmp_path / f"{benchmark}.parquet"), f"--benchmark={benchmark}",
+            f"--out={tmp_path}/tasks/{benchmark}.jsonl")
+        task = load_task(str(tmp_path / "tasks" / f"{benchmark}.jsonl"))
+        assert task["examples"] == [expected[benchmark]]
+    assert task["options"]["normalize"] == "number" and task["options"]["shots"] == 5
+    assert normalize(expected["gsm8k"]["answer"], "number") == "5"
+    bad = run("convert_tasks.py", str(tmp_path / "arc.parquet"), "--benchmark=gsm8k", f"--out={tmp_path}/x.jsonl", check=False)
+    assert bad.returncode != 0 and "a row is not gsm8k's" in bad.stderr
