@@ -176,7 +176,7 @@ def test_the_command_line_wins_and_config_files_derive_from_it(tmp_path):
     result = run("train.py", "configs/pretrain.py", "configs/tiny.py", "--max_iters=100", "--learning_rate=0.01",
                  "--print_config")
     config = dict(line.split(" = ", 1) for line in result.stdout.splitlines())
-    assert (config["max_iters"], config["warmup_iters"], config["eval_interval"]) == ("100", "5", "33")
+    assert (config["max_iters"], config["warmup_iters"], config["eval_interval"]) == ("100", "5", "50")
     assert config["learning_rate"] == "0.01" and config["out_dir"] == "'out/pretrain-tiny'"
     # a config file that fails says where, in one line
     (tmp_path / "raises.py").write_text("n_layer = 4\nn_head = n_layers // 2\n")

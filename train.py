@@ -314,7 +314,7 @@ log(optimizer_summary)
 
 # Resuming is exact without saving any random generator's state: nothing draws from one after the
 # initialisation above (no dropout), and the windows of step s come from default_rng((seed, s)).
-step, tokens_seen, parent = 0, 0, None  # parent: the checkpoint this run's weights started from
+step, tokens_seen, parent, tasks_scored = 0, 0, None, False  # parent: the checkpoint this run's weights started from
 good_checkpoint = None  # the newest checkpoint of this run known to hold finite weights and evaluation
 if source is not None:
     raw_model.load_state_dict(source["model"])
@@ -329,6 +329,8 @@ if source is not None:
     else:
         parent = source["path"]
         log(f"weights from {parent} (step {source['step']}); fresh optimizer, step count and schedule")
+    # the stage before scored these weights on these tasks at its end: no need to again at step 0
+    tasks_scored = not resuming and source.get("config", {}).get("eval_tasks") == eval_tasks
     del source
 
 # compile first, then wrap in DDP: DDP then hooks the compiled graph's gradients, and the
@@ -450,7 +452,7 @@ while True:
                 f" | {name}: {loss:.4f}, {bpb:.4f} bpb" for name, (loss, bpb) in per_dataset.items()) if len(datasets) > 1 else ""))
             record({"step": step, "val_loss": val_loss, "val_bpb": val_bpb, "tokens": tokens_seen,
                     "val_by_dataset": {name: {"loss": loss, "bpb": bpb} for name, (loss, bpb) in per_dataset.items()}})
-        if tasks:
+        if tasks and not (tasks_scored and step == start_step):
             scores = evaluate_tasks(eval_model, raw_model, encoder, tasks, block_size, micro_batch_size, device, autocast,
                                     rank, world_size)
             log(f"step {step}: tasks ({time.time() - paused:.1f}s with validation) | " + " | ".join(
