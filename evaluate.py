@@ -163,7 +163,7 @@ def my_share(count, rank, world_size):
 @torch.no_grad()
 def score_multiple_choice(model, encoder, task, indices, block_size, micro_batch_size, batches, device, autocast):
     """{example index: [log-likelihood of each choice]}, in `batches` forward passes of
-    (micro_batch_size, block_size): the inputs padded to the shape validation runs (one compiled graph)."""
+    (micro_batch_size, block_size), the inputs padded to that shape."""
     rows = []  # (example, choice, input ids, targets: the continuation's ids at its positions, -1 elsewhere)
     for i in indices:
         item = task["examples"][i]
@@ -213,10 +213,9 @@ def generate_answers(model, encoder, task, indices, steps, block_size, device, a
     return outputs
 
 
-def evaluate_tasks(model, generator, encoder, tasks, block_size, micro_batch_size, device, autocast, rank=0, world_size=1):
+def evaluate_tasks(model, encoder, tasks, block_size, micro_batch_size, device, autocast, rank=0, world_size=1):
     """{task name: {metric: value, "examples": n}} over every rank's share (a collective when there are
-    several). model scores multiple choice (it may be the compiled one: the shapes are validation's);
-    generator generates (the plain model: a KV cache changes shapes every step)."""
+    several)."""
     results = {}
     for task in tasks:
         indices, largest = my_share(len(task["examples"]), rank, world_size)
@@ -234,7 +233,7 @@ def evaluate_tasks(model, generator, encoder, tasks, block_size, micro_batch_siz
                 sums = [s + (p == item["answer"]) for s, p in zip(sums, picks)] + sums[3:]
             names = ["acc", "acc_norm", "acc_bytes", "chance"]
         else:
-            outputs = generate_answers(generator, encoder, task, indices, largest, block_size, device, autocast, world_size > 1)
+            outputs = generate_answers(model, encoder, task, indices, largest, block_size, device, autocast, world_size > 1)
             how = task["options"]["normalize"]
             sums = [sum(normalize(text, how) == normalize(task["examples"][i]["answer"], how) for i, text in outputs.items())]
             names = ["exact_match"]
@@ -274,7 +273,7 @@ if __name__ == "__main__":
         sys.exit(f"evaluate.py: error: {e}")
     model, encoder = model_from_checkpoint(checkpoint, device)
     model.eval()
-    scores = evaluate_tasks(model, model, encoder, loaded, model.args.block_size, micro_batch_size, device, autocast)
+    scores = evaluate_tasks(model, encoder, loaded, model.args.block_size, micro_batch_size, device, autocast)
     print(f"# {checkpoint['path']} (step {checkpoint['step']})")
     for name, metrics in scores.items():
         print(f"{name:>24}  " + "  ".join(f"{k} {v:.4f}" if k != "examples" else f"({v} examples)" for k, v in metrics.items()))

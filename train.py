@@ -334,9 +334,11 @@ if source is not None:
     del source
 
 # compile first, then wrap in DDP: DDP then hooks the compiled graph's gradients, and the
-# checkpoints come from raw_model, so their keys never carry _orig_mod. or module. prefixes
-eval_model = torch.compile(raw_model) if compile else raw_model
-model = DDP(eval_model, device_ids=[local_rank] if device_type == "cuda" else None) if ddp else eval_model
+# checkpoints come from raw_model, so their keys never carry _orig_mod. or module. prefixes.
+# Evaluation runs raw_model as it is: a second compiled graph (no grad) would cost more to compile
+# than it saves in a few forward passes every eval_interval steps.
+model = torch.compile(raw_model) if compile else raw_model
+model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None) if ddp else model
 
 
 # ---- evaluation: the same validation windows at every evaluation, split between ranks -------------
@@ -446,14 +448,14 @@ while True:
     if (step % eval_interval == 0 or last_step) and not (resuming and step == start_step):
         paused = time.time()
         if eval_iters > 0:
-            per_dataset, (val_loss, val_bpb) = validation(eval_model, datasets, val_windows, mixture_weights, block_size,
+            per_dataset, (val_loss, val_bpb) = validation(raw_model, datasets, val_windows, mixture_weights, block_size,
                                                           token_bytes, device, autocast)
             log(f"step {step}: val loss {val_loss:.4f}, val bpb {val_bpb:.4f}" + ("".join(
                 f" | {name}: {loss:.4f}, {bpb:.4f} bpb" for name, (loss, bpb) in per_dataset.items()) if len(datasets) > 1 else ""))
             record({"step": step, "val_loss": val_loss, "val_bpb": val_bpb, "tokens": tokens_seen,
                     "val_by_dataset": {name: {"loss": loss, "bpb": bpb} for name, (loss, bpb) in per_dataset.items()}})
         if tasks and not (tasks_scored and step == start_step):
-            scores = evaluate_tasks(eval_model, raw_model, encoder, tasks, block_size, micro_batch_size, device, autocast,
+            scores = evaluate_tasks(raw_model, encoder, tasks, block_size, micro_batch_size, device, autocast,
                                     rank, world_size)
             log(f"step {step}: tasks ({time.time() - paused:.1f}s with validation) | " + " | ".join(
                 f"{name} " + ", ".join(f"{k} {v:.3f}" for k, v in s.items() if k != "examples") for name, s in scores.items()))

@@ -253,7 +253,7 @@ def attention():
 def smoke():
     args = ["configs/pretrain.py", "configs/tiny.py", f"--data_dir={data}", "--eval_tasks={}", f"--device={device}", "--eval_interval=1000",
             "--log_interval=6", *(["--compile=False"] if dry_run else ["--dtype=bfloat16", "--compile=True"])]
-    result = run("train.py", *args, f"--out_dir={work}/smoke", "--max_iters=30", env={"TORCH_LOGS": "recompiles"})
+    result = run("train.py", *args, f"--out_dir={work}/smoke", "--max_iters=30", env={"TORCH_LOGS": "dynamo,recompiles"})
     if result.returncode != 0:
         raise failed(result)
     with open(f"{work}/smoke/metrics.jsonl") as f:
@@ -266,10 +266,11 @@ def smoke():
     r = {"ok": all(abs(x) < 1e9 for x in losses) and len(losses) > 1 and losses[-1] < losses[0], "losses": losses,
          "item_calls_between_logs": syncs["item_calls"], "cuda_syncs_between_logs": syncs["cuda_syncs"],
          "attention_ops": syncs["attention_ops"],
-         "recompiles": result.stderr.count("Recompiling function")}  # 1 expected: training after eval's no-grad graph
+         "compilations": result.stderr.count("torchdynamo start tracing forward"),  # 1 expected on the GPU (0 dry)
+         "recompiles": result.stderr.count("Recompiling function")}  # 0 expected: evaluation runs uncompiled
     r["lines"] = [f"{'ok' if r['ok'] else 'FAILED'}: losses {[round(x, 3) for x in losses]}",
                   f"in 3 steps between log steps: {r['item_calls_between_logs']} .item(), {r['cuda_syncs_between_logs']} "
-                  f"CUDA synchronizations; recompiles: {r['recompiles']}; attention: {r['attention_ops']}"]
+                  f"CUDA synchronizations; compilations {r['compilations']}, recompiles {r['recompiles']}; attention: {r['attention_ops']}"]
     return r
 
 
