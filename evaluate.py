@@ -163,7 +163,7 @@ def my_share(count, rank, world_size):
 @torch.no_grad()
 def score_multiple_choice(model, encoder, task, indices, block_size, micro_batch_size, batches, device, autocast):
     """{example index: [log-likelihood of each choice]}, in `batches` forward passes of
-    (micro_batch_size, block_size), the inputs padded to that shape."""
+    micro_batch_size sequences (the last padded with empty rows, so every rank runs as many)."""
     rows = []  # (example, choice, input ids, targets: the continuation's ids at its positions, -1 elsewhere)
     for i in indices:
         item = task["examples"][i]
@@ -175,11 +175,13 @@ def score_multiple_choice(model, encoder, task, indices, block_size, micro_batch
             n = min(len(continuation), len(inputs))
             targets = [-1] * (len(inputs) - n) + sequence[-n:]
             rows.append((i, j, inputs, targets))
+    rows.sort(key=lambda row: -len(row[2]))  # similar lengths together: each batch padded to its longest
     scores = {i: [0.0] * len(task["examples"][i]["choices"]) for i in indices}
     for b in range(batches):
         chunk = rows[b * micro_batch_size:(b + 1) * micro_batch_size]
-        x = torch.zeros((micro_batch_size, block_size), dtype=torch.long)
-        y = torch.full((micro_batch_size, block_size), -1, dtype=torch.long)
+        length = max([len(inputs) for _, _, inputs, _ in chunk], default=1)
+        x = torch.zeros((micro_batch_size, length), dtype=torch.long)
+        y = torch.full((micro_batch_size, length), -1, dtype=torch.long)
         for r, (_, _, inputs, targets) in enumerate(chunk):
             x[r, :len(inputs)], y[r, :len(targets)] = torch.tensor(inputs), torch.tensor(targets)
         with autocast:
