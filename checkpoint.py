@@ -1,18 +1,25 @@
 """
-Checkpoints: the one way to write and read them (train.py, sample.py, export_hf.py), and the one
-way to read a Hugging Face model directory as one (init_from='hf:<dir>').
+Checkpoints: the one way to write and read them (train.py, sample.py, export_hf.py, evaluate.py),
+and of reading a Hugging Face model directory as one (init_from='hf:<dir>').
 
-A checkpoint is out_dir/ckpt_<step>.pt, a torch.save of plain containers, tensors, numbers and
-strings only, so it loads with torch.load(weights_only=True) and nothing in it is ever executed:
-    format_version, step, tokens_seen, batch_size (at that step), model (state dict),
-    optimizers (list of state dicts: AdamW, then Muon if used; full state, so a checkpoint does
-    not depend on the world size), model_args, config (dicts of simple values), tokenizer
-    (tokenizer.tokenizer_state: the whole tokenizer as text, so a checkpoint decodes on its own),
-    data_dir, parent (the checkpoint this run's weights started from, or None)
-The data position is the step: the windows of a step are a function of (seed, step).
-Writes are atomic: a temporary file, fsynced, then renamed, then the directory fsynced, so a
-crash at any instant leaves the previous checkpoints intact and at most a *.tmp file that
-nothing loads. Whole directories (datasets, exports) are swapped in the same way.
+A checkpoint is a directory, out_dir/ckpt_<step>/, of safetensors and JSON files only, so reading
+one never runs anything:
+    meta.json              format_version 2, step, tokens_seen, batch_size, model_args, config,
+                           tokenizer (the whole tokenizer as text: a checkpoint decodes on its own),
+                           data_dir, parent (the checkpoint this run's weights started from), and
+                           every tensor's shape, dtype and pieces (which file holds which rows)
+    rank-NNNNN.safetensors the rows each rank wrote
+The tensors: model/<parameter>, adamw/<parameter>/<exp_avg, exp_avg_sq or step>, and
+muon/<parameter>/momentum_buffer: the whole training state as one process would hold it, whatever
+the world size and the mode (DDP, FSDP2) that wrote it, so it loads at any world size and in either
+mode, and a rank can read just the rows it needs. Each rank writes its own share at once (its
+shards under FSDP2, a slice of the replicas under DDP): no rank ever holds the whole state.
+Writes are atomic: each rank writes into ckpt_<step>.tmp/ (in a background thread, from a CPU copy
+of its share), and rank 0 renames the directory once every rank's files are complete; a crash at
+any instant leaves the earlier checkpoints and at most a *.tmp directory, which nothing loads and
+the next start removes. Checkpoints of format 1 (one ckpt_<step>.pt file of plain containers,
+loaded with weights_only=True) still load. The data position is the step: the windows of a step
+are a function of (seed, step).
 """
 import glob
 import json
@@ -27,32 +34,43 @@ import torch
 from model import GPT, ModelArgs
 import tokenizer as tok
 
-FORMAT_VERSION = 1
-CHECKPOINT_NAME = re.compile(r"ckpt_(\d+)\.pt$")
+FORMAT_VERSION = 2
+CHECKPOINT_NAME = re.compile(r"ckpt_(\d+)(\.pt)?$")
 
 
 def checkpoint_paths(out_dir):
-    """The checkpoints in out_dir, oldest first."""
-    paths = [p for p in glob.glob(os.path.join(out_dir, "ckpt_*.pt")) if CHECKPOINT_NAME.search(p)]
+    """The checkpoints in out_dir (directories ckpt_<step>, or format 1's files ckpt_<step>.pt), oldest first."""
+    paths = [p for p in glob.glob(os.path.join(out_dir, "ckpt_*")) if CHECKPOINT_NAME.search(p)]
     return sorted(paths, key=lambda p: int(CHECKPOINT_NAME.search(p).group(1)))
 
 
+def remove_stale_writes(out_dir):
+    """Temporary directories (and format 1's files) of writes that a crash interrupted: nothing loads them."""
+    for stale in glob.glob(os.path.join(out_dir, "ckpt_*.tmp")):
+        shutil.rmtree(stale) if os.path.isdir(stale) else os.remove(stale)
+
+
+# ---- writing ----------------------------------------------------------------------------------
 _pending_write = {"thread": None, "error": None}
 
 
-def save_checkpoint(out_dir, state, keep_last=3, keep_every=0, background=False):
-    """Write state as out_dir/ckpt_<step>.pt atomically, then delete all but the newest keep_last
-    (and those whose step is a multiple of keep_every). With background=True the state is first
-    copied to CPU memory, and the write happens in a thread while training goes on: its failure is
-    then reported by checkpoint_failure() (train.py asks after every step) or wait_for_checkpoint()."""
+def save_checkpoint(out_dir, step, pieces, meta=None, rank=0, world_size=1, keep_last=3, keep_every=0,
+                    background=False):
+    """Every rank calls this with its share of the state, {tensor name: (tensor, first row, full shape)}
+    (a 0-d tensor's first row is 0), copied to CPU memory here; rank 0 also with meta. Then each
+    rank writes its file, and rank 0, once every rank's are there, meta.json and the rename; then it
+    deletes all but the newest keep_last checkpoints (and those whose step is a multiple of
+    keep_every). With background=True that happens in a thread while training goes on: its failure
+    is then reported by checkpoint_failure() (train.py asks after every step) or wait_for_checkpoint()."""
     wait_for_checkpoint()
+    pieces = {name: (tensor.detach().to("cpu", copy=True), row, list(shape)) for name, (tensor, row, shape) in pieces.items()}
+    args = (out_dir, step, pieces, meta, rank, world_size, keep_last, keep_every)
     if not background:
-        return _write_checkpoint(out_dir, state, keep_last, keep_every)
-    state = _cpu_copy(state)
+        return _write_checkpoint(*args)
 
     def write():
         try:
-            _write_checkpoint(out_dir, state, keep_last, keep_every)
+            _write_checkpoint(*args)
         except BaseException as e:
             _pending_write["error"] = e
     _pending_write["thread"] = threading.Thread(target=write, name="checkpoint-writer")
@@ -75,100 +93,189 @@ def wait_for_checkpoint():
         raise error
 
 
-def _cpu_copy(value):
-    if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {k: _cpu_copy(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_cpu_copy(v) for v in value)
-    return value
+def _durable(path, data=None):
+    """Write data (bytes) to path, or take the file already there, and fsync it (a directory too)."""
+    if data is not None:
+        with open(path, "wb") as f:
+            f.write(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-def _write_checkpoint(out_dir, state, keep_last, keep_every):
+def _write_checkpoint(out_dir, step, pieces, meta, rank, world_size, keep_last, keep_every, wait_s=600):
+    from safetensors.torch import save_file
     started = time.time()
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"ckpt_{state['step']:07d}.pt")
+    path = os.path.join(out_dir, f"ckpt_{step:07d}")
     tmp = path + ".tmp"
     try:
-        with open(tmp, "wb") as f:
-            torch.save({"format_version": FORMAT_VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-    except Exception as e:  # torch reports a failed write (disk full, file too large) as a RuntimeError
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        free = shutil.disk_usage(out_dir).free / 2**20
-        raise OSError(f"checkpoint at step {state['step']} not written: {type(e).__name__}: "
-                                   f"{str(e).strip().splitlines()[0][:300]} (disk full? {free:,.0f} MiB free in {out_dir})") from e
-    os.replace(tmp, path)
-    directory = os.open(out_dir, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-    if keep_last > 0:  # only loadable checkpoints are here: a file that failed to load was set aside
+        os.makedirs(tmp, exist_ok=True)
+        own = f"rank-{rank:05d}"
+        rows = {name: [row, row + (len(t) if t.dim() else 1), shape, str(t.dtype).removeprefix("torch.")]
+                for name, (t, row, shape) in pieces.items() if t.dim() == 0 or len(t)}
+        if rows:
+            save_file({f"{name}:{row}": pieces[name][0].contiguous() for name, (row, *_) in rows.items()},
+                      os.path.join(tmp, own + ".safetensors"))
+            os.chmod(os.path.join(tmp, own + ".safetensors"), os.stat(out_dir).st_mode & 0o666)  # not safetensors' 0600
+            _durable(os.path.join(tmp, own + ".safetensors"))
+        _durable(os.path.join(tmp, own + ".json"), json.dumps(rows).encode())  # last: this rank's part is complete
+        if rank != 0:
+            return path
+        deadline = time.time() + wait_s
+        parts = {}
+        for r in range(world_size):  # every rank's part, complete on disk
+            while not os.path.exists(os.path.join(tmp, f"rank-{r:05d}.json")):
+                if time.time() > deadline:
+                    raise OSError(f"rank {r}'s part did not appear within {wait_s}s")
+                time.sleep(0.05)
+            with open(os.path.join(tmp, f"rank-{r:05d}.json")) as f:
+                parts[r] = json.load(f)
+        tensors = {}
+        for r, part in parts.items():
+            for name, (first, last, shape, dtype) in part.items():
+                entry = tensors.setdefault(name, {"shape": shape, "dtype": dtype, "pieces": []})
+                entry["pieces"].append([f"rank-{r:05d}.safetensors", first, last])
+        _durable(os.path.join(tmp, "meta.json"), json.dumps({"format_version": FORMAT_VERSION, **meta, "tensors": tensors}).encode())
+        _durable(tmp)
+        os.replace(tmp, path)
+        _durable(out_dir)  # the rename itself, durable
+    except Exception as e:  # torch and safetensors report a failed write (disk full, file too large) their own ways
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(out_dir).free / 2**20 if os.path.isdir(out_dir) else 0
+        raise OSError(f"checkpoint at step {step} not written: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]} "
+                      f"(disk full? {free:,.0f} MiB free in {out_dir})") from e
+    if keep_last > 0:  # only loadable checkpoints are here: one that failed to load was set aside
         for old in checkpoint_paths(out_dir)[:-keep_last]:
             if not (keep_every and int(CHECKPOINT_NAME.search(old).group(1)) % keep_every == 0):
-                os.remove(old)
-    print(f"wrote {path} ({os.path.getsize(path) / 2**20:,.1f} MiB) in {time.time() - started:.2f}s", flush=True)
+                shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
+    size = sum(os.path.getsize(f) for f in glob.glob(os.path.join(path, "*")))
+    print(f"wrote {path} ({size / 2**20:,.1f} MiB) in {time.time() - started:.2f}s", flush=True)
     return path
 
 
-def remove_stale_writes(out_dir):
-    """Temporary files of checkpoint writes that a crash interrupted: nothing loads them."""
-    for stale in glob.glob(os.path.join(out_dir, "ckpt_*.pt.tmp")):
-        os.remove(stale)
-
-
-def load_checkpoint(path, device="cpu", set_aside=False):
-    """Load a checkpoint file, the newest loadable checkpoint of a run directory, or a Hugging Face
-    model directory (hf:<dir>, or a directory with a config.json and no checkpoints). A newest checkpoint that is truncated or corrupt is reported and
-    the one before it used; with set_aside (a run resuming its own directory) it is also renamed
-    to *.corrupt, so that it never counts as a checkpoint again (rotation keeps only loadable ones)."""
+# ---- reading ----------------------------------------------------------------------------------
+def open_checkpoint(path, set_aside=False):
+    """(meta, read): a checkpoint's metadata (everything but the tensors, with its "path") and
+    read(name, first=None, last=None), which reads a tensor, or its rows [first, last), from disk.
+    path: a checkpoint, a run directory (its newest checkpoint that loads: a newer one that does not
+    is reported and, with set_aside, renamed *.corrupt so it never counts again), a Hugging Face
+    model directory (hf:<dir>, or a directory with a config.json and no checkpoints), or a format 1
+    ckpt_<step>.pt file."""
     if path.startswith("hf:"):
-        return load_hf_checkpoint(path[3:])
+        return _open_hf(path[3:])
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "meta.json")):
+        return _open_directory(path)
     if os.path.isdir(path) and not checkpoint_paths(path) and os.path.exists(os.path.join(path, "config.json")):
-        return load_hf_checkpoint(path)  # an exported (or any Llama/Qwen3) Hugging Face directory
+        return _open_hf(path)
     if os.path.isdir(path):
         candidates = checkpoint_paths(path)
         if not candidates:
-            raise FileNotFoundError(f"no checkpoints (ckpt_*.pt) in {path}")
+            raise FileNotFoundError(f"no checkpoints (ckpt_*) in {path}")
         for candidate in reversed(candidates):
             try:
-                return load_checkpoint(candidate, device)
-            except ValueError as e:
+                return open_checkpoint(candidate)
+            except (ValueError, FileNotFoundError) as e:  # FileNotFoundError: set aside meanwhile by rank 0
                 print(f"warning: skipping {candidate}: {e}", flush=True)
-                if set_aside:
+                if set_aside and os.path.exists(candidate):
                     os.replace(candidate, candidate + ".corrupt")
                     print(f"warning: set {candidate} aside as {os.path.basename(candidate)}.corrupt", flush=True)
         raise ValueError(f"no checkpoint in {path} could be loaded")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
+    if os.path.isfile(path) and path.endswith(".pt"):
+        return _open_format_1(path)
+    raise FileNotFoundError(f"no checkpoint at {path}")
+
+
+def _open_directory(path):
+    from safetensors import safe_open
     try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
+        with open(os.path.join(path, "meta.json")) as f:
+            meta = json.load(f)
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"format version {meta.get('format_version')}, not {FORMAT_VERSION}")
+        files = {}
+        for name, entry in meta["tensors"].items():
+            rows = entry["shape"][0] if entry["shape"] else 1
+            covered = sorted((first, last) for _, first, last in entry["pieces"])
+            if [first for first, _ in covered] != [0] + [last for _, last in covered[:-1]] or covered[-1][1] != rows:
+                raise ValueError(f"the rows of {name} are not all there")
+            for file, _, _ in entry["pieces"]:
+                if file not in files:  # reads the header only, and checks it against the file's length
+                    files[file] = safe_open(os.path.join(path, file), framework="pt")
+    except Exception as e:
+        raise ValueError(f"{path} is incomplete or corrupt ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None
+
+    def read(name, first=None, last=None):
+        entry = meta["tensors"][name]
+        if not entry["shape"]:
+            return files[entry["pieces"][0][0]].get_tensor(f"{name}:0")
+        first, last = first or 0, entry["shape"][0] if last is None else last
+        parts = [files[file].get_slice(f"{name}:{start}")[max(first, start) - start:min(last, end) - start]
+                 for file, start, end in sorted(entry["pieces"], key=lambda piece: piece[1]) if start < last and end > first]
+        return torch.cat(parts) if parts else torch.empty((0, *entry["shape"][1:]), dtype=getattr(torch, entry["dtype"]))
+    return {**{k: v for k, v in meta.items() if k != "tensors"}, "path": path, "tensors": list(meta["tensors"])}, read
+
+
+def _open_format_1(path):
+    """A ckpt_<step>.pt of format 1, read whole (weights_only: plain data only); its optimizer states,
+    numbered there, named by the order the optimizers were built in."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         if type(e).__name__ == "UnpicklingError" and "Weights only load failed" in str(e):
             raise ValueError(f"{path} holds objects that would run code when loaded (not only tensors and plain "
                              f"data): refused, nothing in it was executed") from None
         raise ValueError(f"{path} is truncated or corrupt ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path} is not a checkpoint of format version {FORMAT_VERSION}")
-    checkpoint["path"] = path
+    if not isinstance(checkpoint, dict) or checkpoint.get("format_version") != 1:
+        raise ValueError(f"{path} is not a checkpoint of format version 1 or {FORMAT_VERSION}")
+    tensors = {f"model/{name}": t for name, t in checkpoint.pop("model").items()}
+    config = checkpoint.get("config", {})
+    with torch.device("meta"):
+        model = GPT(ModelArgs(**checkpoint["model_args"]))
+    names = {id(p): name for name, p in model.named_parameters()}
+    built, _ = model.configure_optimizers(1.0, 0.0, (0.9, 0.95), bool(config.get("use_muon")))
+    for kind, optimizer, state in zip(("adamw", "muon"), built, checkpoint.pop("optimizers", [])):
+        order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+        for index, entry in state["state"].items():
+            tensors.update({f"{kind}/{order[int(index)]}/{key}": value for key, value in entry.items()})
+    checkpoint.pop("rng", None)
+
+    def read(name, first=None, last=None):
+        tensor = tensors[name]
+        return tensor if tensor.dim() == 0 else tensor[first or 0:last]
+    return {**checkpoint, "path": path, "tensors": list(tensors)}, read
+
+
+def load_checkpoint(path, set_aside=False):
+    """A whole checkpoint in CPU memory (open_checkpoint's metadata, and its tensors): "model" as
+    {parameter: tensor}, "optimizers" as {"adamw" or "muon": {parameter: {key: tensor}}}."""
+    meta, read = open_checkpoint(path, set_aside)
+    checkpoint = {**meta, "model": {}, "optimizers": {}}
+    for name in meta["tensors"]:
+        kind, _, rest = name.partition("/")
+        if kind == "model":
+            checkpoint["model"][rest] = read(name)
+        else:
+            parameter, _, key = rest.rpartition("/")
+            checkpoint["optimizers"].setdefault(kind, {}).setdefault(parameter, {})[key] = read(name)
     return checkpoint
 
 
 def model_from_checkpoint(checkpoint, device="cpu"):
     """(model with the checkpoint's weights, its tokenizer)."""
     model = GPT(ModelArgs(**checkpoint["model_args"]))
-    model.load_state_dict(checkpoint["model"])
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            parameter.copy_(checkpoint["model"][name])
     return model.to(device), tok.tokenizer_from_state(checkpoint["tokenizer"])
 
 
-def load_hf_checkpoint(directory):
-    """A Llama- or Qwen3-layout safetensors model and its byte-level BPE tokenizer, as a checkpoint
-    dict (model, model_args, tokenizer, step, path) that train.py can start a stage from."""
-    from safetensors.torch import load_file
+def _open_hf(directory):
+    """A Llama- or Qwen3-layout safetensors model and its byte-level BPE tokenizer, opened as a
+    checkpoint of the weights alone (step 0, no optimizer state): what init_from='hf:<dir>' starts from."""
+    from safetensors import safe_open
     config_path = os.path.join(directory, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"no Hugging Face model at {directory} (no config.json)")
@@ -194,16 +301,17 @@ def load_hf_checkpoint(directory):
     mlp_hidden = config["intermediate_size"]
     if mlp_hidden % 128:
         raise ValueError(f"{directory}: intermediate_size {mlp_hidden} is not a multiple of 128")
-    tensors = {}
     files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
     if not files:
         raise ValueError(f"{directory}: no .safetensors files")
+    where = {}  # our tensor name -> (open file, its name there)
     for file in files:
-        tensors.update(load_file(os.path.join(directory, file)))
-    state = {(name[len("model."):] if name.startswith("model.") else name): t.float() for name, t in tensors.items()}
+        handle = safe_open(os.path.join(directory, file), framework="pt")
+        for key in handle.keys():
+            where["model/" + key.removeprefix("model.")] = (handle, key)
     tie = config.get("tie_word_embeddings", False)
-    if tie:
-        state["lm_head.weight"] = state["embed_tokens.weight"]
+    if tie:  # one matrix for both: ours is the embedding's
+        where.pop("model/lm_head.weight", None)
     enc = tok.tokenizer_from_hf(directory)
     if enc.n_vocab > config["vocab_size"]:
         raise ValueError(f"{directory}: the tokenizer has {enc.n_vocab} tokens, the model {config['vocab_size']}")
@@ -215,8 +323,13 @@ def load_hf_checkpoint(directory):
     if ModelArgs(**model_args).padded_vocab_size != config["vocab_size"]:
         raise ValueError(f"{directory}: vocab_size {config['vocab_size']} is not the tokenizer's {enc.n_vocab} "
                          f"padded to a multiple of 128")
-    return {"model": state, "model_args": model_args, "tokenizer": tok.tokenizer_state(enc), "step": 0,
-            "tokens_seen": 0, "parent": None, "path": "hf:" + directory}
+
+    def read(name, first=None, last=None):
+        handle, key = where[name]
+        rows = handle.get_slice(key)
+        return rows[first or 0:rows.get_shape()[0] if last is None else last].float()
+    return {"model_args": model_args, "tokenizer": tok.tokenizer_state(enc), "config": {}, "step": 0, "tokens_seen": 0,
+            "parent": None, "path": "hf:" + directory, "tensors": list(where)}, read
 
 
 def replace_directory(tmp, final):

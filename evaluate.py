@@ -269,7 +269,7 @@ if __name__ == "__main__":
     from model import resolve_device
     try:
         device, device_type, dtype, autocast = resolve_device(device, dtype)
-        checkpoint = load_checkpoint(ckpt, device)
+        checkpoint = load_checkpoint(ckpt)
         loaded = [load_task(path, examples) for path in task_paths(tasks)]
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"evaluate.py: error: {e}")

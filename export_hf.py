@@ -170,10 +170,8 @@ def export(checkpoint, hf_dir, dtype_name="bfloat16", max_shard_size_mb=5000):
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tok.BOS, "eos_token": tok.BOS, "pad_token": tok.BOS,
         "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False,
         "model_max_length": checkpoint["model_args"]["block_size"], "chat_template": tok.CHAT_TEMPLATE})
-    umask = os.umask(0)
-    os.umask(umask)
-    for name in os.listdir(tmp):  # readable like any other file (safetensors creates its files 0600)
-        os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
+    for name in os.listdir(tmp):  # as readable as the directory (safetensors creates its files 0600)
+        os.chmod(os.path.join(tmp, name), os.stat(tmp).st_mode & 0o666)
     replace_directory(tmp, hf_dir)
     return config
 

@@ -216,12 +216,13 @@ class GPT(nn.Module):
         return loss.view(B, T) if loss_reduction == "none" else loss
 
     def configure_optimizers(self, learning_rate, weight_decay, betas, use_muon=False, muon_lr=0.0,
-                             muon_weight_decay=0.0, muon_momentum=0.95):
+                             muon_weight_decay=0.0, muon_momentum=0.95, muon_group=None):
         """[AdamW] or [AdamW, Muon], and a line saying which parameters went where.
         AdamW decays matrices (and the embedding) only; 1-D norm gains are not decayed. With use_muon
         the matrices inside the blocks (attention and MLP projections) go to Muon; the embedding and
         the output head stay on AdamW. AdamW is fused, on CPU too: it can then skip a step on a
-        device-side flag (found_inf), which train.py's divergence guard relies on."""
+        device-side flag (found_inf), which train.py's divergence guard relies on. muon_group: the
+        process group that shards or replicates the model (parallel.wrap)."""
         hidden = [p for name, p in self.named_parameters() if name.startswith("layers.") and p.dim() == 2] if use_muon else []
         hidden_ids = set(map(id, hidden))
         matrices = [p for p in self.parameters() if p.dim() >= 2 and id(p) not in hidden_ids]
@@ -231,7 +232,8 @@ class GPT(nn.Module):
                                         lr=learning_rate, betas=betas, fused=True)]
         if use_muon:
             from muon import Muon
-            optimizers.append(Muon(hidden, lr=muon_lr, weight_decay=muon_weight_decay, momentum=muon_momentum))
+            optimizers.append(Muon(hidden, lr=muon_lr, weight_decay=muon_weight_decay, momentum=muon_momentum,
+                                   group=muon_group))
         names = {id(p): re.sub(r"\.\d+\.", ".*.", name) for name, p in self.named_parameters()}
         groups = [("AdamW, decayed", matrices), ("AdamW, not decayed", vectors), ("Muon", hidden)]
         summary = "\n".join(f"{name}: {len(ps)} tensors, {sum(p.numel() for p in ps):,} parameters "

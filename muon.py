@@ -15,26 +15,36 @@ Update scale: 0.2 * sqrt(max(rows, cols)). An orthogonalized update has RMS 1/sq
 so this makes its RMS 0.2, about AdamW's, for every shape: one learning rate fits all matrices,
 and AdamW's learning rate and weight decay are a good starting point for Muon's.
 
-Distributed (ZeRO-1 style): gradients arrive already averaged across ranks (DDP). Matrices are
-grouped by shape and each rank owns a slice of every group: it alone keeps their momentum and
-orthogonalizes them, as one batched matmul; an all-gather gives every rank all the updates,
-which every rank applies to its replica of the weights. The momentum memory, the momentum
-arithmetic and the Newton-Schulz work per GPU all fall with the number of GPUs. state_dict()
-gathers the whole momentum, so checkpoints do not depend on the world size. One process issues
-no collectives.
+Distributed, with DDP (ZeRO-1 style): gradients arrive averaged across ranks. Matrices are grouped
+by shape and each rank owns a slice of every group: it alone keeps their momentum and
+orthogonalizes them, as one batched matmul; an all-gather gives every rank all the updates, which
+every rank applies to its replica of the weights.
+With FSDP2: each rank holds a shard (rows) of every matrix and of its gradient. It keeps the momentum
+of its rows, computes their update, and sends them to the owner of each matrix; the owner
+orthogonalizes the whole matrices it owns and sends each rank back its rows of the result: one
+gather and one scatter of the hidden matrices (all_to_all) per step, not an all-gather of every
+gradient to every rank.
+Either way the momentum memory, the momentum arithmetic and the Newton-Schulz work per GPU fall with
+the number of GPUs. The checkpoint holds the whole momentum (parallel.state_pieces: each rank
+writes the rows it keeps; momentum_rows says which). One process issues no collectives.
 """
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 # quintic iteration X <- a X + b (X X^T) X + c (X X^T)^2 X; these coefficients push every singular
 # value in (0, 1] towards 1 quickly, ending in roughly [0.7, 1.2] rather than exactly at 1
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+# bf16: fast on tensor cores and precise enough for an update direction. But Newton-Schulz amplifies
+# the last bits of ill-conditioned momenta, so runs that sum gradients in another order (another world
+# size or mode) drift apart at this precision; tests that compare such runs set float32 here.
+NS_DTYPE = torch.bfloat16
 
 
-def newton_schulz(G, steps=5, dtype=torch.bfloat16):
-    """Approximately orthogonalize the last two dims of G (a matrix or a batch of same-shape matrices)."""
+def newton_schulz(G, steps=5):
+    """Approximately orthogonalize the last two dims of G (a matrix or a batch of same-shape matrices), in NS_DTYPE."""
     a, b, c = NS_COEFFICIENTS
-    X = G.to(dtype)
+    X = G.to(NS_DTYPE)
     transposed = X.size(-2) > X.size(-1)
     if transposed:  # iterate on the wide orientation: X X^T is then the smaller Gram matrix
         X = X.mT
@@ -59,11 +69,17 @@ def update_scale(shape):
     return 0.2 * max(shape[-2], shape[-1]) ** 0.5
 
 
-def world():
-    """(rank, world size) of the default process group; (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist.get_rank(), dist.get_world_size()
+def world(group=None):
+    """(rank, world size) in group (None: the default group); (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        return dist.get_rank(group), dist.get_world_size(group)
     return 0, 1
+
+
+def row_range(rows, rank, world_size):
+    """The rows [first, last) of a matrix that FSDP2 gives a rank (it splits the first dimension as torch.chunk does)."""
+    chunk = -(-rows // world_size)
+    return min(rank * chunk, rows), min((rank + 1) * chunk, rows)
 
 
 def share(count, rank, world_size):
@@ -77,10 +93,10 @@ class Muon(torch.optim.Optimizer):
     """Muon for 2-D parameters. lr and weight_decay mean what they mean for AdamW (see update_scale).
     Like torch's fused AdamW, it skips the whole step (momentum and weights) when the attribute
     found_inf is set to a device scalar that is nonzero, so a bad step is skipped without a host sync.
-    With several ranks each keeps the momentum of its share only; state_dict() gathers it (a
-    collective: every rank calls it) and load_state_dict() keeps each rank's share."""
+    group: the process group that replicates (DDP) or shards (FSDP2: its shard group) the matrices;
+    None for the default group."""
 
-    def __init__(self, params, lr=6e-4, weight_decay=0.0, momentum=0.95, nesterov=True, ns_steps=5):
+    def __init__(self, params, lr=6e-4, weight_decay=0.0, momentum=0.95, nesterov=True, ns_steps=5, group=None):
         params = list(params)
         if any(p.dim() != 2 for p in params):
             raise ValueError("Muon takes 2-D parameters only; give the others to AdamW")
@@ -89,10 +105,46 @@ class Muon(torch.optim.Optimizer):
         groups = [{"params": [p for p in params if tuple(p.shape) == shape]} for shape in shapes]
         super().__init__(groups, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                                       ns_steps=ns_steps))
+        self.group = group
+
+    def momentum_rows(self, p):
+        """The rows [first, last) of p whose momentum this rank keeps, or None."""
+        rank, world_size = world(self.group)
+        if isinstance(p, DTensor):
+            return row_range(p.shape[0], rank, world_size)
+        params = next(g["params"] for g in self.param_groups if any(q is p for q in g["params"]))
+        _, first, last = share(len(params), rank, world_size)
+        return (0, p.shape[0]) if any(q is p for q in params[first:last]) else None
+
+    def _momentum(self, group, params, grads, keep):
+        """Each param's update from its (Nesterov) momentum, which it keeps in fp32, for these rows."""
+        for p, g in zip(params, grads):
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(g)
+        buffers = [self.state[p]["momentum_buffer"] for p in params]
+        if keep is not None:
+            # a skipped step lerps the momentum towards itself, so it stays exactly as it was
+            # (where, not a multiply by 0: NaN * 0 is NaN); the gradients are spent anyway
+            for g, b in zip(grads, buffers):
+                torch.where(keep, g, b, out=g)
+        # foreach: one multi-tensor kernel per op for the whole list instead of one per matrix
+        torch._foreach_lerp_(buffers, grads, 1 - group["momentum"])
+        return torch._foreach_lerp(grads, buffers, group["momentum"]) if group["nesterov"] else buffers
+
+    def _apply(self, group, weights, updates, keep):
+        """weights (whole or this rank's rows) += the scaled orthogonalized updates, after decoupled weight
+        decay; scaled by zero when skipped, once for the whole group, in bf16."""
+        lr = group["lr"]
+        scale = -lr * update_scale(group["params"][0].shape)
+        updates = updates * (scale if keep is None else keep * scale)
+        if group["weight_decay"]:  # decoupled, AdamW's
+            decay = 1 - lr * group["weight_decay"]
+            torch._foreach_mul_(weights, decay if keep is None else torch.where(keep, decay, 1.0))
+        torch._foreach_add_(weights, list(updates.unbind(0)))
 
     @torch.no_grad()
     def step(self):
-        rank, world_size = world()
+        rank, world_size = world(self.group)
         found_inf = getattr(self, "found_inf", None)
         keep = None if found_inf is None else found_inf == 0  # a device bool: apply this step or skip it
         for group in self.param_groups:
@@ -102,69 +154,52 @@ class Muon(torch.optim.Optimizer):
             if any(p.grad is None for p in params):
                 raise ValueError(f"Muon: some {tuple(params[0].shape)} matrices have no gradient; "
                                  f"leave parameters that do not train out of the optimizer")
-            lr, momentum, shape = group["lr"], group["momentum"], params[0].shape
-            per_rank, first, last = share(len(params), rank, world_size)
-            mine = params[first:last]  # the momentum and Newton-Schulz of these are this rank's work
-            for p in mine:
-                if "momentum_buffer" not in self.state[p]:
-                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-            buffers = [self.state[p]["momentum_buffer"] for p in mine]
-            grads = [p.grad for p in mine]
-            stacked = torch.empty((per_rank, *shape), device=params[0].device, dtype=torch.bfloat16)
-            stacked[len(mine):].zero_()
-            if mine:
-                if keep is not None:
-                    # a skipped step lerps the momentum towards itself, so it stays exactly as it was
-                    # (where, not a multiply by 0: NaN * 0 is NaN); the gradients are spent anyway
-                    for g, b in zip(grads, buffers):
-                        torch.where(keep, g, b, out=g)
-                # foreach: one multi-tensor kernel per op for the whole share instead of one per matrix
-                torch._foreach_lerp_(buffers, grads, 1 - momentum)
-                updates = torch._foreach_lerp(grads, buffers, momentum) if group["nesterov"] else buffers
-                torch._foreach_copy_(list(stacked[:len(mine)].unbind(0)), updates)
-            orthogonal = newton_schulz(stacked, group["ns_steps"])
-            if world_size > 1:
-                gathered = torch.empty((world_size * per_rank, *shape), device=orthogonal.device, dtype=orthogonal.dtype)
-                all_gather(gathered, orthogonal.contiguous())
-                orthogonal = gathered
-            # every rank applies every update (the weights are replicated), scaled and zeroed when
-            # skipped once for the whole group, in bf16
-            scale = -lr * update_scale(shape)
-            orthogonal = orthogonal * (scale if keep is None else keep * scale)
-            if group["weight_decay"]:  # decoupled, AdamW's
-                decay = 1 - lr * group["weight_decay"]
-                torch._foreach_mul_(params, decay if keep is None else torch.where(keep, decay, 1.0))
-            torch._foreach_add_(params, list(orthogonal[:len(params)].unbind(0)))
+            if isinstance(params[0], DTensor):
+                self._step_sharded(group, rank, world_size, keep)
+            else:
+                self._step_replicated(group, rank, world_size, keep)
 
-    def state_dict(self):
-        """The whole state, as one process would hold it: with several ranks, the momentum shares are
-        all-gathered (a collective), one group at a time, and rank 0 keeps them in CPU memory."""
-        state = super().state_dict()
-        rank, world_size = world()
-        if world_size == 1:
-            return state
-        index = 0
-        for group in self.param_groups:
-            params = group["params"]
-            per_rank, first, last = share(len(params), rank, world_size)
-            mine = torch.zeros((per_rank, *params[0].shape), device=params[0].device, dtype=params[0].dtype)
-            for j, p in enumerate(params[first:last]):
-                if "momentum_buffer" in self.state[p]:
-                    mine[j] = self.state[p]["momentum_buffer"]
-            gathered = torch.empty((world_size * per_rank, *mine.shape[1:]), device=mine.device, dtype=mine.dtype)
-            all_gather(gathered, mine)
-            if rank == 0:
-                gathered = gathered.cpu()
-            for i in range(len(params)):
-                state["state"][index + i] = {"momentum_buffer": gathered[i].clone() if rank == 0 else gathered[i]}
-            index += len(params)
-        return state
+    def _step_replicated(self, group, rank, world_size, keep):
+        """DDP (or one process): this rank's share of whole matrices, then an all-gather of the updates."""
+        params, shape = group["params"], group["params"][0].shape
+        per_rank, first, last = share(len(params), rank, world_size)
+        mine = params[first:last]  # the momentum and Newton-Schulz of these are this rank's work
+        stacked = torch.empty((per_rank, *shape), device=params[0].device, dtype=NS_DTYPE)
+        stacked[len(mine):].zero_()
+        if mine:
+            torch._foreach_copy_(list(stacked[:len(mine)].unbind(0)), self._momentum(group, mine, [p.grad for p in mine], keep))
+        orthogonal = newton_schulz(stacked, group["ns_steps"])
+        if world_size > 1:
+            gathered = torch.empty((world_size * per_rank, *shape), device=orthogonal.device, dtype=orthogonal.dtype)
+            all_gather(gathered, orthogonal.contiguous(), group=self.group)
+            orthogonal = gathered
+        self._apply(group, params, orthogonal[:len(params)], keep)  # every rank updates its whole replica
 
-    def load_state_dict(self, state_dict):
-        """Loads a whole state (from any world size) and keeps this rank's share of the momentum."""
-        super().load_state_dict(state_dict)
-        rank, world_size = world()
-        for group in self.param_groups:
-            _, first, last = share(len(group["params"]), rank, world_size)
-            for p in group["params"][:first] + group["params"][last:]:
-                self.state.pop(p, None)
+    def _step_sharded(self, group, rank, world_size, keep):
+        """FSDP2: the momentum of this rank's rows; the rows to each matrix's owner, who orthogonalizes
+        the whole matrix; each rank's rows of the result back."""
+        params = group["params"]
+        rows, cols = params[0].shape
+        bounds = [row_range(rows, r, world_size) for r in range(world_size)]
+        sizes = [(last - first) * cols for first, last in bounds]  # elements of one matrix's rows, per rank
+        per_rank, _, _ = share(len(params), 0, world_size)
+        owned = [share(len(params), r, world_size)[2] - share(len(params), r, world_size)[1] for r in range(world_size)]
+        weights = [p.to_local() for p in params]
+        updates = self._momentum(group, params, [p.grad.to_local() for p in params], keep)
+        # 1. to the owners: matrix i is owned by rank i // per_rank, so the matrices go in order, owner by owner
+        send = torch.cat([u.reshape(-1) for u in updates]).to(NS_DTYPE)
+        received = torch.empty(owned[rank] * sum(sizes), device=send.device, dtype=NS_DTYPE)
+        dist.all_to_all_single(received, send, [owned[rank] * s for s in sizes], [n * sizes[rank] for n in owned], group=self.group)
+        whole = torch.zeros((per_rank, rows, cols), device=send.device, dtype=NS_DTYPE)
+        offset = 0
+        for (first, last), size in zip(bounds, sizes):  # from each rank: its rows of every matrix this rank owns
+            for j in range(owned[rank]):
+                whole[j, first:last] = received[offset:offset + size].view(last - first, cols)
+                offset += size
+        # 2. orthogonalize the matrices this rank owns
+        orthogonal = newton_schulz(whole, group["ns_steps"])
+        # 3. back: to each rank, its rows of every matrix owned here
+        send = torch.cat([orthogonal[j, first:last].reshape(-1) for first, last in bounds for j in range(owned[rank])])
+        received = torch.empty(len(params) * sizes[rank], device=send.device, dtype=NS_DTYPE)
+        dist.all_to_all_single(received, send, [n * sizes[rank] for n in owned], [owned[rank] * s for s in sizes], group=self.group)
+        self._apply(group, weights, received.view(len(params), *weights[0].shape), keep)

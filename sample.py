@@ -1,7 +1,7 @@
 """
 Sample from a trained model, streaming the text as it is generated:
     python sample.py --out_dir=out/pretrain-tiny --start="def "
-    python sample.py --ckpt=out/pretrain/ckpt_0040000.pt --start=FILE:prompt.txt --temperature=0
+    python sample.py --ckpt=out/pretrain/ckpt_0040000 --start=FILE:prompt.txt --temperature=0
     python sample.py --out_dir=out/finetune-tiny --prompt="What does json.dumps do?"   # one chat turn
     python sample.py --out_dir=out/finetune-tiny --chat=True                           # chat on stdin
 """
@@ -36,7 +36,7 @@ import tokenizer as tok
 torch.manual_seed(seed)
 try:
     device, device_type, dtype, autocast = resolve_device(device, dtype)
-    checkpoint = load_checkpoint(ckpt or out_dir, device)
+    checkpoint = load_checkpoint(ckpt or out_dir)
 except (FileNotFoundError, ValueError) as e:
     sys.exit(f"sample.py: error: {e}")
 model, encoder = model_from_checkpoint(checkpoint, device)

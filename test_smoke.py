@@ -65,7 +65,7 @@ def test_training_loss_falls_well_below_uniform_and_unigram(trained, demo_data):
     assert val[-1]["val_loss"] < unigram_val_loss(demo_data) - 0.5  # it uses context, not just frequencies
     assert all(math.isfinite(r["grad_norm"]) and r["tokens_per_s"] > 0 for r in train)
     assert train[-1]["tokens"] == 60 * 32 * 64
-    assert sorted(os.listdir(trained)) == [".lock", "ckpt_0000030.pt", "ckpt_0000060.pt", "config.py", "metrics.jsonl"]
+    assert sorted(os.listdir(trained)) == [".lock", "ckpt_0000030", "ckpt_0000060", "config.py", "metrics.jsonl"]
     assert open(os.path.join(trained, ".lock")).read() == ""  # released at the end: no PID left behind
 
 
@@ -86,7 +86,7 @@ def test_sample_from_checkpoint(trained):
     again = run("sample.py", f"--out_dir={trained}", "--start=def ", "--num_samples=1", "--max_new_tokens=30",
                 "--temperature=0", "--device=cpu")
     assert again.stdout == result.stdout  # greedy is deterministic
-    assert "ckpt_0000060.pt" in result.stderr
+    assert "ckpt_0000060" in result.stderr
 
 
 def test_linear_and_wsd_schedules_and_batch_doubling(demo_data, tmp_path):
@@ -122,7 +122,7 @@ def test_restart_refuses_to_overwrite_and_resume_continues(demo_data, tmp_path):
     run("train.py", *args, "--max_iters=10", "--init_from=resume")
     steps = [r["step"] for r in metrics(str(tmp_path))[0]]
     assert steps == list(range(1, 11))
-    assert os.path.exists(tmp_path / "ckpt_0000010.pt")
+    assert os.path.exists(tmp_path / "ckpt_0000010")
 
 
 # ---- configurator: exercised on a stand-in script, without importing torch -------------------

@@ -19,7 +19,6 @@ from datetime import timedelta
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 # ----------------------------------------------------------------------------------------------
 # config
@@ -80,16 +79,20 @@ device = "auto"                 # 'auto' (cuda if available, else cpu), 'cpu', '
 dtype = "auto"                  # 'auto' (bfloat16 autocast on cuda, float32 on cpu), 'bfloat16', 'float32'
 compile = None                  # torch.compile the model; None: on for cuda, off for cpu
 activation_checkpointing = False  # recompute each block in the backward pass: less memory, ~1/3 more compute
+data_parallel = "ddp"           # with torchrun: 'ddp', 'fsdp' (sharded: FSDP2) or 'hsdp' (sharded in groups); parallel.py
+shard_size = 8                  # hsdp: ranks per sharded group (a node's GPUs); the groups replicate each other
+reshard_after_forward = True    # fsdp/hsdp: free a block's gathered weights after its forward (gathered again for backward)
 peak_flops = 0.0                # device peak FLOP/s for MFU; 0: from model.PEAK_BF16_FLOPS (cuda only)
 seed = 1337
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 # ----------------------------------------------------------------------------------------------
 
-from checkpoint import (append_line, checkpoint_failure, checkpoint_paths, load_checkpoint, lock_run_directory,
+from checkpoint import (append_line, checkpoint_failure, checkpoint_paths, lock_run_directory, open_checkpoint,
                         release_run_directory, remove_stale_writes, save_checkpoint, wait_for_checkpoint)
 from data import learned_targets, open_dataset, read_windows, sample_windows
 from evaluate import evaluate_tasks, load_task, validation, validation_windows
 from model import GPT, ModelArgs, device_name, device_peak_flops, resolve_device
+from parallel import MODES, clip_grad_norm, finite, load_state, state_bytes, state_pieces, sync_gradients, wrap
 import tokenizer as tok
 
 # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; rank 0 logs and writes every file
@@ -117,6 +120,9 @@ for problem, wrong in [
     *((f"{name} must be a finite number > 0, got {value}", not 0 < value < math.inf)
       for name, value in [("learning_rate", learning_rate), ("muon_lr", muon_lr if use_muon else 1.0)]),
     (f"min_lr must be a finite number >= 0, got {min_lr}", not 0 <= min_lr < math.inf),
+    (f"data_parallel must be one of {MODES}, got {data_parallel!r}", data_parallel not in MODES),
+    (f"hsdp needs a world size ({world_size}) that is a multiple of shard_size ({shard_size})",
+     data_parallel == "hsdp" and world_size % shard_size != 0),
     *((f"{name} must be at least 1, got {value}", value < 1) for name, value in [
         ("micro_batch_size", micro_batch_size), ("batch_size", batch_size), ("eval_interval", eval_interval),
         ("log_interval", log_interval), ("max_bad_steps", max_bad_steps), ("block_size", block_size)]),
@@ -215,14 +221,16 @@ if resuming and init_from == "scratch":
          f"continue with --init_from=resume, or choose a new --out_dir")
 if resuming and init_from != "resume":
     log(f"{out_dir} already holds this stage's checkpoints: resuming it (not starting again from {init_from})")
-source = None  # the checkpoint to start from
+source = None  # the checkpoint to start from: its metadata, and read() for its tensors
 try:
     if resuming:  # a newest checkpoint that does not load is set aside: it never counts again
-        source = load_checkpoint(out_dir, device, set_aside=master)
+        source, read = open_checkpoint(out_dir, set_aside=master)
     elif init_from != "scratch" and init_from != "resume":
-        source = load_checkpoint(init_from, device)
+        source, read = open_checkpoint(init_from)
 except (ValueError, FileNotFoundError) as e:
     fail(str(e))
+if resuming and bool(source["config"].get("use_muon")) != use_muon:
+    fail(f"{source['path']} was trained with use_muon={source['config'].get('use_muon')}: use_muon must stay as it was")
 if init_from == "resume" and source is None:
     log(f"no checkpoint in {out_dir}: starting from scratch")
 if source is not None:
@@ -269,7 +277,7 @@ def train_micro_batches(start_step):
     The windows of step s are drawn from (seed, s) alone and split between ranks without overlap,
     so resuming at any step, or at another world size with the same global batch, sees the same data.
     The loss scale makes the step's loss the mean over every target the step learns, on all
-    micro-batches and ranks (DDP averages gradients over ranks, hence the world_size)."""
+    micro-batches and ranks (DDP and FSDP2 average gradients over ranks, hence the world_size)."""
     step = start_step
     while True:
         global_windows = sample_windows(datasets, mixture_weights, "train", batch_size_at(step), (seed, step))
@@ -307,8 +315,12 @@ torch.manual_seed(seed)
 with torch.device(device):  # initialise directly on the device: a CPU init of a large model is slow
     raw_model = GPT(model_args)
 raw_model.checkpoint_blocks = activation_checkpointing
-optimizers, optimizer_summary = raw_model.configure_optimizers(
-    learning_rate, weight_decay, (beta1, beta2), use_muon, muon_lr, muon_weight_decay, muon_momentum)
+# compiled and wrapped for the mode (parallel.py). Evaluation runs raw_model as it is: a second
+# compiled graph (no grad) would cost more to compile than it saves every eval_interval steps.
+model, shard_group = wrap(raw_model, data_parallel if ddp else "ddp", device_type, local_rank, world_size, shard_size,
+                          compile, dtype == "bfloat16", reshard_after_forward)
+optimizers, optimizer_summary = raw_model.configure_optimizers(  # after wrap: FSDP2 replaces the parameters
+    learning_rate, weight_decay, (beta1, beta2), use_muon, muon_lr, muon_weight_decay, muon_momentum, shard_group)
 adamw, muon = optimizers[0], (optimizers[1] if use_muon else None)
 log(optimizer_summary)
 
@@ -316,14 +328,9 @@ log(optimizer_summary)
 # initialisation above (no dropout), and the windows of step s come from default_rng((seed, s)).
 step, tokens_seen, parent, tasks_scored = 0, 0, None, False  # parent: the checkpoint this run's weights started from
 good_checkpoint = None  # the newest checkpoint of this run known to hold finite weights and evaluation
-if source is not None:
-    raw_model.load_state_dict(source["model"])
+if source is not None:  # each rank reads the rows it holds
+    load_state(read, source["tensors"], raw_model, optimizers if resuming else [], device)
     if resuming:
-        if len(source["optimizers"]) != len(optimizers):
-            fail(f"{source['path']} has {len(source['optimizers'])} optimizer state(s), this config "
-                 f"{len(optimizers)}: use_muon must stay as it was")
-        for opt, opt_state in zip(optimizers, source["optimizers"]):
-            opt.load_state_dict(opt_state)
         step, tokens_seen, parent, good_checkpoint = source["step"], source["tokens_seen"], source["parent"], source["path"]
         log(f"resumed from {source['path']} at step {step}")
     else:
@@ -331,14 +338,7 @@ if source is not None:
         log(f"weights from {parent} (step {source['step']}); fresh optimizer, step count and schedule")
     # the stage before scored these weights on these tasks at its end: no need to again at step 0
     tasks_scored = not resuming and source.get("config", {}).get("eval_tasks") == eval_tasks
-    del source
-
-# compile first, then wrap in DDP: DDP then hooks the compiled graph's gradients, and the
-# checkpoints come from raw_model, so their keys never carry _orig_mod. or module. prefixes.
-# Evaluation runs raw_model as it is: a second compiled graph (no grad) would cost more to compile
-# than it saves in a few forward passes every eval_interval steps.
-model = torch.compile(raw_model) if compile else raw_model
-model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None) if ddp else model
+    del source, read
 
 
 # ---- evaluation: the same validation windows at every evaluation, split between ranks -------------
@@ -352,25 +352,25 @@ except (OSError, ValueError) as e:
 
 # ---- checkpoints, and stopping on a signal ----------------------------------------------------
 def write_checkpoint():
-    """All ranks call this; rank 0 writes (in the background) while the others go on. Never from
-    weights, or after an evaluation, that are not finite: that run stops instead, naming the
+    """All ranks call this, each writing its share (in the background) while training goes on. Never
+    from weights, or after an evaluation, that are not finite: the run stops instead, naming the
     newest good checkpoint, so rotation never replaces a good checkpoint with a poisoned one."""
     global good_checkpoint
     started = time.time()
-    finite = bool(torch.stack([torch.isfinite(p).all() for p in raw_model.parameters()]).all())  # a host sync, here only
-    if not finite or (val_loss is not None and not math.isfinite(val_loss)):
-        fail(f"checkpoint at step {step} refused: " + ("the weights are not finite" if not finite else f"val loss {val_loss}")
+    weights_finite = finite(raw_model)  # a host sync (and a collective), here only
+    if not weights_finite or (val_loss is not None and not math.isfinite(val_loss)):
+        fail(f"checkpoint at step {step} refused: " + ("the weights are not finite" if not weights_finite else f"val loss {val_loss}")
              + f"; the newest good checkpoint is {good_checkpoint or 'none (nothing was written)'}: "
              f"resume from it with a lower learning rate")
-    optimizer_states = [opt.state_dict() for opt in optimizers]  # Muon's gathers its shards: a collective
-    if master:
-        save_checkpoint(out_dir, {
-            "step": step, "tokens_seen": tokens_seen, "batch_size": batch_size_at(step),
-            "model": raw_model.state_dict(), "optimizers": optimizer_states, "model_args": asdict(model_args),
-            "config": config, "tokenizer": encoder_state, "data_dir": data_dir, "parent": parent,
-        }, keep_last_checkpoints, keep_every_checkpoints, background=True)
-        log(f"checkpoint at step {step}: training paused {time.time() - started:.2f}s (written in the background)")
-    good_checkpoint = os.path.join(out_dir, f"ckpt_{step:07d}.pt")  # a failed write stops the run at the next step
+    meta = {"step": step, "tokens_seen": tokens_seen, "batch_size": batch_size_at(step), "model_args": asdict(model_args),
+            "config": config, "tokenizer": encoder_state, "data_dir": data_dir, "parent": parent}
+    pieces = state_pieces(raw_model, optimizers, rank, world_size)  # this rank's share, copied to host memory
+    save_checkpoint(out_dir, step, pieces, meta if master else None, rank, world_size, keep_last_checkpoints,
+                    keep_every_checkpoints, background=True)
+    host_mb = sum(t.numel() * t.element_size() for t, _, _ in pieces.values()) / 2**20
+    log(f"checkpoint at step {step}: training paused {time.time() - started:.2f}s, {host_mb:,.1f} MiB of rank 0's "
+        f"state in host memory (written in the background)")
+    good_checkpoint = os.path.join(out_dir, f"ckpt_{step:07d}")  # a failed write stops the run at the next step
 
 
 # SIGTERM / SIGUSR1 (what SLURM and cloud schedulers send before they kill) and Ctrl-C: finish the
@@ -477,20 +477,22 @@ while True:
     accum_steps = grad_accum_at(step)
     loss_sum = torch.zeros((), device=device)  # accumulated on the device: no host sync per micro-step
     for micro_step in range(accum_steps):
-        if ddp:  # all-reduce the gradients only on the last micro-step
-            model.require_backward_grad_sync = micro_step == accum_steps - 1
+        if ddp:  # the gradients of the whole step cross ranks on the last micro-step (parallel.py)
+            sync_gradients(model, micro_step == accum_steps - 1)
         with autocast:
             loss = model(x, y, loss_reduction="sum") * loss_scale
         x, y, loss_scale = next(batches)  # the next batch is prepared while the device works on this one
         loss.backward()
         loss_sum += loss.detach()
-    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    grad_norm = clip_grad_norm(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     # a non-finite loss gives non-finite (all-reduced, so the same on every rank) gradients: then
     # every optimizer skips the step on this flag, with no host sync
     bad = ~torch.isfinite(grad_norm)
     for opt in optimizers:
         opt.found_inf = bad.float()
         opt.step()
+    if step == start_step:  # with the gradients and the optimizer state all there: what each rank holds
+        state_mb = state_bytes(raw_model, optimizers) / 2**20
     raw_model.zero_grad(set_to_none=True)
     bad_in_a_row = (bad_in_a_row + 1) * bad
     bad_total += bad
@@ -515,7 +517,7 @@ while True:
         metrics = {"step": step, "loss": loss_value, "lr": lr, "batch_size": batch_size_at(step - 1),
                    "grad_accum": accum_steps, "grad_norm": grad_norm.item(), "skipped_steps": bad_total.item(),
                    "tokens": tokens_seen, "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": tokens_per_s / world_size,
-                   "ms_per_step": 1000 * elapsed / steps_done, "peak_memory_mb": peak_memory_mb()}
+                   "ms_per_step": 1000 * elapsed / steps_done, "peak_memory_mb": peak_memory_mb(), "state_mb_per_rank": state_mb}
         if peak:
             metrics["mfu"] = flops_per_token * tokens_per_s / (peak * world_size)
         log(f"step {step}/{max_iters} | loss {loss_value:.4f} | lr {lr:.2e} | grad norm {metrics['grad_norm']:.3f} | "
@@ -527,7 +529,7 @@ while True:
         last_log_time, last_log_step, last_log_tokens = now, step, tokens_seen
 
     # a checkpoint written in the background that failed: stop now, not at the next checkpoint
-    if master and (error := checkpoint_failure()) is not None:
+    if (error := checkpoint_failure()) is not None:
         fail(str(error))
 
     # on a stop signal: all ranks must stop at the same step, so they agree (a collective) on log steps
@@ -544,11 +546,11 @@ while True:
         break
 
 # the end: the last checkpoint written, every rank leaves together
+try:
+    wait_for_checkpoint()
+except OSError as e:
+    fail(str(e))
 if master:
-    try:
-        wait_for_checkpoint()
-    except OSError as e:
-        fail(str(e))
     release_run_directory()
 if ddp:
     dist.barrier()  # a rank that tears down while another still works can abort the group

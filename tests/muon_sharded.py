@@ -1,5 +1,7 @@
-"""Three Muon steps on a small model's hidden matrices, with the same gradients on every rank;
-saves the parameters to the path given as argv[1] (rank 0). Run single-process or under torchrun."""
+"""Three Muon steps on a small model's hidden matrices, with the same gradients on every rank; the
+parameters and Muon's momentum saved as a checkpoint in the directory argv[1]. argv[2]: 'ddp'
+(replicated matrices, each rank orthogonalizing its share) or 'fsdp' (FSDP2 shards). Run
+single-process or under torchrun."""
 import os
 import sys
 
@@ -7,32 +9,39 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from checkpoint import save_checkpoint
 from model import GPT, ModelArgs
 from muon import Muon
+from parallel import state_pieces, wrap
 
 
-def run(out_path):
+def run(out_dir, mode):
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     torch.manual_seed(0)
     model = GPT(ModelArgs(vocab_size=128, block_size=16, n_layer=3, n_head=4, n_kv_head=2, n_embd=32))
+    _, group = wrap(model, mode, "cpu", 0, world_size, world_size, False, False, True)
     hidden = [p for name, p in model.named_parameters() if name.startswith("layers.") and p.dim() == 2]
-    optimizer = Muon(hidden, lr=0.01, weight_decay=0.1)
+    optimizer = Muon(hidden, lr=0.01, weight_decay=0.1, ns_steps=5, group=group)
     for step in range(3):
         generator = torch.Generator().manual_seed(100 + step)
         for p in hidden:
-            p.grad = torch.randn(p.shape, generator=generator)
+            grad = torch.randn(p.shape, generator=generator)
+            if hasattr(p, "device_mesh"):  # an FSDP2 parameter's gradient is sharded as it is
+                from torch.distributed.tensor import distribute_tensor
+                grad = distribute_tensor(grad, p.device_mesh, p.placements)
+            p.grad = grad
         optimizer.step()
-    state = optimizer.state_dict()  # gathered from every rank's share (a collective)
-    if dist.is_initialized():  # each rank holds the momentum of its share only
-        assert 0 < len(optimizer.state) < len(hidden), len(optimizer.state)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        torch.save({"params": [p.detach().clone() for p in hidden],
-                    "momentum": [state["state"][i]["momentum_buffer"] for i in range(len(hidden))]}, out_path)
+    kept = sum(state["momentum_buffer"].numel() for state in optimizer.state.values())
+    print(f"rank {rank}: momentum elements kept {kept} of {sum(p.numel() for p in hidden)}", flush=True)
+    no_adamw = torch.optim.SGD([torch.zeros(1)])  # state_pieces takes (adamw, muon)
+    save_checkpoint(out_dir, 3, state_pieces(model, [no_adamw, optimizer], rank, world_size),
+                    {"step": 3} if rank == 0 else None, rank, world_size)
 
 
 if __name__ == "__main__":
     if "RANK" in os.environ:
         dist.init_process_group("gloo")
-    run(sys.argv[1])
+    run(sys.argv[1], sys.argv[2])
     if dist.is_initialized():
         dist.barrier()  # leave together, and without Python's exit, as train.py does (gloo can abort there)
         dist.destroy_process_group()

@@ -1,3 +1,4 @@
+import json
 import os
 
 import pytest
@@ -5,36 +6,53 @@ import torch
 
 from checkpoint import checkpoint_paths, load_checkpoint, model_from_checkpoint, save_checkpoint
 from model import GPT, ModelArgs
+from parallel import state_pieces
 import tokenizer as tok
 
 
-def state(step):
+def write(directory, step, keep_last=3):
+    """A checkpoint of a small model, its AdamW state after one step, as train.py writes it (one rank)."""
+    torch.manual_seed(step)
     model = GPT(ModelArgs(vocab_size=300, block_size=16, n_layer=1, n_head=2, n_kv_head=2, n_embd=16))
+    optimizers, _ = model.configure_optimizers(1e-3, 0.1, (0.9, 0.95))
+    model(torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16))).backward()
+    optimizers[0].step()
     enc = tok.train_bpe(iter(["some text to train a tokenizer on"] * 10), 300)
-    return {"step": step, "tokens_seen": step * 100, "model": model.state_dict(), "optimizer": {},
-            "model_args": vars(model.args), "config": {"lr": 1e-3, "schedule": None},
-            "tokenizer": tok.tokenizer_state(enc), "data_dir": "data/x"}
+    meta = {"step": step, "tokens_seen": step * 100, "model_args": vars(model.args), "config": {"lr": 1e-3, "schedule": None},
+            "tokenizer": tok.tokenizer_state(enc), "data_dir": "data/x", "parent": None}
+    return save_checkpoint(str(directory), step, state_pieces(model, optimizers, 0, 1), meta, keep_last=keep_last), model, optimizers
 
 
 def test_round_trip_rotation_and_model(tmp_path):
     for step in (10, 20, 30, 40):
-        save_checkpoint(str(tmp_path), state(step), keep_last=2)
-    assert [os.path.basename(p) for p in checkpoint_paths(str(tmp_path))] == ["ckpt_0000030.pt", "ckpt_0000040.pt"]
+        _, model, optimizers = write(tmp_path, step, keep_last=2)
+    assert [os.path.basename(p) for p in checkpoint_paths(str(tmp_path))] == ["ckpt_0000030", "ckpt_0000040"]
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
     checkpoint = load_checkpoint(str(tmp_path))
     assert checkpoint["step"] == 40 and checkpoint["config"] == {"lr": 1e-3, "schedule": None}
-    model, enc = model_from_checkpoint(checkpoint)
+    loaded, enc = model_from_checkpoint(checkpoint)
     assert enc.decode(enc.encode_ordinary("some text")) == "some text"
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), checkpoint["model"].values()))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    for name, p in model.named_parameters():  # the optimizer state by parameter name, exactly
+        for key, value in optimizers[0].state[p].items():
+            assert torch.equal(checkpoint["optimizers"]["adamw"][name][key], value)
+    # only tensors and JSON: the files say what they hold
+    files = sorted(os.listdir(tmp_path / "ckpt_0000040"))
+    assert files == ["meta.json", "rank-00000.json", "rank-00000.safetensors"]
+    assert json.loads((tmp_path / "ckpt_0000040" / "meta.json").read_text())["tensors"]["model/norm.weight"]["shape"] == [16]
 
 
 def test_truncated_newest_falls_back_to_previous(tmp_path, capsys):
-    save_checkpoint(str(tmp_path), state(1))
-    newest = save_checkpoint(str(tmp_path), state(2))
-    with open(newest, "r+b") as f:
-        f.truncate(os.path.getsize(newest) // 2)
+    write(tmp_path, 1)
+    newest, _, _ = write(tmp_path, 2)
+    shard = os.path.join(newest, "rank-00000.safetensors")
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) // 2)
     assert load_checkpoint(str(tmp_path))["step"] == 1
     assert "skipping" in capsys.readouterr().out
+    os.remove(os.path.join(tmp_path, "ckpt_0000001", "rank-00000.safetensors"))  # a part missing: refused too
+    with pytest.raises(ValueError, match="no checkpoint .* could be loaded"):
+        load_checkpoint(str(tmp_path))
 
 
 class Payload:
@@ -48,7 +66,7 @@ MARKER = "/tmp/checkpoint-test-was-executed"
 def test_a_checkpoint_that_needs_unpickling_is_refused_not_executed(tmp_path):
     if os.path.exists(MARKER):
         os.remove(MARKER)
-    path = tmp_path / "ckpt_0000001.pt"
+    path = tmp_path / "ckpt_0000001.pt"  # format 1: one torch.save file
     torch.save({"format_version": 1, "step": 1, "evil": Payload()}, path)
     with pytest.raises(ValueError, match="holds objects that would run code when loaded .*: refused"):
         load_checkpoint(str(path))

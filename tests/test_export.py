@@ -10,8 +10,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import tokenizer as tok
-from checkpoint import load_checkpoint, load_hf_checkpoint, model_from_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from export_hf import export
+from parallel import state_pieces
 from model import GPT, ModelArgs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,9 +37,9 @@ def make_checkpoint(directory, encoder, boost_padding=False, **overrides):
                 p.uniform_(0.5, 1.5)
         if boost_padding:  # the padding rows' logits would win everywhere, were they not suppressed
             model.lm_head.weight[encoder.n_vocab:] = model.lm_head.weight[:encoder.n_vocab].abs().max() * 50
-    save_checkpoint(str(directory), {"step": 1, "tokens_seen": 0, "model": model.state_dict(), "optimizers": [],
-                                     "model_args": vars(model.args), "config": {}, "tokenizer": tok.tokenizer_state(encoder),
-                                     "data_dir": "", "parent": None})
+    save_checkpoint(str(directory), 1, state_pieces(model, [], 0, 1), {
+        "step": 1, "tokens_seen": 0, "model_args": vars(model.args), "config": {}, "tokenizer": tok.tokenizer_state(encoder),
+        "data_dir": "", "parent": None})
     return load_checkpoint(str(directory))
 
 
@@ -55,7 +56,7 @@ def test_exported_logits_match(tmp_path, encoder, variant):
         difference = (hf_model(idx).logits - model.eval()(idx)).abs().max().item()
     assert difference <= 1e-4
     # and back: init_from='hf:<dir>' reads the same model
-    again, enc_again = model_from_checkpoint(load_hf_checkpoint(str(tmp_path / "hf")))
+    again, enc_again = model_from_checkpoint(load_checkpoint(f"hf:{tmp_path}/hf"))
     with torch.no_grad():
         assert (again.eval()(idx) - model(idx)).abs().max().item() <= 1e-6
     assert enc_again.encode(TEXT, allowed_special="all") == encoder.encode(TEXT, allowed_special="all")
@@ -134,7 +135,7 @@ def test_unsupported_models_are_refused(tmp_path, encoder):
     config = json.loads(config_path.read_text())
     config_path.write_text(json.dumps({**config, "attention_bias": True, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
     with pytest.raises(ValueError, match="rope_scaling.*attention_bias"):
-        load_hf_checkpoint(str(tmp_path / "hf"))
+        load_checkpoint(f"hf:{tmp_path}/hf")
 
 
 @pytest.mark.slow

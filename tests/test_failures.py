@@ -44,16 +44,16 @@ def metric_records(out_dir):
 def test_a_corrupt_newest_checkpoint_is_set_aside_and_never_outranks_good_ones(data, tmp_path):
     args = [*TINY, f"--data_dir={data}", "--eval_interval=5"]
     run("train.py", *args, f"--out_dir={tmp_path}", "--max_iters=20")  # checkpoints 10, 15, 20
-    newest = tmp_path / "ckpt_0000020.pt"
+    newest = tmp_path / "ckpt_0000020" / "rank-00000.safetensors"
     with open(newest, "r+b") as f:
         f.truncate(os.path.getsize(newest) - 1000)
     # resumed at 15 with room for one checkpoint only, ending (step 17) before the corrupt one's step
     result = run("train.py", *args, f"--out_dir={tmp_path}", "--init_from=resume", "--max_iters=17",
                  "--keep_last_checkpoints=1")
-    assert "resumed from" in result.stdout and "ckpt_0000015.pt" in result.stdout
-    assert "set " in result.stdout and "ckpt_0000020.pt.corrupt" in result.stdout
-    assert [os.path.basename(p) for p in checkpoint_paths(str(tmp_path))] == ["ckpt_0000017.pt"]
-    assert (tmp_path / "ckpt_0000020.pt.corrupt").exists()
+    assert "resumed from" in result.stdout and "ckpt_0000015" in result.stdout
+    assert "set " in result.stdout and "ckpt_0000020.corrupt" in result.stdout
+    assert [os.path.basename(p) for p in checkpoint_paths(str(tmp_path))] == ["ckpt_0000017"]
+    assert (tmp_path / "ckpt_0000020.corrupt").exists()
     assert load_checkpoint(str(tmp_path))["step"] == 17  # and the next resume finds it
     run("train.py", *args, f"--out_dir={tmp_path}", "--init_from=resume", "--max_iters=18")
 
@@ -70,7 +70,7 @@ def test_diverged_weights_are_never_checkpointed(data, tmp_path):
     assert "checkpoint at step 10 refused" in result.stderr and f"newest good checkpoint is {good['path']}" in result.stderr
     for path in checkpoint_paths(str(tmp_path)):  # the good one is still there, and nothing poisoned
         assert all(torch.isfinite(t).all() for t in load_checkpoint(path)["model"].values())
-    assert [os.path.basename(p) for p in checkpoint_paths(str(tmp_path))] == ["ckpt_0000005.pt"]
+    assert [os.path.basename(p) for p in checkpoint_paths(str(tmp_path))] == ["ckpt_0000005"]
     # the divergence guard names it too
     result = run("train.py", *args, "--init_from=resume", "--max_iters=40", "--learning_rate=1e10",
                  "--max_bad_steps=2", "--eval_interval=100", check=False)

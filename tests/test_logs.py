@@ -57,7 +57,7 @@ def test_ctrl_c_finishes_the_step_checkpoints_and_exits_cleanly(data, tmp_path):
     assert process.returncode == 0, stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
     last_step = max(r["step"] for r in records(tmp_path) if "loss" in r)
-    assert [os.path.basename(p) for p in checkpoint_paths(str(tmp_path))] == [f"ckpt_{last_step:07d}.pt"]
+    assert [os.path.basename(p) for p in checkpoint_paths(str(tmp_path))] == [f"ckpt_{last_step:07d}"]
     assert f"stopping at step {last_step} on a signal" in stdout and "got SIGINT" in stderr
 
 

@@ -1,11 +1,13 @@
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from checkpoint import load_checkpoint
 from muon import Muon, newton_schulz, update_scale
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,18 +77,23 @@ def test_muon_steps_match_float64_reference():
 
 
 @pytest.mark.slow
-def test_sharded_muon_matches_single_process(tmp_path):
-    single, sharded = tmp_path / "single.pt", tmp_path / "sharded.pt"
-    subprocess.run([sys.executable, "tests/muon_sharded.py", str(single)], cwd=ROOT, check=True)
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_sharded_muon_matches_single_process(tmp_path, mode):
+    subprocess.run([sys.executable, "tests/muon_sharded.py", str(tmp_path / "single"), mode], cwd=ROOT, check=True)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "tests/muon_sharded.py", str(sharded)], cwd=ROOT, capture_output=True, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+                             "tests/muon_sharded.py", str(tmp_path / "sharded"), mode], cwd=ROOT, capture_output=True,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
     assert result.returncode == 0, result.stderr
-    a, b = torch.load(single, weights_only=True), torch.load(sharded, weights_only=True)
-    for key in ("params", "momentum"):
-        for x, y in zip(a[key], b[key]):
-            # the same bf16 matmuls on the same matrices, batched differently: equal to fp32 rounding
-            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    # each rank keeps the momentum of part of the matrices (ddp: whole ones, fsdp: its rows of each)
+    kept = [(int(k), int(n)) for k, n in re.findall(r"momentum elements kept (\d+) of (\d+)", result.stdout)]
+    assert len(kept) == 2 and sum(k for k, _ in kept) == kept[0][1] and all(0 < k < n for k, n in kept), result.stdout
+    a, b = load_checkpoint(str(tmp_path / "single")), load_checkpoint(str(tmp_path / "sharded"))
+    assert len(a["model"]) == len(b["model"]) and len(a["optimizers"]["muon"]) == 3 * 7
+    for name in a["model"]:
+        # the same bf16 matmuls on the same matrices, batched differently: equal to fp32 rounding
+        torch.testing.assert_close(a["model"][name], b["model"][name], rtol=1e-5, atol=1e-6)
+    for name, state in a["optimizers"]["muon"].items():
+        torch.testing.assert_close(state["momentum_buffer"], b["optimizers"]["muon"][name]["momentum_buffer"])
 
 
 def test_use_muon_trains_the_tiny_model(data, tmp_path):

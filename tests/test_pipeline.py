@@ -90,7 +90,7 @@ def test_the_pipeline_end_to_end(data, tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     for stage in ("pretrain", "midtrain", "finetune"):
         assert f"=== {stage} -> {tmp_path}/{stage}-tiny-fast_pipeline" in result.stdout
-        assert os.path.exists(tmp_path / f"{stage}-tiny-fast_pipeline" / "ckpt_0000008.pt")
+        assert os.path.exists(tmp_path / f"{stage}-tiny-fast_pipeline" / "ckpt_0000008")
     from checkpoint import load_checkpoint
     assert load_checkpoint(str(tmp_path / "finetune-tiny-fast_pipeline"))["parent"].startswith(str(tmp_path / "midtrain-tiny-fast_pipeline"))
     assert (tmp_path / "finetune-tiny-fast_pipeline" / "hf" / "model.safetensors").exists()

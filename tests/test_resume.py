@@ -35,8 +35,7 @@ def losses(out_dir):
 
 
 def assert_same_state(a, b, exact=True):
-    tensors_a = {**a["model"], **{f"opt{i}.{k}": v for i, o in enumerate(a["optimizers"]) for k, v in flatten(o["state"])}}
-    tensors_b = {**b["model"], **{f"opt{i}.{k}": v for i, o in enumerate(b["optimizers"]) for k, v in flatten(o["state"])}}
+    tensors_a, tensors_b = (dict(flatten(x)) for x in (a, b))
     assert tensors_a.keys() == tensors_b.keys()
     for key in tensors_a:
         if exact:
@@ -45,8 +44,10 @@ def assert_same_state(a, b, exact=True):
             torch.testing.assert_close(tensors_a[key], tensors_b[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
-def flatten(state):
-    return [(f"{i}.{name}", value) for i, entry in state.items() for name, value in entry.items()]
+def flatten(checkpoint):
+    """Every tensor of a checkpoint: the weights, and each optimizer's state by parameter."""
+    return [*checkpoint["model"].items(), *((f"{kind}/{name}/{key}", value) for kind, state in checkpoint["optimizers"].items()
+                                            for name, entry in state.items() for key, value in entry.items())]
 
 
 @pytest.mark.parametrize("variant", [[], ["--use_muon=True", "--muon_lr=1e-2"], ["mixture"]], ids=["adamw", "muon", "mixture"])
@@ -56,7 +57,7 @@ def test_resume_is_bit_identical(data, tmp_path, variant):
     args = [*TINY, *variant, SCHEDULE, f"--data_dir={data}", "--max_iters=12", "--eval_interval=6"]
     train(*args, f"--out_dir={tmp_path}/full")
     os.makedirs(tmp_path / "resumed")  # the same run, stopped after step 6
-    shutil.copy(tmp_path / "full" / "ckpt_0000006.pt", tmp_path / "resumed")
+    shutil.copytree(tmp_path / "full" / "ckpt_0000006", tmp_path / "resumed" / "ckpt_0000006")
     train(*args, f"--out_dir={tmp_path}/resumed", "--init_from=resume")
     full, resumed = load_checkpoint(str(tmp_path / "full")), load_checkpoint(str(tmp_path / "resumed"))
     assert full["step"] == resumed["step"] == 12 and full["tokens_seen"] == resumed["tokens_seen"]
@@ -76,16 +77,16 @@ def test_resume_on_another_world_size(data, tmp_path, optimizer):
     train(*args, f"--out_dir={tmp_path}/two", launcher=torchrun)
     train(*args, f"--out_dir={tmp_path}/one", "--max_iters=12")
     # the state a 2-process run saves is the whole state: the same tensors a 1-process run saves
-    two_half, one_half = load_checkpoint(str(tmp_path / "two/ckpt_0000006.pt")), load_checkpoint(str(tmp_path / "one/ckpt_0000006.pt"))
+    two_half, one_half = load_checkpoint(str(tmp_path / "two/ckpt_0000006")), load_checkpoint(str(tmp_path / "one/ckpt_0000006"))
     assert_same_state(two_half, one_half, exact=False)
     os.makedirs(tmp_path / "resumed")
-    shutil.copy(tmp_path / "two" / "ckpt_0000006.pt", tmp_path / "resumed")
+    shutil.copytree(tmp_path / "two" / "ckpt_0000006", tmp_path / "resumed" / "ckpt_0000006")
     result = train(*args, f"--out_dir={tmp_path}/resumed", "--init_from=resume")
     assert "resumed from" in result.stdout and "world size 1" in result.stdout
     assert_same_state(load_checkpoint(str(tmp_path / "two")), load_checkpoint(str(tmp_path / "resumed")), exact=False)
     # and the other way: one process's checkpoint resumed on two
     os.makedirs(tmp_path / "resumed_on_two")
-    shutil.copy(tmp_path / "one" / "ckpt_0000006.pt", tmp_path / "resumed_on_two")
+    shutil.copytree(tmp_path / "one" / "ckpt_0000006", tmp_path / "resumed_on_two" / "ckpt_0000006")
     result = train(*args, f"--out_dir={tmp_path}/resumed_on_two", "--init_from=resume", launcher=torchrun)
     assert "resumed from" in result.stdout and "world size 2" in result.stdout
     assert_same_state(load_checkpoint(str(tmp_path / "one")), load_checkpoint(str(tmp_path / "resumed_on_two")), exact=False)
@@ -121,7 +122,7 @@ def test_killed_at_random_moments_ends_bit_identical(data, tmp_path):
     finish = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert finish.returncode == 0, finish.stderr[-3000:]
     assert_same_state(load_checkpoint(str(tmp_path / "reference")), load_checkpoint(str(out_dir)))
-    assert [os.path.basename(p) for p in checkpoint_paths(str(out_dir))] == ["ckpt_0000118.pt", "ckpt_0000120.pt"]
+    assert [os.path.basename(p) for p in checkpoint_paths(str(out_dir))] == ["ckpt_0000118", "ckpt_0000120"]
     assert not glob.glob(str(out_dir / "*.tmp"))
 
 
@@ -135,7 +136,7 @@ def test_sigterm_checkpoints_the_current_step_and_exits_zero(data, tmp_path):
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 0, stderr
     last_step = max(losses(tmp_path))
-    assert [os.path.basename(p) for p in checkpoint_paths(str(tmp_path))] == [f"ckpt_{last_step:07d}.pt"]
+    assert [os.path.basename(p) for p in checkpoint_paths(str(tmp_path))] == [f"ckpt_{last_step:07d}"]
     assert f"stopping at step {last_step} on a signal" in stdout and "SIGTERM" in stderr
 
 
@@ -150,7 +151,7 @@ def test_stage_handoff_takes_weights_only_and_checks_the_vocabulary(data, other_
     assert "fresh optimizer, step count and schedule" in result.stdout
     pretrain, midtrain = load_checkpoint(str(tmp_path / "pretrain")), load_checkpoint(str(tmp_path / "midtrain"))
     assert midtrain["step"] == 4 and midtrain["parent"] == pretrain["path"]
-    assert midtrain["optimizers"][0]["state"][0]["step"].item() == 4  # a fresh AdamW
+    assert midtrain["optimizers"]["adamw"]["embed_tokens.weight"]["step"].item() == 4  # a fresh AdamW
     pretrain_losses = losses(tmp_path / "pretrain")
     # it starts where pretraining ended, not from a fresh initialisation
     assert losses(tmp_path / "midtrain")[1] < pretrain_losses[1] - 0.5
@@ -158,7 +159,7 @@ def test_stage_handoff_takes_weights_only_and_checks_the_vocabulary(data, other_
     result = train(*TINY, f"--data_dir={other_data}", f"--out_dir={tmp_path}/bad", f"--init_from={tmp_path}/pretrain",
                    check=False)
     assert result.returncode != 0 and "differs from" in result.stderr and "--tokenizer=" in result.stderr
-    assert not os.path.exists(tmp_path / "bad" / "ckpt_0000001.pt")
+    assert not os.path.exists(tmp_path / "bad" / "ckpt_0000001")
     # the same check for a mixture: its datasets must share one tokenizer
     mixture = "--data_mixture={'%s': 0.5, '%s': 0.5}" % (data, other_data)
     result = train(*TINY, mixture, f"--out_dir={tmp_path}/mixed", check=False)
@@ -178,4 +179,4 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(data, tmp_path):
     assert result.returncode != 0
     assert "not finite for 3 steps in a row" in result.stderr
     # the checkpoint at step 4 is the last: nothing written after the loss went bad
-    assert [os.path.basename(p) for p in checkpoint_paths(str(tmp_path / "diverged"))] == ["ckpt_0000004.pt"]
+    assert [os.path.basename(p) for p in checkpoint_paths(str(tmp_path / "diverged"))] == ["ckpt_0000004"]

@@ -1,0 +1,150 @@
+"""
+Data parallelism: how train.py spreads training over several GPUs (torchrun sets RANK, LOCAL_RANK
+and WORLD_SIZE), and which part of the training state each rank checkpoints and loads.
+
+    data_parallel = 'ddp' (the default): every rank holds the whole model, its gradients and the
+        optimizers' state (16 bytes per parameter with AdamW, before activations), and DDP
+        all-reduces the gradients. The fastest while that fits.
+    data_parallel = 'fsdp': FSDP2 (torch.distributed.fsdp.fully_shard) on each transformer block
+        and on the root: parameters, gradients and optimizer state sharded across the ranks along
+        their first dimension, each block's weights gathered just before it runs (and, with
+        reshard_after_forward, again for its backward). On a GPU with bf16: bf16 parameters for the
+        compute, fp32 gradient reduction, fp32 master weights. For models that do not fit with DDP.
+    data_parallel = 'hsdp': FSDP2 within groups of shard_size ranks (a node's GPUs) that replicate
+        each other (a 2-D device mesh, replicate x shard): the gathers stay inside a node, and only
+        gradients cross nodes (all-reduced across the groups on the last micro-step).
+Under FSDP2, torch.compile is applied to each block, as torchtitan does. The state, by tensor name
+(checkpoint.py): each rank writes its own share, and reads only the rows it holds.
+"""
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+MODES = ("ddp", "fsdp", "hsdp")
+
+
+def wrap(raw_model, mode, device_type, local_rank, world_size, shard_size, compile, bf16, reshard_after_forward):
+    """(the model to train, the process group whose ranks share Muon's work: None for the default).
+    raw_model is compiled and wrapped as the mode wants; under FSDP2 it is itself the sharded model."""
+    if mode == "ddp" or world_size == 1:
+        # compile first, then wrap in DDP: DDP then hooks the compiled graph's gradients, and the
+        # checkpoints come from raw_model, so their keys never carry _orig_mod. or module. prefixes
+        model = torch.compile(raw_model) if compile else raw_model
+        return (DDP(model, device_ids=[local_rank] if device_type == "cuda" else None) if world_size > 1 else model), None
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    shape, names = ((world_size,), ("shard",)) if mode == "fsdp" else ((world_size // shard_size, shard_size), ("replicate", "shard"))
+    mesh = init_device_mesh(device_type, shape, mesh_dim_names=names)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    for block in raw_model.layers:
+        if compile:
+            block.compile()
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(raw_model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    return raw_model, mesh.get_group("shard")
+
+
+def sync_gradients(model, last):
+    """Before each micro-step's backward. DDP all-reduces only on the last; FSDP2 reduce-scatters on
+    every one (keeping each rank's gradients sharded) but, for HSDP, all-reduces across the replica
+    groups only on the last."""
+    if isinstance(model, DDP):
+        model.require_backward_grad_sync = last
+    elif hasattr(model, "set_requires_all_reduce"):
+        model.set_requires_all_reduce(last)
+
+
+def clip_grad_norm(parameters, max_norm):
+    """The global gradient norm (a plain tensor) after clipping to max_norm; over every rank's shards under FSDP2."""
+    parameters = list(parameters)
+    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None], foreach=True)
+    # under FSDP2 the norm of the shards is a partial DTensor: clipping by it (as clip_grad_norm_ does)
+    # would scale each rank's shards by another factor. The whole norm first, as torchtitan does.
+    norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm, foreach=True)
+    return norm
+
+
+def local(tensor):
+    """(the part of tensor this rank holds, its first row): a DTensor's shard (FSDP2 splits the first
+    dimension as torch.chunk does), a plain tensor whole."""
+    if not isinstance(tensor, DTensor):
+        return tensor, 0
+    rows, mesh = tensor.shape[0], tensor.device_mesh
+    chunk = -(-rows // mesh.size(mesh.ndim - 1))
+    return tensor.to_local(), min(mesh.get_local_rank(mesh.ndim - 1) * chunk, rows)
+
+
+def finite(raw_model):
+    """Whether every weight on every rank is finite (a host sync, and a collective with several ranks)."""
+    flag = torch.stack([torch.isfinite(local(p)[0]).all() for p in raw_model.parameters()]).all().float()
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag)
+
+
+def state_bytes(raw_model, optimizers):
+    """The bytes of this rank's parameters, gradients and optimizer state (the local shards under FSDP2)."""
+    tensors = [t for p in raw_model.parameters() for t in (p, p.grad) if t is not None]
+    tensors += [t for opt in optimizers for state in opt.state.values() for t in state.values() if torch.is_tensor(t)]
+    return sum(local(t)[0].numel() * t.element_size() for t in tensors)
+
+
+def state_pieces(raw_model, optimizers, rank, world_size):
+    """This rank's share of the training state, for checkpoint.save_checkpoint: {name: (tensor, first
+    row, full shape)}. Under FSDP2 its shards (under HSDP, the first replica group's ranks only); a
+    replicated tensor (DDP) is split by rows between the ranks, so that they write it in parallel; a
+    0-d one is rank 0's; Muon's momentum is written by the ranks that keep it."""
+    pieces = {}
+
+    def add(name, tensor, first=None):
+        if isinstance(tensor, DTensor):
+            mesh = tensor.device_mesh
+            if mesh.ndim > 1 and mesh.get_local_rank(0) > 0:
+                return  # a replica of the first group's shards
+            part, first = local(tensor)
+        elif tensor.dim() == 0 or first is not None:
+            if tensor.dim() == 0 and rank != 0:
+                return
+            part, first = tensor, first or 0
+        else:
+            chunk = -(-tensor.shape[0] // world_size)
+            first = min(rank * chunk, tensor.shape[0])
+            part = tensor[first:first + chunk]
+        pieces[name] = (part.detach(), first, tuple(tensor.shape))
+
+    for name, p in raw_model.named_parameters():
+        add(f"model/{name}", p)
+        for kind, opt in zip(("adamw", "muon"), optimizers):
+            for key, value in opt.state.get(p, {}).items():
+                if kind == "adamw":
+                    add(f"adamw/{name}/{key}", value)
+                elif not (isinstance(p, DTensor) and p.device_mesh.ndim > 1 and p.device_mesh.get_local_rank(0) > 0):
+                    pieces[f"muon/{name}/{key}"] = (value, local(p)[1], tuple(p.shape))  # the rows it keeps, plain
+    return pieces
+
+
+@torch.no_grad()
+def load_state(read, tensors, raw_model, optimizers, device):
+    """Set raw_model's weights and, when given, the optimizers' state from a checkpoint opened with
+    checkpoint.open_checkpoint (read, and its list of tensor names): each rank reads the rows it holds."""
+    def rows(name, like):
+        part, first = local(like)
+        return read(name) if like.dim() == 0 else read(name, first, first + part.shape[0])
+
+    for name, p in raw_model.named_parameters():
+        local(p)[0].copy_(rows(f"model/{name}", p))
+        for kind, opt in zip(("adamw", "muon"), optimizers):
+            keys = [t.rsplit("/", 1)[1] for t in tensors if t.startswith(f"{kind}/{name}/")]
+            if kind == "muon" and keys:  # the rows of the matrices this rank keeps the momentum of
+                kept = opt.momentum_rows(p)
+                if kept is not None:
+                    opt.state[p] = {"momentum_buffer": read(f"muon/{name}/momentum_buffer", *kept).to(device)}
+            elif keys:
+                state = {}
+                for key in keys:
+                    like = torch.zeros((), dtype=torch.float32, device=device) if key == "step" else torch.zeros_like(p)
+                    local(like)[0].copy_(rows(f"{kind}/{name}/{key}", like))
+                    state[key] = like
+                opt.state[p] = state

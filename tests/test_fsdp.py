@@ -1,0 +1,131 @@
+"""FSDP2 and HSDP (data_parallel='fsdp' / 'hsdp') with torchrun and gloo on the CPU: the same training as
+DDP and one process, checkpoints that resume across modes and world sizes, and the memory it saves."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from checkpoint import load_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["tests/tiny_model.py", "--eval_iters=2", "--log_interval=1", "--micro_batch_size=4", "--batch_size=8",
+        "--learning_rate=1e-2", "--warmup_iters=2"]
+MUON = ["--use_muon=True", "--muon_lr=1e-2"]
+
+
+def train(*args, processes=1, check=True):
+    """train.py with args (with Muon in fp32: tests/fp32_muon.py), in one process or under torchrun."""
+    launcher = [sys.executable] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    script = "tests/fp32_muon.py" if "--use_muon=True" in args else "train.py"
+    result = subprocess.run([*launcher, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def records(out_dir, key):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r[key] for r in map(json.loads, f) if key in r}
+
+
+def tensors(out_dir):
+    """Every tensor of the newest checkpoint in out_dir, by name: weights and optimizer state."""
+    checkpoint = load_checkpoint(str(out_dir))
+    return {**{f"model/{name}": t for name, t in checkpoint["model"].items()},
+            **{f"{kind}/{name}/{key}": t for kind, state in checkpoint["optimizers"].items()
+               for name, entry in state.items() for key, t in entry.items()}}
+
+
+def assert_same_tensors(a, b, exact):
+    assert a.keys() == b.keys()
+    for name in a:
+        if exact:
+            assert torch.equal(a[name], b[name]), name
+        else:  # fp32 summed in another order
+            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", [[], MUON, ["chat"]], ids=["adamw", "muon", "masked"])
+def test_fsdp_matches_ddp_and_one_process(data, tmp_path, variant):
+    if variant == ["chat"]:
+        variant = [f"--data_dir={data}-chat", "--use_loss_mask=True"]
+    args = [*TINY, f"--data_dir={data}", *variant, "--max_iters=10", "--eval_interval=10"]
+    train(*args, f"--out_dir={tmp_path}/one")
+    train(*args, f"--out_dir={tmp_path}/ddp", processes=2)
+    fsdp = train(*args, f"--out_dir={tmp_path}/fsdp", "--data_parallel=fsdp", processes=2)
+    assert "world size 2" in fsdp.stdout
+    one = records(tmp_path / "one", "loss")
+    assert sorted(one) == list(range(1, 11))
+    for run in ("ddp", "fsdp"):
+        assert records(tmp_path / run, "loss") == pytest.approx(one, rel=1e-5)
+        assert records(tmp_path / run, "val_loss") == pytest.approx(records(tmp_path / "one", "val_loss"), rel=1e-5)
+        assert_same_tensors(tensors(tmp_path / "one"), tensors(tmp_path / run), exact=False)
+
+
+@pytest.mark.slow
+def test_hsdp_on_a_two_by_two_mesh_matches_one_process(data, tmp_path):
+    args = [*TINY, f"--data_dir={data}", *MUON, "--batch_size=16", "--max_iters=6", "--eval_interval=6"]
+    train(*args, f"--out_dir={tmp_path}/one")
+    hsdp = train(*args, f"--out_dir={tmp_path}/hsdp", "--data_parallel=hsdp", "--shard_size=2", processes=4)
+    assert "world size 4" in hsdp.stdout
+    assert records(tmp_path / "hsdp", "loss") == pytest.approx(records(tmp_path / "one", "loss"), rel=1e-5)
+    # the two replica groups hold the same shards: the first group's are written, once
+    meta = json.load(open(next((tmp_path / "hsdp").glob("ckpt_*")) / "meta.json"))
+    assert {file for entry in meta["tensors"].values() for file, _, _ in entry["pieces"]} == {
+        "rank-00000.safetensors", "rank-00001.safetensors"}
+    assert_same_tensors(tensors(tmp_path / "one"), tensors(tmp_path / "hsdp"), exact=False)
+    result = train(*args, f"--out_dir={tmp_path}/bad", "--data_parallel=hsdp", "--shard_size=3", processes=4, check=False)
+    assert result.returncode != 0 and "multiple of shard_size (3)" in result.stderr
+
+
+def resume(tmp_path, source, name, args, processes, mode):
+    """A run that starts from source's checkpoint at step 6 and trains on to step 12."""
+    os.makedirs(tmp_path / name)
+    shutil.copytree(tmp_path / source / "ckpt_0000006", tmp_path / name / "ckpt_0000006")
+    result = train(*args, f"--out_dir={tmp_path}/{name}", "--init_from=resume", f"--data_parallel={mode}",
+                   processes=processes)
+    assert "resumed from" in result.stdout and f"world size {processes}" in result.stdout
+
+
+@pytest.mark.slow
+def test_checkpoints_resume_across_modes_and_world_sizes(data, tmp_path):
+    args = [*TINY, f"--data_dir={data}", *MUON, "--max_iters=12", "--eval_interval=6"]
+    train(*args, f"--out_dir={tmp_path}/fsdp", "--data_parallel=fsdp", processes=2)
+    train(*args, f"--out_dir={tmp_path}/ddp", processes=2)
+    # FSDP2(2) -> FSDP2(2): bit-identical to the run that never stopped
+    resume(tmp_path, "fsdp", "fsdp_fsdp", args, 2, "fsdp")
+    assert_same_tensors(tensors(tmp_path / "fsdp"), tensors(tmp_path / "fsdp_fsdp"), exact=True)
+    assert {s: l for s, l in records(tmp_path / "fsdp", "loss").items() if s > 6} == records(tmp_path / "fsdp_fsdp", "loss")
+    # FSDP2(2) -> one process (DDP's code path), and DDP(2) -> FSDP2(2): the same training, to rounding
+    resume(tmp_path, "fsdp", "fsdp_one", args, 1, "ddp")
+    assert_same_tensors(tensors(tmp_path / "fsdp"), tensors(tmp_path / "fsdp_one"), exact=False)
+    resume(tmp_path, "ddp", "ddp_fsdp", args, 2, "fsdp")
+    assert_same_tensors(tensors(tmp_path / "ddp"), tensors(tmp_path / "ddp_fsdp"), exact=False)
+    # and what each wrote at step 6 is the same state, whichever mode wrote it
+    fsdp_half, ddp_half = (load_checkpoint(str(tmp_path / run / "ckpt_0000006")) for run in ("fsdp", "ddp"))
+    torch.testing.assert_close(fsdp_half["model"], ddp_half["model"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_fsdp_holds_half_the_state_per_rank(data, tmp_path):
+    # 56.5M parameters: 11 blocks of width 640
+    big = ["--n_layer=11", "--n_embd=640", "--n_head=10", "--n_kv_head=10", "--micro_batch_size=1", "--batch_size=2",
+           "--max_iters=1", "--eval_iters=0", "--log_interval=1"]
+    state, rss = {}, {}
+    for mode in ("ddp", "fsdp"):
+        result = train(*TINY, f"--data_dir={data}", *big, f"--out_dir={tmp_path}/{mode}", f"--data_parallel={mode}",
+                       processes=2)
+        assert "model: 56.54M parameters" in result.stdout
+        state[mode], rss[mode] = records(tmp_path / mode, "state_mb_per_rank")[1], records(tmp_path / mode, "peak_memory_mb")[1]
+        print(f"{mode}: state {state[mode]:.1f} MiB per rank, peak RSS {rss[mode]:.0f} MiB (rank 0)")
+    # AdamW: weights, gradients and two moments, 16 bytes per parameter, all fp32; sharded in two
+    assert state["ddp"] == pytest.approx(56.54e6 * 16 / 2**20, rel=0.01)
+    assert state["fsdp"] == pytest.approx(state["ddp"] / 2, rel=0.01)
+    assert rss["fsdp"] < rss["ddp"] - 0.25 * state["ddp"]
