@@ -17,7 +17,7 @@ ids; check chat messages for those strings before apply_chat_template (tests/tes
 both behaviours).
 
 The reverse, reading such a directory as a checkpoint (init_from='hf:<dir>'), is
-checkpoint.load_hf_checkpoint.
+checkpoint.open_checkpoint("hf:<dir>").
 """
 import json
 import os
@@ -27,7 +27,7 @@ import sys
 import torch
 
 # ----------------------------------------------------------------------------------------------
-ckpt = "out/run"                # a run directory (its newest checkpoint) or a checkpoint file
+ckpt = "out/run"                # a run directory (its newest checkpoint) or one checkpoint (ckpt_<step>)
 hf_dir = "hf/model"
 dtype = "bfloat16"              # 'bfloat16' or 'float32'
 max_shard_size_mb = 5000        # larger models are split into shards of at most this size

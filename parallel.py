@@ -27,7 +27,7 @@ MODES = ("ddp", "fsdp", "hsdp")
 def wrap(raw_model, mode, device_type, local_rank, world_size, shard_size, compile, bf16, reshard_after_forward):
     """(the model to train, the process group whose ranks share Muon's work: None for the default).
     raw_model is compiled and wrapped as the mode wants; under FSDP2 it is itself the sharded model."""
-    if mode == "ddp" or world_size == 1:
+    if mode == "ddp":
         # compile first, then wrap in DDP: DDP then hooks the compiled graph's gradients, and the
         # checkpoints come from raw_model, so their keys never carry _orig_mod. or module. prefixes
         model = torch.compile(raw_model) if compile else raw_model

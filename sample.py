@@ -13,7 +13,7 @@ import torch
 
 # ----------------------------------------------------------------------------------------------
 out_dir = "out/run"         # a run directory: its newest checkpoint is used
-ckpt = ""                   # or one checkpoint file
+ckpt = ""                   # or one checkpoint (a ckpt_<step> directory)
 start = ""                  # text to continue, or FILE:path to read it from a file
 prompt = ""                 # chat: one user message, answered through the chat template
 chat = False                # chat: an interactive conversation on stdin

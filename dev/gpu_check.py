@@ -16,10 +16,12 @@ a part that fails (a missing package, an out-of-memory) is reported, never the e
  3. a 124M GPT-2-size model (bench.py): the bare step's MFU and train.py's loop overhead over it
  4. the 1B model with Muon (bench.py): Muon's share of the step
  5. the 1B run of part 2 under torchrun --nproc_per_node=1: what the DDP wrapper costs around the compiled model
- 6. attention alone at the 1B shape, forward + backward, per SDPA backend, with GQA and with K/V expanded
- 7. a smoke of the tiny config in bf16 + compile: loss falling, the host syncs between log steps and
+ 6. the same under FSDP2 (data_parallel='fsdp', one rank): the cost of the sharding machinery and of
+    compiling block by block, where nothing is sharded yet
+ 7. attention alone at the 1B shape, forward + backward, per SDPA backend, with GQA and with K/V expanded
+ 8. a smoke of the tiny config in bf16 + compile: loss falling, the host syncs between log steps and
     the attention kernels (bench.py --profile=True), the recompiles
- 8. the largest micro-batch of the 1B model that fits 80 GB (the process capped at memory_cap_gb, so
+ 9. the largest micro-batch of the 1B model that fits 80 GB (the process capped at memory_cap_gb, so
     an H200 answers for an H100), and its step compiled
 MFU is given in two conventions: this repository's (causal attention counted at half, the work a
 flash kernel does) and nanoGPT's, nanochat's and PaLM's (12 * layers * heads * head_dim * seq per token).
@@ -39,7 +41,7 @@ import torch
 device = "auto"
 out_file = "gpu_check.json"
 time_limit_s = 420.0            # the whole check, compilation included; no part starts that cannot end before it
-memory_cap_gb = 80.0            # part 8: the memory the largest micro-batch must fit in (an H100's)
+memory_cap_gb = 80.0            # part 9: the memory the largest micro-batch must fit in (an H100's)
 exec(open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configurator.py")).read())
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -215,6 +217,17 @@ def one_b_ddp():
     return r
 
 
+def one_b_fsdp():
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1")
+    r = train("1b_fsdp", ONE_B, "--data_parallel=fsdp", launcher=torchrun)
+    plain = results["parts"].get("1B as configured", {}).get("ms_per_step")
+    r["fsdp_cost"] = r["ms_per_step"] / plain - 1 if plain else None
+    r["lines"] = ["under FSDP2 on one GPU (per-block compile, bf16 parameters, fp32 reduction): " + train_line(r)
+                  + (f"; {100 * r['fsdp_cost']:+.1f}% against no wrapper" if plain else "")
+                  + f"; compile ~{r['compile_s']:.0f}s"]
+    return r
+
+
 def attention():
     from torch.nn.attention import SDPBackend, sdpa_kernel
     heads, kv_heads, head_dim, length = ONE_B["n_head"], ONE_B["n_kv_head"], ONE_B["n_embd"] // ONE_B["n_head"], ONE_B["block_size"]
@@ -298,7 +311,8 @@ def largest_micro_batch():
 
 PARTS = [  # (name, the least time it needs on an H100/H200 in seconds, the part): in order of importance
     ("ceilings", 20, ceilings), ("1B as configured", 150, one_b_as_configured), ("124M", 60, gpt2_small),
-    ("1B with Muon", 60, one_b_with_muon), ("1B under DDP", 60, one_b_ddp), ("attention", 20, attention),
+    ("1B with Muon", 60, one_b_with_muon), ("1B under DDP", 60, one_b_ddp), ("1B under FSDP2", 60, one_b_fsdp),
+    ("attention", 20, attention),
     ("smoke", 60, smoke), ("1B at 80 GB", 100, largest_micro_batch)]
 
 print(f"GPU check: {results['device']}, torch {results['torch']}, {results['date']}; deadline {time_limit_s:.0f}s; "

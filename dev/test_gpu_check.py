@@ -10,7 +10,7 @@ import time
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PARTS = ["ceilings", "1B as configured", "124M", "1B with Muon", "1B under DDP", "attention", "smoke", "1B at 80 GB"]
+PARTS = ["ceilings", "1B as configured", "124M", "1B with Muon", "1B under DDP", "1B under FSDP2", "attention", "smoke", "1B at 80 GB"]
 
 
 def environment(tmp_path):
@@ -32,10 +32,11 @@ def test_gpu_check_dry_run_without_rustbpe(tmp_path):
     for name in PARTS:  # each part printed its lines as it ended
         assert f"] {name}: " in result.stdout
     assert parts["ceilings"]["matmul_tflops"] > 0 and parts["ceilings"]["copy_gb_per_s"] > 0
-    for name in ("1B as configured", "1B under DDP"):
+    for name in ("1B as configured", "1B under DDP", "1B under FSDP2"):
         assert parts[name]["ms_per_step"] > 0 and parts[name]["checkpoint_pause_s"] is not None
     assert parts["124M"]["tokens_per_s"] > 0 and "loop_overhead" in parts["124M"] and 0 < parts["124M"]["data_share"] < 1
     assert 0 < parts["1B with Muon"]["muon_share"] < 1 and parts["1B under DDP"]["ddp_cost"] is not None
+    assert parts["1B under FSDP2"]["fsdp_cost"] is not None
     assert parts["attention"]["FLASH_ATTENTION/gqa"]["tflops"] > 0 and parts["attention"]["FLASH_ATTENTION/expanded"]["tflops"] > 0
     assert "error" in parts["attention"]["CUDNN_ATTENTION/gqa"]  # no cuDNN on the CPU: reported, not fatal
     smoke = parts["smoke"]

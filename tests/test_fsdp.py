@@ -56,16 +56,21 @@ def assert_same_tensors(a, b, exact):
 def test_fsdp_matches_ddp_and_one_process(data, tmp_path, variant):
     if variant == ["chat"]:
         variant = [f"--data_dir={data}-chat", "--use_loss_mask=True"]
-    args = [*TINY, f"--data_dir={data}", *variant, "--max_iters=10", "--eval_interval=10"]
+    # the tasks: multiple choice and generation, under FSDP2 too in the same forward passes on every rank
+    tasks = "--eval_tasks={'%s-tasks/next_line.jsonl': 6, '%s-tasks/identifier.jsonl': 5}" % (data, data)
+    args = [*TINY, f"--data_dir={data}", *variant, "--max_iters=10", "--eval_interval=5", tasks]
     train(*args, f"--out_dir={tmp_path}/one")
     train(*args, f"--out_dir={tmp_path}/ddp", processes=2)
-    fsdp = train(*args, f"--out_dir={tmp_path}/fsdp", "--data_parallel=fsdp", processes=2)
+    # and activation checkpointing under FSDP2: recomputing each block changes nothing
+    fsdp = train(*args, f"--out_dir={tmp_path}/fsdp", "--data_parallel=fsdp", "--activation_checkpointing=True", processes=2)
     assert "world size 2" in fsdp.stdout
     one = records(tmp_path / "one", "loss")
     assert sorted(one) == list(range(1, 11))
     for run in ("ddp", "fsdp"):
         assert records(tmp_path / run, "loss") == pytest.approx(one, rel=1e-5)
         assert records(tmp_path / run, "val_loss") == pytest.approx(records(tmp_path / "one", "val_loss"), rel=1e-5)
+        for step, scores in records(tmp_path / "one", "tasks").items():
+            assert all(records(tmp_path / run, "tasks")[step][name] == pytest.approx(s) for name, s in scores.items())
         assert_same_tensors(tensors(tmp_path / "one"), tensors(tmp_path / run), exact=False)
 
 
@@ -129,3 +134,26 @@ def test_fsdp_holds_half_the_state_per_rank(data, tmp_path):
     assert state["ddp"] == pytest.approx(56.54e6 * 16 / 2**20, rel=0.01)
     assert state["fsdp"] == pytest.approx(state["ddp"] / 2, rel=0.01)
     assert rss["fsdp"] < rss["ddp"] - 0.25 * state["ddp"]
+
+
+@pytest.mark.slow
+def test_export_and_sample_from_an_fsdp_checkpoint(data, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import tokenizer as tok
+    from checkpoint import model_from_checkpoint
+    train(*TINY, f"--data_dir={data}", "--max_iters=4", "--eval_interval=4", f"--out_dir={tmp_path}/fsdp",
+          "--data_parallel=fsdp", processes=2)
+    model, encoder = model_from_checkpoint(load_checkpoint(str(tmp_path / "fsdp")))
+    subprocess.run([sys.executable, "export_hf.py", f"--ckpt={tmp_path}/fsdp", f"--hf_dir={tmp_path}/hf", "--dtype=float32"],
+                   cwd=ROOT, check=True, capture_output=True)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    idx = torch.tensor([encoder.encode("def main():\n    return 0\n")])
+    with torch.no_grad():
+        assert (hf_model(idx).logits[..., :encoder.n_vocab] - model.eval()(idx)[..., :encoder.n_vocab]).abs().max() < 1e-4
+        bos = tok.bos_id(encoder)  # sample.py starts a document as training did, and stops at the next
+        generated = [int(t) for t in model.generate(torch.tensor([[bos] + encoder.encode_ordinary("def ")]), 8, temperature=0)]
+        expected = encoder.decode(generated[:generated.index(bos)] if bos in generated else generated)
+    result = subprocess.run([sys.executable, "sample.py", f"--out_dir={tmp_path}/fsdp", "--start=def ", "--num_samples=1",
+                             "--max_new_tokens=8", "--temperature=0", "--device=cpu"], cwd=ROOT, capture_output=True,
+                            text=True, check=True)
+    assert result.stdout == "def " + expected + "\n"
