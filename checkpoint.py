@@ -26,6 +26,8 @@ import json
 import os
 import re
 import shutil
+import signal
+import sys
 import threading
 import time
 
@@ -381,6 +383,28 @@ def release_run_directory():
         _lock_file.truncate(0)
         _lock_file.close()
         _lock_file = None
+
+
+_stop = {"signal": None}
+
+
+def catch_stop_signals(rank):
+    """From now on SIGTERM / SIGUSR1 (what SLURM and cloud schedulers send before they kill) and
+    Ctrl-C are only recorded, for stop_signal(): train.py then finishes its step, checkpoints and
+    exits 0. A second signal exits at once (a checkpoint being written stays a *.tmp)."""
+    def on_signal(signum, frame):
+        if _stop["signal"] is not None:
+            os._exit(128 + signum)
+        _stop["signal"] = signum
+        print(f"rank {rank}: got {signal.Signals(signum).name}; stopping after this step with a checkpoint "
+              f"(a second signal stops at once)", file=sys.stderr, flush=True)
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(signum, on_signal)
+
+
+def stop_signal():
+    """The stop signal received, or None."""
+    return _stop["signal"]
 
 
 def append_line(path, line):

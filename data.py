@@ -174,3 +174,37 @@ def learned_targets(datasets, split, windows, block_size):
         masks = datasets[d]["masks"][split]
         count += block_size if masks is None else int(np.count_nonzero(masks[shard][offset + 1:offset + block_size + 1]))
     return count
+
+
+def open_mixture(mixture, block_size):
+    """(datasets, weights summing to 1, the tokenizer) of {dataset directory: weight}; a mixture's
+    datasets must share one tokenizer. Problems raise ValueError or FileNotFoundError."""
+    import tokenizer as tok
+    if not isinstance(mixture, dict) or not all(isinstance(w, (int, float)) and w > 0 for w in mixture.values()):
+        raise ValueError(f"data_mixture must be a dict of dataset directory -> positive weight, got {mixture!r}")
+    datasets = [open_dataset(directory, block_size) for directory in mixture]
+    encoders = [tok.load_tokenizer(d["directory"]) for d in datasets]
+    for dataset, encoder in zip(datasets[1:], encoders[1:]):
+        if not tok.same_ids(tok.tokenizer_state(encoder), tok.tokenizer_state(encoders[0])):
+            raise ValueError(f"{dataset['directory']} and {datasets[0]['directory']} use different tokenizers: a mixture "
+                             f"needs one (prepare with --tokenizer=<the first dataset's directory>)")
+    return datasets, np.array(list(mixture.values()), dtype=np.float64) / sum(mixture.values()), encoders[0]
+
+
+def micro_batches(datasets, weights, step, batch_size_at, micro_batch_size, rank, world_size, block_size,
+                  use_loss_mask, seed):
+    """(inputs, targets, loss scale) for each micro-batch of this rank, step after step from step.
+    The windows of step s are drawn from (seed, s) alone and split between ranks without overlap,
+    so resuming at any step, or at another world size with the same global batch, sees the same data.
+    The loss scale makes the step's loss the mean over every target the step learns, on all
+    micro-batches and ranks (DDP and FSDP2 average gradients over ranks, hence the world_size)."""
+    while True:
+        global_windows = sample_windows(datasets, weights, "train", batch_size_at(step), (seed, step))
+        per_rank = len(global_windows) // world_size
+        x, y = read_windows(datasets, "train", global_windows[rank * per_rank:(rank + 1) * per_rank], block_size, use_loss_mask)
+        # the whole step's learned targets, counted on the host from the masks: no device sync
+        learned = learned_targets(datasets, "train", global_windows, block_size) if use_loss_mask \
+            else len(global_windows) * block_size
+        for k in range(0, per_rank, micro_batch_size):
+            yield x[k:k + micro_batch_size], y[k:k + micro_batch_size], world_size / max(learned, 1)
+        step += 1

@@ -330,6 +330,14 @@ def resolve_device(device="auto", dtype="auto"):
     return device, device_type, dtype, autocast
 
 
+def peak_memory_mb(device):
+    """The peak memory so far: allocated on a GPU, the process's resident set on a CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 def device_name(device_type):
     """The GPU's name, or the CPU's model and core count: what a run's numbers were measured on."""
     if device_type == "cuda":

@@ -84,6 +84,15 @@ def finite(raw_model):
     return bool(flag)
 
 
+def mean_over_ranks(tensor):
+    """A number's mean over every rank (a host sync, and a collective with several ranks)."""
+    if dist.is_initialized():
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)  # a sum: gloo has no average
+        return tensor.item() / dist.get_world_size()
+    return tensor.item()
+
+
 def state_bytes(raw_model, optimizers):
     """The bytes of this rank's parameters, gradients and optimizer state (the local shards under FSDP2)."""
     tensors = [t for p in raw_model.parameters() for t in (p, p.grad) if t is not None]

@@ -9,14 +9,11 @@ python train.py --help lists them).
 import json
 import math
 import os
-import resource
-import signal
 import sys
 import time
 from dataclasses import asdict
 from datetime import timedelta
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -87,12 +84,14 @@ seed = 1337
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 # ----------------------------------------------------------------------------------------------
 
-from checkpoint import (append_line, checkpoint_failure, checkpoint_paths, lock_run_directory, open_checkpoint,
-                        release_run_directory, remove_stale_writes, save_checkpoint, wait_for_checkpoint)
-from data import learned_targets, open_dataset, read_windows, sample_windows
+from checkpoint import (append_line, catch_stop_signals, checkpoint_failure, checkpoint_paths, lock_run_directory,
+                        open_checkpoint, release_run_directory, remove_stale_writes, save_checkpoint, stop_signal,
+                        wait_for_checkpoint)
+from data import micro_batches, open_mixture
 from evaluate import evaluate_tasks, load_task, validation, validation_windows
-from model import GPT, ModelArgs, device_name, device_peak_flops, resolve_device
-from parallel import MODES, clip_grad_norm, finite, load_state, state_bytes, state_pieces, sync_gradients, wrap
+from model import GPT, ModelArgs, device_name, device_peak_flops, peak_memory_mb, resolve_device
+from parallel import (MODES, clip_grad_norm, finite, load_state, mean_over_ranks, state_bytes, state_pieces,
+                      sync_gradients, wrap)
 import tokenizer as tok
 
 # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; rank 0 logs and writes every file
@@ -121,6 +120,10 @@ for problem, wrong in [
       for name, value in [("learning_rate", learning_rate), ("muon_lr", muon_lr if use_muon else 1.0)]),
     (f"min_lr must be a finite number >= 0, got {min_lr}", not 0 <= min_lr < math.inf),
     (f"data_parallel must be one of {MODES}, got {data_parallel!r}", data_parallel not in MODES),
+    (f"batch_size_schedule must be dict(strategy='doubling', start_batch_size=..., interval_steps=..., max_batch_size=...), "
+     f"got {batch_size_schedule!r}", batch_size_schedule is not None and not (isinstance(batch_size_schedule, dict) and set(
+         batch_size_schedule) == {"strategy", "start_batch_size", "interval_steps", "max_batch_size"} and
+         batch_size_schedule["strategy"] == "doubling" and batch_size_schedule["interval_steps"] >= 1)),
     (f"hsdp needs a world size ({world_size}) that is a multiple of shard_size ({shard_size})",
      data_parallel == "hsdp" and world_size % shard_size != 0),
     *((f"{name} must be at least 1, got {value}", value < 1) for name, value in [
@@ -186,12 +189,6 @@ def batch_size_at(step):
 
 
 sequences_per_micro_step = micro_batch_size * world_size
-if batch_size_schedule is not None:
-    expected = {"strategy", "start_batch_size", "interval_steps", "max_batch_size"}
-    if not isinstance(batch_size_schedule, dict) or set(batch_size_schedule) != expected \
-            or batch_size_schedule["strategy"] != "doubling" or batch_size_schedule["interval_steps"] < 1:
-        fail(f"batch_size_schedule must be dict(strategy='doubling', start_batch_size=..., interval_steps=..., "
-             f"max_batch_size=...), got {batch_size_schedule!r}")
 for size in sorted({batch_size_at(s) for s in range(0, max_iters + 1)}):
     if size <= 0 or size % sequences_per_micro_step:
         multiples = [sequences_per_micro_step * k for k in (max(1, size // sequences_per_micro_step), size // sequences_per_micro_step + 1)]
@@ -222,11 +219,9 @@ if resuming and init_from == "scratch":
 if resuming and init_from != "resume":
     log(f"{out_dir} already holds this stage's checkpoints: resuming it (not starting again from {init_from})")
 source = None  # the checkpoint to start from: its metadata, and read() for its tensors
-try:
-    if resuming:  # a newest checkpoint that does not load is set aside: it never counts again
-        source, read = open_checkpoint(out_dir, set_aside=master)
-    elif init_from != "scratch" and init_from != "resume":
-        source, read = open_checkpoint(init_from)
+try:  # resuming, a newest checkpoint that does not load is set aside: it never counts again
+    if resuming or init_from not in ("scratch", "resume"):
+        source, read = open_checkpoint(out_dir if resuming else init_from, set_aside=master and resuming)
 except (ValueError, FileNotFoundError) as e:
     fail(str(e))
 if resuming and bool(source["config"].get("use_muon")) != use_muon:
@@ -243,22 +238,11 @@ if source is not None:
 
 
 # ---- data -------------------------------------------------------------------------------------
-mixture = data_mixture or {data_dir: 1.0}
-if not isinstance(mixture, dict) or not all(isinstance(w, (int, float)) and w > 0 for w in mixture.values()):
-    fail(f"data_mixture must be a dict of dataset directory -> positive weight, got {data_mixture!r}")
 try:
-    datasets = [open_dataset(directory, block_size) for directory in mixture]
-    encoder = tok.load_tokenizer(datasets[0]["directory"])
-    encoder_state = tok.tokenizer_state(encoder)  # built once: checkpoints embed it
-    other_states = [tok.tokenizer_state(tok.load_tokenizer(d["directory"])) for d in datasets[1:]]
+    datasets, mixture_weights, encoder = open_mixture(data_mixture or {data_dir: 1.0}, block_size)
 except (FileNotFoundError, ValueError) as e:
     fail(str(e))
-mixture_weights = np.array(list(mixture.values()), dtype=np.float64) / sum(mixture.values())
-meta = datasets[0]["meta"]
-for dataset, state in zip(datasets[1:], other_states):
-    if not tok.same_ids(state, encoder_state):
-        fail(f"{dataset['directory']} and {datasets[0]['directory']} use different tokenizers: a mixture needs one "
-             f"(prepare with --tokenizer=<the first dataset's directory>)")
+encoder_state, meta = tok.tokenizer_state(encoder), datasets[0]["meta"]  # checkpoints embed the tokenizer
 for dataset in datasets:
     if dataset["truncated"]:
         log(f"{dataset['directory']}: {dataset['truncated']} training conversations are longer than "
@@ -272,35 +256,10 @@ def to_device(array):
     return tensor
 
 
-def train_micro_batches(start_step):
-    """(inputs, targets, loss scale) for each micro-batch of this rank from start_step on.
-    The windows of step s are drawn from (seed, s) alone and split between ranks without overlap,
-    so resuming at any step, or at another world size with the same global batch, sees the same data.
-    The loss scale makes the step's loss the mean over every target the step learns, on all
-    micro-batches and ranks (DDP and FSDP2 average gradients over ranks, hence the world_size)."""
-    step = start_step
-    while True:
-        global_windows = sample_windows(datasets, mixture_weights, "train", batch_size_at(step), (seed, step))
-        per_rank = len(global_windows) // world_size
-        mine = slice(rank * per_rank, (rank + 1) * per_rank)
-        x, y = read_windows(datasets, "train", global_windows[mine], block_size, use_loss_mask)
-        # the whole step's learned targets, counted on the host from the masks: no device sync
-        learned = learned_targets(datasets, "train", global_windows, block_size) if use_loss_mask \
-            else len(global_windows) * block_size
-        loss_scale = world_size / max(learned, 1)
-        for k in range(grad_accum_at(step)):
-            micro = slice(k * micro_batch_size, (k + 1) * micro_batch_size)
-            yield to_device(x[micro]), to_device(y[micro]), loss_scale
-        step += 1
-
-
 # ---- the model and its optimizers -------------------------------------------------------------
-if source is not None:
-    model_args = ModelArgs(**source["model_args"])
-else:
-    model_args = ModelArgs(vocab_size=vocab_size or meta["vocab_size"], block_size=block_size, n_layer=n_layer,
-                           n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd, mlp_ratio=mlp_ratio,
-                           rope_base=rope_base, qk_norm=qk_norm, tie_embeddings=tie_embeddings)
+model_args = ModelArgs(**source["model_args"]) if source is not None else ModelArgs(
+    vocab_size=vocab_size or meta["vocab_size"], block_size=block_size, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head,
+    n_embd=n_embd, mlp_ratio=mlp_ratio, rope_base=rope_base, qk_norm=qk_norm, tie_embeddings=tie_embeddings)
 if source is not None and not tok.same_ids(source["tokenizer"], encoder_state):
     fail(f"the tokenizer of {source['path']} (vocabulary {source['model_args']['vocab_size']}) differs from "
          f"{data_dir}'s (vocabulary {meta['vocab_size']}): prepare the data with --tokenizer=<the earlier dataset's directory>")
@@ -374,21 +333,8 @@ def write_checkpoint():
 
 
 # SIGTERM / SIGUSR1 (what SLURM and cloud schedulers send before they kill) and Ctrl-C: finish the
-# step, checkpoint, exit 0. A second signal exits at once (a half-written checkpoint stays a *.tmp).
-stop_signal = None
-
-
-def on_stop_signal(signum, frame):
-    global stop_signal
-    if stop_signal is not None:
-        os._exit(128 + signum)
-    stop_signal = signum
-    print(f"rank {rank}: got {signal.Signals(signum).name}; stopping after this step with a checkpoint "
-          f"(a second signal stops at once)", file=sys.stderr, flush=True)
-
-
-for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-    signal.signal(signum, on_stop_signal)
+# step, checkpoint, exit 0 (checkpoint.catch_stop_signals)
+catch_stop_signals(rank)
 
 
 # ---- logging: the full config into out_dir/config.py and metrics.jsonl, what differs from the defaults on the console
@@ -411,10 +357,6 @@ def record(metrics):
             wandb.log(metrics, step=metrics["step"])
 
 
-def duration(seconds):
-    return f"{seconds // 3600:.0f}h{seconds % 3600 // 60:02.0f}m" if seconds >= 3600 else f"{seconds // 60:.0f}m{seconds % 60:02.0f}s"
-
-
 record({"config": config, "run": {"step": step, "parent": parent, "params": raw_model.num_params(), "world_size": world_size,
                                   "device": device_name(device_type), "dtype": dtype, "compile": compile, "torch": torch.__version__}})
 if master:
@@ -425,15 +367,10 @@ if master and wandb_project:
     wandb.init(project=wandb_project, name=wandb_run_name or None, config=config)
 
 
-def peak_memory_mb():
-    if device_type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 # ---- the loop ---------------------------------------------------------------------------------
 start_step = step
-batches = train_micro_batches(step)
+batches = ((to_device(x), to_device(y), scale) for x, y, scale in micro_batches(
+    datasets, mixture_weights, step, batch_size_at, micro_batch_size, rank, world_size, block_size, use_loss_mask, seed))
 x, y, loss_scale = next(batches)
 # divergence guard, on the device: the count of non-finite steps in a row and in all
 bad_in_a_row = torch.zeros((), device=device, dtype=torch.int64)
@@ -501,11 +438,7 @@ while True:
 
     # every log_interval steps: the only host syncs, the log line and a metrics.jsonl record
     if step % log_interval == 0 or step == max_iters:
-        loss_value = loss_sum.item()
-        if ddp:
-            loss_value = loss_sum.new_tensor(loss_value)
-            dist.all_reduce(loss_value)  # a sum: gloo has no average
-            loss_value = loss_value.item() / world_size
+        loss_value = mean_over_ranks(loss_sum)
         if bad_in_a_row.item() >= max_bad_steps:
             fail(f"the loss or gradients were not finite for {bad_in_a_row.item()} steps in a row (to step {step}), and "
                  f"none of those steps was applied; the newest good checkpoint is {good_checkpoint or 'none (nothing was written)'}: "
@@ -517,14 +450,14 @@ while True:
         metrics = {"step": step, "loss": loss_value, "lr": lr, "batch_size": batch_size_at(step - 1),
                    "grad_accum": accum_steps, "grad_norm": grad_norm.item(), "skipped_steps": bad_total.item(),
                    "tokens": tokens_seen, "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": tokens_per_s / world_size,
-                   "ms_per_step": 1000 * elapsed / steps_done, "peak_memory_mb": peak_memory_mb(), "state_mb_per_rank": state_mb}
+                   "ms_per_step": 1000 * elapsed / steps_done, "peak_memory_mb": peak_memory_mb(device), "state_mb_per_rank": state_mb}
         if peak:
             metrics["mfu"] = flops_per_token * tokens_per_s / (peak * world_size)
         log(f"step {step}/{max_iters} | loss {loss_value:.4f} | lr {lr:.2e} | grad norm {metrics['grad_norm']:.3f} | "
             f"{tokens_per_s:,.0f} tok/s | {metrics['ms_per_step']:.1f} ms/step"
             + (f" | MFU {100 * metrics['mfu']:.1f}%" if peak else "") + f" | {metrics['peak_memory_mb']:,.0f} MB"
             + (f" | {metrics['skipped_steps']} skipped steps" if metrics["skipped_steps"] else "")
-            + f" | {duration(now - run_started)} elapsed, ETA {duration(eta)}")
+            + f" | {timedelta(seconds=round(now - run_started))} elapsed, ETA {timedelta(seconds=round(eta))}")
         record(metrics)
         last_log_time, last_log_step, last_log_tokens = now, step, tokens_seen
 
@@ -533,13 +466,9 @@ while True:
         fail(str(error))
 
     # on a stop signal: all ranks must stop at the same step, so they agree (a collective) on log steps
-    stop = stop_signal is not None
+    stop = stop_signal() is not None
     if ddp:
-        stop = False
-        if step % log_interval == 0:
-            flag = torch.tensor([float(stop_signal is not None)], device=device)
-            dist.all_reduce(flag)
-            stop = flag.item() > 0
+        stop = step % log_interval == 0 and mean_over_ranks(torch.tensor(float(stop), device=device)) > 0
     if stop and step < max_iters:
         log(f"stopping at step {step} on a signal")
         write_checkpoint()
