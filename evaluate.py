@@ -257,7 +257,7 @@ def task_paths(spec):
 
 
 if __name__ == "__main__":
-    ckpt = "out/run"                # a run directory (its newest checkpoint), a checkpoint file, or hf:<exported dir>
+    ckpt = "out/run"                # a run directory (its newest checkpoint), one checkpoint (ckpt_<step>), or hf:<exported dir>
     tasks = "data/demo-tasks/*.jsonl"  # task files: comma-separated paths or globs
     examples = 0                    # the first this many examples of each task; 0: all
     micro_batch_size = 16           # sequences per forward pass when scoring multiple choice
