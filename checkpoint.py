@@ -122,7 +122,9 @@ def _write_checkpoint(out_dir, step, pieces, meta, rank, world_size, keep_last, 
                       os.path.join(tmp, own + ".safetensors"))
             os.chmod(os.path.join(tmp, own + ".safetensors"), os.stat(out_dir).st_mode & 0o666)  # not safetensors' 0600
             _durable(os.path.join(tmp, own + ".safetensors"))
-        _durable(os.path.join(tmp, own + ".json"), json.dumps(rows).encode())  # last: this rank's part is complete
+        # last: this rank's part is complete. Renamed into place, so rank 0 never reads it half-written
+        _durable(os.path.join(tmp, own + ".json.tmp"), json.dumps(rows).encode())
+        os.replace(os.path.join(tmp, own + ".json.tmp"), os.path.join(tmp, own + ".json"))
         if rank != 0:
             return path
         deadline = time.time() + wait_s

@@ -56,14 +56,21 @@ def sync_gradients(model, last):
 
 
 def clip_grad_norm(parameters, max_norm):
-    """The global gradient norm (a plain tensor) after clipping to max_norm; over every rank's shards under FSDP2."""
-    parameters = list(parameters)
-    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None], foreach=True)
-    # under FSDP2 the norm of the shards is a partial DTensor: clipping by it (as clip_grad_norm_ does)
-    # would scale each rank's shards by another factor. The whole norm first, as torchtitan does.
-    norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
-    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm, foreach=True)
-    return norm
+    """The global gradient norm (a plain tensor) after clipping to max_norm; over every rank's shards
+    under FSDP2, where torch computes it as a DTensor (tested: equal to one process's in fp32)."""
+    norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def reshard(model):
+    """Shard again what forward passes with no backward (evaluation) left gathered: FSDP2 frees a
+    module's gathered weights after its backward, or after its forward with reshard_after_forward;
+    until then the module's parameters are whole plain tensors, which neither the optimizers nor a
+    checkpoint would recognise."""
+    from torch.distributed.fsdp import FSDPModule
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def local(tensor):

@@ -90,7 +90,7 @@ from checkpoint import (append_line, catch_stop_signals, checkpoint_failure, che
 from data import micro_batches, open_mixture
 from evaluate import evaluate_tasks, load_task, validation, validation_windows
 from model import GPT, ModelArgs, device_name, device_peak_flops, peak_memory_mb, resolve_device
-from parallel import (MODES, clip_grad_norm, finite, load_state, mean_over_ranks, state_bytes, state_pieces,
+from parallel import (MODES, clip_grad_norm, finite, load_state, mean_over_ranks, reshard, state_bytes, state_pieces,
                       sync_gradients, wrap)
 import tokenizer as tok
 
@@ -397,6 +397,7 @@ while True:
             log(f"step {step}: tasks ({time.time() - paused:.1f}s with validation) | " + " | ".join(
                 f"{name} " + ", ".join(f"{k} {v:.3f}" for k, v in s.items() if k != "examples") for name, s in scores.items()))
             record({"step": step, "tokens": tokens_seen, "tasks": scores})
+        reshard(raw_model)  # under FSDP2, the weights evaluation gathered back into shards (parallel.py)
         if step > start_step:
             write_checkpoint()
         last_log_time += time.time() - paused  # the time evaluating and checkpointing is not training time
