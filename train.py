@@ -384,19 +384,20 @@ while True:
     # once in a while: evaluate (not again where a resumed run starts: it was, before its checkpoint), and checkpoint
     if (step % eval_interval == 0 or last_step) and not (resuming and step == start_step):
         paused = time.time()
-        if eval_iters > 0:
-            per_dataset, (val_loss, val_bpb) = validation(raw_model, datasets, val_windows, mixture_weights, block_size,
-                                                          token_bytes, device, autocast)
-            log(f"step {step}: val loss {val_loss:.4f}, val bpb {val_bpb:.4f}" + ("".join(
-                f" | {name}: {loss:.4f}, {bpb:.4f} bpb" for name, (loss, bpb) in per_dataset.items()) if len(datasets) > 1 else ""))
-            record({"step": step, "val_loss": val_loss, "val_bpb": val_bpb, "tokens": tokens_seen,
-                    "val_by_dataset": {name: {"loss": loss, "bpb": bpb} for name, (loss, bpb) in per_dataset.items()}})
-        if tasks and not (tasks_scored and step == start_step):
-            scores = evaluate_tasks(raw_model, encoder, tasks, block_size, micro_batch_size, device, autocast,
-                                    rank, world_size)
-            log(f"step {step}: tasks ({time.time() - paused:.1f}s with validation) | " + " | ".join(
-                f"{name} " + ", ".join(f"{k} {v:.3f}" for k, v in s.items() if k != "examples") for name, s in scores.items()))
-            record({"step": step, "tokens": tokens_seen, "tasks": scores})
+        with torch.compiler.set_stance("force_eager"):  # uncompiled, FSDP2's blocks too (compiled in place)
+            if eval_iters > 0:
+                per_dataset, (val_loss, val_bpb) = validation(raw_model, datasets, val_windows, mixture_weights, block_size,
+                                                              token_bytes, device, autocast)
+                log(f"step {step}: val loss {val_loss:.4f}, val bpb {val_bpb:.4f}" + ("".join(
+                    f" | {name}: {loss:.4f}, {bpb:.4f} bpb" for name, (loss, bpb) in per_dataset.items()) if len(datasets) > 1 else ""))
+                record({"step": step, "val_loss": val_loss, "val_bpb": val_bpb, "tokens": tokens_seen,
+                        "val_by_dataset": {name: {"loss": loss, "bpb": bpb} for name, (loss, bpb) in per_dataset.items()}})
+            if tasks and not (tasks_scored and step == start_step):
+                scores = evaluate_tasks(raw_model, encoder, tasks, block_size, micro_batch_size, device, autocast,
+                                        rank, world_size)
+                log(f"step {step}: tasks ({time.time() - paused:.1f}s with validation) | " + " | ".join(
+                    f"{name} " + ", ".join(f"{k} {v:.3f}" for k, v in s.items() if k != "examples") for name, s in scores.items()))
+                record({"step": step, "tokens": tokens_seen, "tasks": scores})
         reshard(raw_model)  # under FSDP2, the weights evaluation gathered back into shards (parallel.py)
         if step > start_step:
             write_checkpoint()

@@ -42,16 +42,17 @@ def test_no_host_sync_between_log_steps(data, tmp_path, setup):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ranks", [1, 2])
-def test_batch_size_schedule_does_not_recompile(data, tmp_path, ranks):
+@pytest.mark.parametrize("ranks,mode", [(1, "ddp"), (2, "ddp"), (2, "fsdp")])
+def test_batch_size_schedule_does_not_recompile(data, tmp_path, ranks, mode):
     # accumulation goes 1 -> 2 -> 4 micro-batches; the micro-batch, so every compiled shape, stays the same,
     # and evaluation runs the model uncompiled: one compilation per rank, and no recompile.
-    # Two ranks: torch.compile inside DDP, with Muon, as on 8 GPUs.
+    # Two ranks: torch.compile inside DDP, with Muon, as on 8 GPUs; or each block compiled under FSDP2
+    # (one graph for all the blocks, and evaluation uncompiled although the blocks are compiled in place).
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] \
         if ranks > 1 else [sys.executable]
     result = subprocess.run([*launcher, "train.py", *SMALL, f"--data_dir={data}", f"--out_dir={tmp_path}/run",
                              "--compile=True", "--max_iters=12", "--eval_interval=6", "--log_interval=3",
-                             *(["--use_muon=True"] if ranks > 1 else []),
+                             *(["--use_muon=True"] if ranks > 1 else []), f"--data_parallel={mode}", "--n_layer=2",
                              "--batch_size_schedule={'strategy': 'doubling', 'start_batch_size': %d, "
                              "'interval_steps': 4, 'max_batch_size': %d}" % (4 * ranks, 16 * ranks)],
                             cwd=ROOT, capture_output=True, text=True, timeout=300,
