@@ -113,6 +113,7 @@ def test_bad_batch_size_names_the_values_that_work(demo_data, tmp_path):
     assert "batch size 20 is not a multiple of micro_batch_size x world_size = 8 x 1 = 8; use e.g. 16 or 24" in result.stderr
 
 
+@pytest.mark.slow
 def test_restart_refuses_to_overwrite_and_resume_continues(demo_data, tmp_path):
     args = [*TINY_MODEL, f"--data_dir={demo_data}", f"--out_dir={tmp_path}", "--micro_batch_size=4", "--batch_size=4",
             "--eval_interval=5", "--log_interval=1"]

@@ -137,6 +137,7 @@ def test_generative_tasks_and_their_normalization(trained, tmp_path):
     assert shots.endswith("\n\n" + prompts[0]) and shots.count("\n\n") == 2 and prompts[0] not in shots[:-len(prompts[0])]
 
 
+@pytest.mark.slow
 def test_evaluate_command_on_a_checkpoint_and_its_export(data, trained, tmp_path):
     tasks = ",".join(sorted(glob.glob(os.path.join(data + "-tasks", "*.jsonl"))))
     scores = []
