@@ -20,6 +20,8 @@ any instant leaves the earlier checkpoints and at most a *.tmp directory, which 
 the next start removes. Checkpoints of format 1 (one ckpt_<step>.pt file of plain containers,
 loaded with weights_only=True) still load. The data position is the step: the windows of a step
 are a function of (seed, step).
+Also here, as they guard the checkpoints: the run directory's lock (one run per out_dir) and the
+stop signals (a checkpoint, then exit 0).
 """
 import glob
 import json
