@@ -71,3 +71,39 @@ def test_a_checkpoint_that_needs_unpickling_is_refused_not_executed(tmp_path):
     with pytest.raises(ValueError, match="holds objects that would run code when loaded .*: refused"):
         load_checkpoint(str(path))
     assert not os.path.exists(MARKER)
+
+
+def test_rank_zero_never_reads_another_ranks_part_half_written(tmp_path, monkeypatch):
+    # two ranks in one process; rank 1's files are written slowly, in two halves, as on a busy
+    # shared file system: rank 0, polling for them, must only ever see rank 1's part marker complete
+    import threading
+    import time
+    import checkpoint
+    real_durable = checkpoint._durable
+
+    def slow_durable(path, data=None):
+        if data is not None and "rank-00001" in path:
+            with open(path, "wb") as f:
+                f.write(data[:len(data) // 2])
+                f.flush()
+                time.sleep(0.3)
+                f.write(data[len(data) // 2:])
+            data = None
+        real_durable(path, data)
+    monkeypatch.setattr(checkpoint, "_durable", slow_durable)
+    tensor = torch.arange(12.0).view(4, 3)
+    errors = []
+
+    def rank(r):
+        try:
+            save_checkpoint(str(tmp_path), 1, {"model/w": (tensor[2 * r:2 * r + 2], 2 * r, (4, 3))},
+                            {"step": 1} if r == 0 else None, r, 2)
+        except Exception as e:
+            errors.append(e)
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (1, 0)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert torch.equal(load_checkpoint(str(tmp_path))["model"]["w"], tensor)
