@@ -192,8 +192,9 @@ def open_mixture(mixture, block_size):
 
 
 def micro_batches(datasets, weights, step, batch_size_at, micro_batch_size, rank, world_size, block_size,
-                  use_loss_mask, seed):
-    """(inputs, targets, loss scale) for each micro-batch of this rank, step after step from step.
+                  use_loss_mask, seed, device):
+    """(inputs, targets, loss scale) for each micro-batch of this rank, step after step from step,
+    inputs and targets as tensors on device.
     The windows of step s are drawn from (seed, s) alone and split between ranks without overlap,
     so resuming at any step, or at another world size with the same global batch, sees the same data.
     The loss scale makes the step's loss the mean over every target the step learns, on all
@@ -206,5 +207,14 @@ def micro_batches(datasets, weights, step, batch_size_at, micro_batch_size, rank
         learned = learned_targets(datasets, "train", global_windows, block_size) if use_loss_mask \
             else len(global_windows) * block_size
         for k in range(0, per_rank, micro_batch_size):
-            yield x[k:k + micro_batch_size], y[k:k + micro_batch_size], world_size / max(learned, 1)
+            yield to_device(x[k:k + micro_batch_size], device), to_device(y[k:k + micro_batch_size], device), \
+                world_size / max(learned, 1)
         step += 1
+
+
+def to_device(array, device):
+    import torch
+    tensor = torch.from_numpy(array)
+    if torch.device(device).type == "cuda":  # pinned memory lets the copy run asynchronously with the GPU's work
+        tensor = tensor.pin_memory().to(device, non_blocking=True)
+    return tensor

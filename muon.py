@@ -182,8 +182,8 @@ class Muon(torch.optim.Optimizer):
         rows, cols = params[0].shape
         bounds = [row_range(rows, r, world_size) for r in range(world_size)]
         sizes = [(last - first) * cols for first, last in bounds]  # elements of one matrix's rows, per rank
-        per_rank, _, _ = share(len(params), 0, world_size)
-        owned = [share(len(params), r, world_size)[2] - share(len(params), r, world_size)[1] for r in range(world_size)]
+        per_rank = share(len(params), 0, world_size)[0]
+        owned = [last - first for _, first, last in (share(len(params), r, world_size) for r in range(world_size))]
         weights = [p.to_local() for p in params]
         updates = self._momentum(group, params, [p.grad.to_local() for p in params], keep)
         # 1. to the owners: matrix i is owned by rank i // per_rank, so the matrices go in order, owner by owner

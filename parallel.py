@@ -114,16 +114,14 @@ def state_pieces(raw_model, optimizers, rank, world_size):
     0-d one is rank 0's; Muon's momentum is written by the ranks that keep it."""
     pieces = {}
 
-    def add(name, tensor, first=None):
-        if isinstance(tensor, DTensor):
-            mesh = tensor.device_mesh
-            if mesh.ndim > 1 and mesh.get_local_rank(0) > 0:
-                return  # a replica of the first group's shards
+    def replica(tensor):  # under HSDP, a shard the first replica group's rank already writes
+        return isinstance(tensor, DTensor) and tensor.device_mesh.ndim > 1 and tensor.device_mesh.get_local_rank(0) > 0
+
+    def add(name, tensor):
+        if replica(tensor) or (tensor.dim() == 0 and rank != 0):
+            return
+        if isinstance(tensor, DTensor) or tensor.dim() == 0:
             part, first = local(tensor)
-        elif tensor.dim() == 0 or first is not None:
-            if tensor.dim() == 0 and rank != 0:
-                return
-            part, first = tensor, first or 0
         else:
             chunk = -(-tensor.shape[0] // world_size)
             first = min(rank * chunk, tensor.shape[0])
@@ -136,7 +134,7 @@ def state_pieces(raw_model, optimizers, rank, world_size):
             for key, value in opt.state.get(p, {}).items():
                 if kind == "adamw":
                     add(f"adamw/{name}/{key}", value)
-                elif not (isinstance(p, DTensor) and p.device_mesh.ndim > 1 and p.device_mesh.get_local_rank(0) > 0):
+                elif not replica(p):
                     pieces[f"muon/{name}/{key}"] = (value, local(p)[1], tuple(p.shape))  # the rows it keeps, plain
     return pieces
 

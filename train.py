@@ -196,10 +196,6 @@ for size in sorted({batch_size_at(s) for s in range(0, max_iters + 1)}):
              f"= {sequences_per_micro_step}; use e.g. {' or '.join(map(str, sorted(set(multiples))))}")
 
 
-def grad_accum_at(step):
-    return batch_size_at(step) // sequences_per_micro_step
-
-
 # ---- where to start from ----------------------------------------------------------------------
 # The rule: a run directory that holds checkpoints is resumed, never overwritten: by 'resume', and
 # by a stage handoff too (so rerunning a pipeline resumes each stage); 'scratch' over it is refused.
@@ -247,13 +243,6 @@ for dataset in datasets:
     if dataset["truncated"]:
         log(f"{dataset['directory']}: {dataset['truncated']} training conversations are longer than "
             f"block_size + 1 = {block_size + 1} tokens and will be cut")
-
-
-def to_device(array):
-    tensor = torch.from_numpy(array)
-    if device_type == "cuda":  # pinned memory lets the copy run asynchronously with the GPU's work
-        tensor = tensor.pin_memory().to(device, non_blocking=True)
-    return tensor
 
 
 # ---- the model and its optimizers -------------------------------------------------------------
@@ -369,8 +358,8 @@ if master and wandb_project:
 
 # ---- the loop ---------------------------------------------------------------------------------
 start_step = step
-batches = ((to_device(x), to_device(y), scale) for x, y, scale in micro_batches(
-    datasets, mixture_weights, step, batch_size_at, micro_batch_size, rank, world_size, block_size, use_loss_mask, seed))
+batches = micro_batches(datasets, mixture_weights, step, batch_size_at, micro_batch_size, rank, world_size, block_size,
+                        use_loss_mask, seed, device)
 x, y, loss_scale = next(batches)
 # divergence guard, on the device: the count of non-finite steps in a row and in all
 bad_in_a_row = torch.zeros((), device=device, dtype=torch.int64)
@@ -413,7 +402,7 @@ while True:
         for group in muon.param_groups:
             group["lr"] = muon_lr * lr / learning_rate
             group["momentum"] = muon_momentum_at(step)
-    accum_steps = grad_accum_at(step)
+    accum_steps = batch_size_at(step) // sequences_per_micro_step
     loss_sum = torch.zeros((), device=device)  # accumulated on the device: no host sync per micro-step
     for micro_step in range(accum_steps):
         if ddp:  # the gradients of the whole step cross ranks on the last micro-step (parallel.py)
