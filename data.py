@@ -213,6 +213,7 @@ def micro_batches(datasets, weights, step, batch_size_at, micro_batch_size, rank
 
 
 def to_device(array, device):
+    """A numpy array as a tensor on device (torch is imported here: prepare.py never needs it)."""
     import torch
     tensor = torch.from_numpy(array)
     if torch.device(device).type == "cuda":  # pinned memory lets the copy run asynchronously with the GPU's work

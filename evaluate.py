@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data import read_windows, sample_windows
+from data import read_windows, sample_windows, to_device
 import tokenizer as tok
 
 
@@ -70,7 +70,7 @@ def validation(model, datasets, windows, weights, block_size, token_bytes, devic
         zero = torch.zeros((), device=device, dtype=torch.float64)
         loss_sum, target_count, byte_loss_sum, byte_count = zero, zero, zero, zero  # summed on the device
         for micro_batch in micro_batches:
-            x, y = (torch.from_numpy(a).to(device) for a in read_windows(datasets, "val", micro_batch, block_size, True))
+            x, y = (to_device(a, device) for a in read_windows(datasets, "val", micro_batch, block_size, True))
             with autocast:
                 losses = model(x, y, loss_reduction="none").double()  # 0 where the target is -1
             nbytes = token_bytes[y.clamp(min=0)] * (y >= 0)  # 0 for special tokens too
