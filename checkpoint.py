@@ -20,16 +20,12 @@ any instant leaves the earlier checkpoints and at most a *.tmp directory, which 
 the next start removes. Checkpoints of format 1 (one ckpt_<step>.pt file of plain containers,
 loaded with weights_only=True) still load. The data position is the step: the windows of a step
 are a function of (seed, step).
-Also here, as they guard the checkpoints: the run directory's lock (one run per out_dir) and the
-stop signals (a checkpoint, then exit 0).
 """
 import glob
 import json
 import os
 import re
 import shutil
-import signal
-import sys
 import threading
 import time
 
@@ -40,6 +36,7 @@ import tokenizer as tok
 
 FORMAT_VERSION = 2
 CHECKPOINT_NAME = re.compile(r"ckpt_(\d+)(\.pt)?$")
+PART_STALL_S = 30  # rank 0 gives up on a rank whose part is this much later than the last one (or 3x its own write)
 
 
 def checkpoint_paths(out_dir):
@@ -129,13 +126,17 @@ def _write_checkpoint(out_dir, step, pieces, meta, rank, world_size, keep_last, 
         os.replace(os.path.join(tmp, own + ".json.tmp"), os.path.join(tmp, own + ".json"))
         if rank != 0:
             return path
-        deadline = time.time() + wait_s
-        parts = {}
-        for r in range(world_size):  # every rank's part, complete on disk
+        # Every rank's part, complete on disk. The ranks write shares of about the same size at the
+        # same time, so a part that is long overdue next to rank 0's own means a dead rank.
+        own_s, last_arrival, parts = time.time() - started, time.time(), {}
+        for r in range(world_size):
             while not os.path.exists(os.path.join(tmp, f"rank-{r:05d}.json")):
-                if time.time() > deadline:
-                    raise OSError(f"rank {r}'s part did not appear within {wait_s}s")
+                waited = time.time() - last_arrival
+                if waited > min(wait_s, max(PART_STALL_S, 3 * own_s)):
+                    raise OSError(f"rank {r}'s part did not appear within {waited:.0f}s of the last one "
+                                  f"(rank 0 wrote its own in {own_s:.1f}s): did rank {r} die?")
                 time.sleep(0.05)
+            last_arrival = time.time()
             with open(os.path.join(tmp, f"rank-{r:05d}.json")) as f:
                 parts[r] = json.load(f)
         tensors = {}
@@ -155,6 +156,8 @@ def _write_checkpoint(out_dir, step, pieces, meta, rank, world_size, keep_last, 
                       f"(disk full? {free:,.0f} MiB free in {out_dir})") from e
     if keep_last > 0:  # only loadable checkpoints are here: one that failed to load was set aside
         for old in checkpoint_paths(out_dir)[:-keep_last]:
+            if os.path.islink(old):  # a checkpoint linked in from elsewhere is the user's, never deleted
+                continue
             if not (keep_every and int(CHECKPOINT_NAME.search(old).group(1)) % keep_every == 0):
                 shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
     size = sum(os.path.getsize(f) for f in glob.glob(os.path.join(path, "*")))
@@ -163,13 +166,33 @@ def _write_checkpoint(out_dir, step, pieces, meta, rank, world_size, keep_last, 
 
 
 # ---- reading ----------------------------------------------------------------------------------
-def open_checkpoint(path, set_aside=False):
+def set_aside_paths(out_dir):
+    """The checkpoints of out_dir that failed to load and were set aside (ckpt_<step>.corrupt[-N])."""
+    return sorted(glob.glob(os.path.join(out_dir, "ckpt_*.corrupt*")))
+
+
+def set_aside(path):
+    """Rename a checkpoint that does not load to a name no later one can collide with, so it never
+    counts again and is never overwritten: ckpt_<step>.corrupt, then .corrupt-2, .corrupt-3, ..."""
+    target, n = path + ".corrupt", 1
+    while os.path.lexists(target):
+        n += 1
+        target = f"{path}.corrupt-{n}"
+    os.replace(path, target)
+    print(f"warning: set {path} aside as {os.path.basename(target)}", flush=True)
+    return target
+
+
+def open_checkpoint(path, set_aside_corrupt=False, check_weights=False):
     """(meta, read): a checkpoint's metadata (everything but the tensors, with its "path") and
-    read(name, first=None, last=None), which reads a tensor, or its rows [first, last), from disk.
-    path: a checkpoint, a run directory (its newest checkpoint that loads: a newer one that does not
-    is reported and, with set_aside, renamed *.corrupt so it never counts again), a Hugging Face
-    model directory (hf:<dir>, or a directory with a config.json and no checkpoints), or a format 1
-    ckpt_<step>.pt file."""
+    read(name, first=None, last=None), which reads a tensor, or its rows [first, last), from disk;
+    a weight that is not finite raises ValueError when it is read.
+    path: a checkpoint, a run directory (its newest checkpoint that loads; with check_weights, whose
+    weights are all read once and found finite: a newer one that does not is reported and, with
+    set_aside_corrupt, set aside), a Hugging
+    Face model directory (hf:<dir>, or a directory with a config.json and no checkpoints), or a
+    format 1 ckpt_<step>.pt file. Everything is validated before it is returned: a damaged or
+    hand-edited file raises ValueError naming the file and what is wrong."""
     if path.startswith("hf:"):
         return _open_hf(path[3:])
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "meta.json")):
@@ -182,34 +205,106 @@ def open_checkpoint(path, set_aside=False):
             raise FileNotFoundError(f"no checkpoints (ckpt_*) in {path}")
         for candidate in reversed(candidates):
             try:
-                return open_checkpoint(candidate)
+                meta, read = open_checkpoint(candidate)
+                for name in meta["tensors"] if check_weights else []:
+                    if name.startswith("model/"):
+                        read(name)
+                return meta, read
             except (ValueError, FileNotFoundError) as e:  # FileNotFoundError: set aside meanwhile by rank 0
                 print(f"warning: skipping {candidate}: {e}", flush=True)
-                if set_aside and os.path.exists(candidate):
-                    os.replace(candidate, candidate + ".corrupt")
-                    print(f"warning: set {candidate} aside as {os.path.basename(candidate)}.corrupt", flush=True)
+                if set_aside_corrupt and os.path.exists(candidate):
+                    set_aside(candidate)
         raise ValueError(f"no checkpoint in {path} could be loaded")
     if os.path.isfile(path) and path.endswith(".pt"):
         return _open_format_1(path)
     raise FileNotFoundError(f"no checkpoint at {path}")
 
 
+def _expect(where, value, kind, low=None, high=None, what="a value"):
+    """value, if it is a kind (bool is never an int here) within [low, high]; else ValueError naming where."""
+    ok = isinstance(value, kind) and not (isinstance(value, bool) and kind in (int, (int, float)))
+    if ok and low is not None:
+        ok = low <= value <= high
+    if not ok:
+        bounds = f" in [{low}, {high}]" if low is not None else ""
+        raise ValueError(f"{where} must be {what}{bounds}, got {value!r}")
+    return value
+
+
+MODEL_ARG_TYPES = {"vocab_size": int, "block_size": int, "n_layer": int, "n_head": int, "n_kv_head": int, "n_embd": int,
+                   "mlp_ratio": (int, float), "rope_base": (int, float), "qk_norm": bool, "tie_embeddings": bool,
+                   "norm_eps": (int, float)}
+
+
+def check_model_args(model_args, where):
+    """The ModelArgs of a checkpoint's meta.json or a Hugging Face config, checked whole: ValueError otherwise."""
+    _expect(f"{where}: model_args", model_args, dict, what="a dict")
+    for key, kind in MODEL_ARG_TYPES.items():
+        if key not in model_args and key != "norm_eps":
+            raise ValueError(f"{where}: model_args lacks {key!r}")
+        if key in model_args:
+            _expect(f"{where}: model_args.{key}", model_args[key], kind, what=getattr(kind, "__name__", "a number"))
+    unknown = set(model_args) - set(MODEL_ARG_TYPES)
+    if unknown:
+        raise ValueError(f"{where}: model_args has unknown keys {sorted(unknown)}")
+    try:
+        ModelArgs(**model_args).check()
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+def _expected_shapes(model_args):
+    """{model/<parameter>: shape} of the model these arguments build (on the meta device: no memory)."""
+    with torch.device("meta"):
+        model = GPT(ModelArgs(**model_args))
+    return {f"model/{name}": list(p.shape) for name, p in model.named_parameters()}
+
+
+def _checked_read(path, read):
+    """read, raising ValueError when a weight it reads is not finite (NaN bytes written into a file)."""
+    def checked(name, first=None, last=None):
+        tensor = read(name, first, last)
+        if name.startswith("model/") and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"{path}: {name} holds values that are not finite (NaN or inf): the checkpoint is corrupt")
+        return tensor
+    return checked
+
+
 def _open_directory(path):
     from safetensors import safe_open
+    meta_path = os.path.join(path, "meta.json")
     try:
-        with open(os.path.join(path, "meta.json")) as f:
+        with open(meta_path) as f:
             meta = json.load(f)
+        _expect(meta_path, meta, dict, what="a JSON object")
         if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"format version {meta.get('format_version')}, not {FORMAT_VERSION}")
+            raise ValueError(f"{meta_path}: format version {meta.get('format_version')}, not {FORMAT_VERSION}")
+        for key, kind in [("step", int), ("tokens_seen", int)]:
+            _expect(f"{meta_path}: {key}", meta.get(key), kind, 0, 2**62, what="an integer")
+        _expect(f"{meta_path}: config", meta.get("config"), dict, what="a dict")
+        check_model_args(meta.get("model_args"), meta_path)
+        tok.check_tokenizer_state(meta.get("tokenizer"), f"{meta_path}: tokenizer")
+        tensors = _expect(f"{meta_path}: tensors", meta.get("tensors"), dict, what="a dict")
+        for name, shape in _expected_shapes(meta["model_args"]).items():
+            if name not in tensors:
+                raise ValueError(f"{meta_path}: the tensor {name} is missing")
+            if tensors[name].get("shape") != shape:
+                raise ValueError(f"{meta_path}: {name} has shape {tensors[name].get('shape')}, the model {shape}")
         files = {}
-        for name, entry in meta["tensors"].items():
+        for name, entry in tensors.items():
             rows = entry["shape"][0] if entry["shape"] else 1
             covered = sorted((first, last) for _, first, last in entry["pieces"])
             if [first for first, _ in covered] != [0] + [last for _, last in covered[:-1]] or covered[-1][1] != rows:
-                raise ValueError(f"the rows of {name} are not all there")
-            for file, _, _ in entry["pieces"]:
+                raise ValueError(f"{meta_path}: the rows of {name} are not all there")
+            for file, first, last in entry["pieces"]:
                 if file not in files:  # reads the header only, and checks it against the file's length
                     files[file] = safe_open(os.path.join(path, file), framework="pt")
+                stored = files[file].get_slice(f"{name}:{first}").get_shape()
+                if stored[:1] != ([last - first] if entry["shape"] else []) or stored[1:] != entry["shape"][1:]:
+                    raise ValueError(f"{os.path.join(path, file)}: {name} rows {first}:{last} have shape {stored}, "
+                                     f"not the {entry['shape']} of meta.json")
+    except ValueError as e:
+        raise ValueError(f"{path} is corrupt: {e}") from None
     except Exception as e:
         raise ValueError(f"{path} is incomplete or corrupt ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None
 
@@ -221,7 +316,8 @@ def _open_directory(path):
         parts = [files[file].get_slice(f"{name}:{start}")[max(first, start) - start:min(last, end) - start]
                  for file, start, end in sorted(entry["pieces"], key=lambda piece: piece[1]) if start < last and end > first]
         return torch.cat(parts) if parts else torch.empty((0, *entry["shape"][1:]), dtype=getattr(torch, entry["dtype"]))
-    return {**{k: v for k, v in meta.items() if k != "tensors"}, "path": path, "tensors": list(meta["tensors"])}, read
+    return {**{k: v for k, v in meta.items() if k != "tensors"}, "path": path, "tensors": list(meta["tensors"])}, \
+        _checked_read(path, read)
 
 
 def _open_format_1(path):
@@ -254,10 +350,10 @@ def _open_format_1(path):
     return {**checkpoint, "path": path, "tensors": list(tensors)}, read
 
 
-def load_checkpoint(path, set_aside=False):
+def load_checkpoint(path, set_aside_corrupt=False):
     """A whole checkpoint in CPU memory (open_checkpoint's metadata, and its tensors): "model" as
     {parameter: tensor}, "optimizers" as {"adamw" or "muon": {parameter: {key: tensor}}}."""
-    meta, read = open_checkpoint(path, set_aside)
+    meta, read = open_checkpoint(path, set_aside_corrupt)
     checkpoint = {**meta, "model": {}, "optimizers": {}}
     for name in meta["tensors"]:
         kind, _, rest = name.partition("/")
@@ -285,8 +381,16 @@ def _open_hf(directory):
     config_path = os.path.join(directory, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"no Hugging Face model at {directory} (no config.json)")
-    with open(config_path) as f:
-        config = json.load(f)
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_path} is not valid JSON ({e})") from None
+    _expect(config_path, config, dict, what="a JSON object")
+    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"):
+        if key not in config:
+            raise ValueError(f"{config_path} lacks {key!r}")
+        _expect(f"{config_path}: {key}", config[key], int, 1, 2**24, what="an integer")
     model_type = config.get("model_type")
     if model_type not in ("llama", "qwen3"):
         raise ValueError(f"{directory}: model_type {model_type!r} is not supported (llama or qwen3 only)")
@@ -326,105 +430,26 @@ def _open_hf(directory):
                   "n_kv_head": config.get("num_key_value_heads", config["num_attention_heads"]), "n_embd": n_embd,
                   "mlp_ratio": mlp_hidden / n_embd, "rope_base": float(rope_base), "qk_norm": model_type == "qwen3",
                   "tie_embeddings": tie, "norm_eps": config.get("rms_norm_eps", 1e-5)}
+    check_model_args(model_args, config_path)
     if ModelArgs(**model_args).padded_vocab_size != config["vocab_size"]:
         raise ValueError(f"{directory}: vocab_size {config['vocab_size']} is not the tokenizer's {enc.n_vocab} "
                          f"padded to a multiple of 128")
+    expected = _expected_shapes(model_args)
+    for name, shape in expected.items():  # the weights there are the model config.json describes
+        if name not in where:
+            raise ValueError(f"{directory}: the weight {name.removeprefix('model/')} is missing (does num_hidden_layers="
+                             f"{config['num_hidden_layers']} in {config_path} match the weights?)")
+        stored = list(where[name][0].get_slice(where[name][1]).get_shape())
+        if stored != shape:
+            raise ValueError(f"{directory}: {where[name][1]} has shape {stored}, {config_path} says {shape}")
+    extra = sorted(set(where) - set(expected))
+    if extra:
+        raise ValueError(f"{directory}: weights {config_path} does not describe, e.g. {extra[0].removeprefix('model/')} "
+                         f"(does num_hidden_layers={config['num_hidden_layers']} match the weights?)")
 
     def read(name, first=None, last=None):
         handle, key = where[name]
         rows = handle.get_slice(key)
         return rows[first or 0:rows.get_shape()[0] if last is None else last].float()
     return {"model_args": model_args, "tokenizer": tok.tokenizer_state(enc), "config": {}, "step": 0, "tokens_seen": 0,
-            "parent": None, "path": "hf:" + directory, "tensors": list(where)}, read
-
-
-def replace_directory(tmp, final):
-    """Swap a finished directory (a dataset, an export) in for final; an older one there is removed
-    only after that."""
-    old = final.rstrip("/") + ".old"
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(final):
-        os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-_lock_file = None  # held open (and locked) for the whole run
-
-
-def lock_run_directory(out_dir):
-    """Take out_dir for this process: an exclusive lock on out_dir/.lock, released when the process
-    ends however it ends (the kernel drops it), so a lock left by a killed run is simply taken over.
-    Raises RuntimeError naming the PID of a run that holds it."""
-    global _lock_file
-    import fcntl
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, ".lock")
-    lock_file = open(path, "a+")
-    try:
-        fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock_file.seek(0)
-        holder = lock_file.read().strip() or "unknown"
-        lock_file.close()
-        raise RuntimeError(f"{out_dir} is in use by another run (PID {holder}): wait for it to end, or choose "
-                           f"another --out_dir") from None
-    lock_file.seek(0)
-    previous = lock_file.read().strip()
-    if previous:
-        print(f"{out_dir}: taking over the lock of an earlier run (PID {previous}) that ended without releasing it",
-              flush=True)
-    lock_file.truncate(0)
-    lock_file.write(f"{os.getpid()}\n")
-    lock_file.flush()
-    _lock_file = lock_file
-
-
-def release_run_directory():
-    """At a normal end: the lock file emptied (no PID left behind), then released."""
-    global _lock_file
-    if _lock_file is not None:
-        _lock_file.truncate(0)
-        _lock_file.close()
-        _lock_file = None
-
-
-_stop = {"signal": None}
-
-
-def catch_stop_signals(rank):
-    """From now on SIGTERM / SIGUSR1 (what SLURM and cloud schedulers send before they kill) and
-    Ctrl-C are only recorded, for stop_signal(): train.py then finishes its step, checkpoints and
-    exits 0. A second signal exits at once (a checkpoint being written stays a *.tmp)."""
-    def on_signal(signum, frame):
-        if _stop["signal"] is not None:
-            os._exit(128 + signum)
-        _stop["signal"] = signum
-        print(f"rank {rank}: got {signal.Signals(signum).name}; stopping after this step with a checkpoint "
-              f"(a second signal stops at once)", file=sys.stderr, flush=True)
-    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-        signal.signal(signum, on_signal)
-
-
-def stop_signal():
-    """The stop signal received, or None."""
-    return _stop["signal"]
-
-
-def append_line(path, line):
-    """Append line (and a newline) to a file whole, or not at all: a write cut short (disk full)
-    is undone before the error is raised, so a reader never meets a torn last line."""
-    data = (line + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        size = os.fstat(fd).st_size
-        try:
-            written = os.write(fd, data)
-        except OSError:
-            written = -1
-        if written != len(data):
-            os.ftruncate(fd, size)
-            raise OSError(f"cannot append to {path} ({'disk full or file too large' if written >= 0 else 'write failed'}: "
-                          f"{shutil.disk_usage(os.path.dirname(path) or '.').free / 2**20:,.0f} MiB free)")
-    finally:
-        os.close(fd)
+            "parent": None, "path": "hf:" + directory, "tensors": list(where)}, _checked_read(directory, read)

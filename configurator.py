@@ -95,6 +95,8 @@ def _run_config_file(path, pinned):
             exec(_builtins.compile(f.read(), path, "exec"), namespace, _CommandLineWins(namespace, pinned))
     except SyntaxError as e:
         _config_error(f"{path}:{e.lineno}: SyntaxError: {e.msg}")
+    except SystemExit as e:  # a config file that exits would end the run as if it had succeeded
+        _config_error(f"{path} called sys.exit({e.code!r}): a config file only sets variables")
     except Exception as e:  # the line of the config file that raised, in one line
         line = next((frame.lineno for frame in reversed(_traceback.extract_tb(e.__traceback__))
                      if frame.filename == path), "?")

@@ -43,3 +43,40 @@ def gpt2(tmp_path, monkeypatch):
     shutil.copy(GPT2_RANKS, cache / hashlib.sha1(url.encode()).hexdigest())
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache))
     return tok.from_tiktoken_name("gpt2")
+
+
+def checkpoint_meta(model, step, encoder=None, **extra):
+    """The metadata train.py writes with a checkpoint, for tests that save one of their own model."""
+    import tokenizer as tok
+    return {"step": step, "tokens_seen": 0, "model_args": vars(model.args), "config": {},
+            "tokenizer": tok.tokenizer_state(encoder or tok.byte_tokenizer()), "data_dir": "", "parent": None, **extra}
+
+
+def run_script(script, *args, env=None, check=True, timeout=900, **popen):
+    """A repository script run as a user would (one thread: the tests share two cores). The timeout
+    only guards against a hang: a slow machine must not fail a test."""
+    result = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **popen)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def one_line_error(result):
+    """The one line a refused command prints (no traceback), after checking it exited non-zero."""
+    assert result.returncode != 0, result.stdout[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    return lines[0]
+
+
+def snapshot(directory):
+    """{relative path: bytes} of every file under a directory: equal snapshots, nothing touched."""
+    files = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                with open(path, "rb") as f:
+                    files[os.path.relpath(path, directory)] = f.read()
+    return files

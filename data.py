@@ -83,6 +83,37 @@ class ShardWriter:
             self.file = None
 
 
+def meta_problem(meta):
+    """What is wrong with a dataset's meta.json (as prepare.py writes it), or None."""
+    def integer(value, low, high):
+        return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+    if not isinstance(meta, dict):
+        return "not a JSON object"
+    if meta.get("format_version") != SHARD_VERSION:
+        return f"format_version is {meta.get('format_version')!r}, not {SHARD_VERSION}"
+    if not integer(meta.get("vocab_size"), 1, 2**32):
+        return f"vocab_size must be an integer in [1, 2**32], got {meta.get('vocab_size')!r}"
+    if not integer(meta.get("bos_id"), 0, meta["vocab_size"] - 1):
+        return f"bos_id must be a token id below vocab_size={meta['vocab_size']}, got {meta.get('bos_id')!r}"
+    if not isinstance(meta.get("splits"), dict):
+        return "splits is missing or not a dict"
+    for split in ("train", "val"):
+        info = meta["splits"].get(split)
+        if not isinstance(info, dict) or not isinstance(info.get("shards"), list) or not info["shards"] \
+                or not all(isinstance(name, str) and "/" not in name for name in info["shards"]):
+            return f"splits.{split}.shards must be a list of shard file names"
+        if meta.get("chat") and not (isinstance(info.get("masks"), list) and len(info["masks"]) == len(info["shards"])
+                                     and all(isinstance(name, str) and "/" not in name for name in info["masks"])):
+            return f"splits.{split}.masks must name one mask file per shard"
+        max_ids = info.get("max_token_ids")
+        if max_ids is not None and not (isinstance(max_ids, list) and len(max_ids) == len(info["shards"])
+                                        and all(integer(m, 0, 2**32) for m in max_ids)):
+            return f"splits.{split}.max_token_ids must be a list of one integer per shard"
+        if not integer(info.get("tokens", 0), 0, 2**62) or not integer(info.get("bytes", 0), 0, 2**62):
+            return f"splits.{split}.tokens and .bytes must be integers >= 0"
+    return None
+
+
 def open_dataset(directory, block_size):
     """A prepared dataset, memory-mapped: {'directory', 'meta', 'tokens'[split], 'masks'[split] or None,
     'starts'[split]: cumulative count of possible window starts per shard, 'offsets'[split]: the
@@ -93,10 +124,11 @@ def open_dataset(directory, block_size):
     try:
         with open(meta_path) as f:
             meta = json.load(f)
-        if not isinstance(meta["vocab_size"], int) or not all(isinstance(meta["splits"][s]["shards"], list) for s in ("train", "val")):
-            raise TypeError("vocab_size or a split's shards has the wrong type")
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{meta_path} is corrupt ({type(e).__name__}: {e}): prepare the dataset again") from None
+    problem = meta_problem(meta)
+    if problem:
+        raise ValueError(f"{meta_path} is corrupt: {problem}; prepare the dataset again")
     dataset = {"directory": directory, "meta": meta, "tokens": {}, "masks": {}, "starts": {}, "offsets": {}, "truncated": 0}
     chat = bool(meta.get("chat"))
     for split in ("train", "val"):
@@ -110,6 +142,14 @@ def open_dataset(directory, block_size):
                                  f"{meta['vocab_size']} in {meta_path}: prepare the dataset again")
         dataset["tokens"][split] = tokens
         dataset["masks"][split] = [read_shard(os.path.join(directory, name)) for name in info["masks"]] if chat else None
+        for name, shard, mask in zip(info["shards"], tokens, dataset["masks"][split] or []):
+            if len(mask) != len(shard):
+                raise ValueError(f"{os.path.join(directory, name)} holds {len(shard):,} tokens but its mask "
+                                 f"{mask.filename} {len(mask):,}: prepare the dataset again")
+        for name, shard in zip(info["shards"], tokens):
+            if shard.dtype.itemsize < 4 and meta["vocab_size"] > 256 ** shard.dtype.itemsize:
+                raise ValueError(f"{meta_path}: vocab_size {meta['vocab_size']} does not fit the "
+                                 f"{shard.dtype.itemsize}-byte tokens of {name}: prepare the dataset again")
         if chat:  # windows start at a conversation's first token and must fit in the shard
             offsets = []
             for shard in tokens:
@@ -159,6 +199,10 @@ def read_windows(datasets, split, windows, block_size, use_loss_mask):
             continue
         d, shard, offset = window
         tokens[row] = datasets[d]["tokens"][split][shard][offset:offset + block_size + 1]
+        if tokens[row].max() >= datasets[d]["meta"]["vocab_size"]:  # a shard edited after prepare.py
+            raise ValueError(f"{datasets[d]['tokens'][split][shard].filename} holds token id {tokens[row].max()} at "
+                             f"offset {offset + int(tokens[row].argmax())}, outside the vocabulary of "
+                             f"{datasets[d]['meta']['vocab_size']}: prepare the dataset again")
         masks = datasets[d]["masks"][split]
         if use_loss_mask and masks is not None:
             learned[row] = masks[shard][offset + 1:offset + block_size + 1] > 0
@@ -180,8 +224,9 @@ def open_mixture(mixture, block_size):
     """(datasets, weights summing to 1, the tokenizer) of {dataset directory: weight}; a mixture's
     datasets must share one tokenizer. Problems raise ValueError or FileNotFoundError."""
     import tokenizer as tok
-    if not isinstance(mixture, dict) or not all(isinstance(w, (int, float)) and w > 0 for w in mixture.values()):
-        raise ValueError(f"data_mixture must be a dict of dataset directory -> positive weight, got {mixture!r}")
+    if not isinstance(mixture, dict) or not mixture or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and 0 < w < float("inf") for w in mixture.values()):
+        raise ValueError(f"data_mixture must be a dict of dataset directory -> finite positive weight, got {mixture!r}")
     datasets = [open_dataset(directory, block_size) for directory in mixture]
     encoders = [tok.load_tokenizer(d["directory"]) for d in datasets]
     for dataset, encoder in zip(datasets[1:], encoders[1:]):

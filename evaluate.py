@@ -94,8 +94,17 @@ _TASK_DEFAULTS = {"shots": 0, "target_delimiter": " ", "chat": False, "stop": ["
 def load_task(path, examples=0):
     """{"name", "path", "kind": 'multiple_choice' or 'generative', "options", "examples"}: the first
     `examples` of the file (0: all)."""
+    items = []
     with open(path, encoding="utf-8") as f:
-        items = [json.loads(line) for line in f if line.strip()]
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                items.append(json.loads(line))
+            except ValueError as e:
+                raise ValueError(f"{path}:{line_number}: not valid JSON ({e})") from None
+            if not isinstance(items[-1], dict):
+                raise ValueError(f"{path}:{line_number}: an example must be a JSON object")
     if not items:
         raise ValueError(f"{path}: no examples")
     options_path = os.path.splitext(path)[0] + ".json"
@@ -108,6 +117,14 @@ def load_task(path, examples=0):
     for line, item in enumerate(items, 1):
         if any(key not in item for key in needed):
             raise ValueError(f"{path}:{line}: a {kind.replace('_', ' ')} example needs {', '.join(needed)}")
+        text = [item[key] for key in needed if key not in ("choices", "answer")] + (
+            item["choices"] if kind == "multiple_choice" and isinstance(item["choices"], list) else [item["answer"]])
+        if not all(isinstance(t, str) for t in text) or (kind == "multiple_choice" and not (
+                isinstance(item["choices"], list) and len(item["choices"]) >= 2 and isinstance(item["answer"], int)
+                and 0 <= item["answer"] < len(item["choices"]))):
+            raise ValueError(f"{path}:{line}: " + ("context and choices must be strings (at least two choices), answer "
+                                                   "the index of one" if kind == "multiple_choice" else
+                                                   "prompt and answer must be strings"))
     return {"name": os.path.splitext(os.path.basename(path))[0], "path": path, "kind": kind, "options": options,
             "examples": items[:examples] if examples else items}
 

@@ -33,8 +33,13 @@ dtype = "bfloat16"              # 'bfloat16' or 'float32'
 max_shard_size_mb = 5000        # larger models are split into shards of at most this size
 # ----------------------------------------------------------------------------------------------
 
-from checkpoint import load_checkpoint, replace_directory
+from checkpoint import load_checkpoint
+from rundir import check_replaceable, replace_directory
 import tokenizer as tok  # (a module, not names: configurator.py treats simple-typed globals as config)
+
+# what export() writes: the only files a directory it replaces may hold
+EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "model-*-of-*.safetensors",
+                "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json")
 
 # ModelArgs fields and what they become; a checkpoint with any other field is refused
 KNOWN_MODEL_ARGS = {"vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd", "mlp_ratio",
@@ -125,6 +130,7 @@ def export(checkpoint, hf_dir, dtype_name="bfloat16", max_shard_size_mb=5000):
     from safetensors.torch import save_file
     if dtype_name not in ("bfloat16", "float32"):
         raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {dtype_name!r}")
+    check_replaceable(hf_dir, EXPORT_FILES, "a Hugging Face export")
     enc = tok.tokenizer_from_state(checkpoint["tokenizer"])
     if tok.missing_special_tokens(enc._special_tokens):
         raise ValueError(f"the tokenizer lacks the special tokens {tok.missing_special_tokens(enc._special_tokens)}")
@@ -184,8 +190,11 @@ def write_json(path, value):
 if __name__ == "__main__":
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
     try:
+        check_replaceable(hf_dir, EXPORT_FILES, "a Hugging Face export")  # before the checkpoint is read
         checkpoint = load_checkpoint(ckpt)
         config = export(checkpoint, hf_dir, dtype, max_shard_size_mb)
-    except (FileNotFoundError, ValueError) as e:
+    except OSError as e:  # a directory that cannot be written
+        sys.exit(f"export_hf.py: error: cannot write {hf_dir}: {e.strerror or e} ({e.filename or hf_dir})")
+    except ValueError as e:
         sys.exit(f"export_hf.py: error: {e}")
     print(f"exported {checkpoint['path']} (step {checkpoint['step']}) to {hf_dir} as {config['architectures'][0]}, {dtype}")

@@ -20,6 +20,9 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 
+MAX_VOCAB_SIZE = 2**24  # token ids are stored as uint32; no real vocabulary comes near this
+
+
 @dataclass
 class ModelArgs:
     vocab_size: int = 50304     # the tokenizer's vocabulary; embeddings are padded to a multiple of 128
@@ -48,12 +51,20 @@ class ModelArgs:
         return math.ceil(self.mlp_ratio * self.n_embd / 128) * 128
 
     def check(self):
-        problems = []
-        if self.n_embd % self.n_head:
+        """ValueError naming every setting that cannot build a model (checked before any is built)."""
+        problems = [f"{name} must be at least 1, got {value}" for name, value in [
+            ("n_layer", self.n_layer), ("n_head", self.n_head), ("n_kv_head", self.n_kv_head), ("n_embd", self.n_embd),
+            ("block_size", self.block_size), ("vocab_size", self.vocab_size)] if not value >= 1]
+        problems += [f"{name} must be a finite number > 0, got {value}" for name, value in [
+            ("mlp_ratio", self.mlp_ratio), ("rope_base", self.rope_base), ("norm_eps", self.norm_eps)]
+            if not 0 < value < math.inf]
+        if self.vocab_size > MAX_VOCAB_SIZE:
+            problems.append(f"vocab_size={self.vocab_size} is larger than {MAX_VOCAB_SIZE:,}")
+        if not problems and self.n_embd % self.n_head:
             problems.append(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        elif self.head_dim % 2:
+        elif not problems and self.head_dim % 2:
             problems.append(f"head_dim={self.head_dim} (n_embd/n_head) must be even for RoPE")
-        if self.n_head % self.n_kv_head:
+        if not problems and self.n_head % self.n_kv_head:
             problems.append(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
         if problems:
             raise ValueError("; ".join(problems))

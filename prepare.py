@@ -67,8 +67,12 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator
 # ----------------------------------------------------------------------------------------------
 
 import tokenizer as tok  # noqa: E402  (after the config: `tokenizer` is also a setting's name)
-from checkpoint import replace_directory  # noqa: E402
 from data import SHARD_VERSION, ShardWriter  # noqa: E402
+from rundir import check_replaceable, replace_directory  # noqa: E402
+
+DATASET_FILES = ("meta.json", "tokenizer.json", "tokenizer.tiktoken", "train_*.bin", "val_*.bin")  # what build writes
+DEMO_TASKS = ("next_line", "identifier", "docstring")
+TASK_FILES = tuple(f"{name}.{ext}" for name in DEMO_TASKS for ext in ("jsonl", "json"))
 
 
 def fail(message):
@@ -594,8 +598,16 @@ if __name__ == "__main__":
         fail(f"--val_fraction={val_fraction} must be between 0 and 1")
     out = out or os.path.join("data", "demo" if not sources else
                               os.path.splitext(os.path.basename(sources[0].rstrip("/")))[0] or "corpus")
+    demo = not sources and not chat
+    try:  # refused before any work: only a dataset (or the demo's tasks) is ever replaced
+        check_replaceable(out, DATASET_FILES, "a dataset prepare.py wrote")
+        if demo:
+            check_replaceable(out.rstrip("/") + "-chat", DATASET_FILES, "a dataset prepare.py wrote")
+            check_replaceable(out.rstrip("/") + "-tasks", TASK_FILES, "the demo tasks prepare.py wrote")
+    except ValueError as e:
+        fail(str(e))
     build(out)
-    if not sources and not chat:  # the demo: the text corpus, its chat set (OUT-chat) with the same tokenizer, its tasks
+    if demo:  # the demo: the text corpus, its chat set (OUT-chat) with the same tokenizer, its tasks
         chat, tokenizer = True, out
         build(out.rstrip("/") + "-chat")
         write_demo_tasks(out.rstrip("/") + "-tasks")

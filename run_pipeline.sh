@@ -14,6 +14,9 @@ suffix=""
 for overlay in "${overlays[@]}"; do suffix="$suffix-$(basename "$overlay" .py)"; done
 stage="setup"
 trap 'echo "run_pipeline.sh: stopped in the $stage stage; fix it and rerun: finished stages are skipped quickly and a stopped one resumes" >&2' ERR
+# Ctrl-C (or a SIGTERM): train.py checkpoints and exits 0, so the stage after it must not start.
+# bash runs this once the stage in the foreground has ended.
+trap 'echo "run_pipeline.sh: interrupted in the $stage stage (its progress is checkpointed); run the same command again to continue from there" >&2; exit 130' INT TERM
 
 stage="prepare"
 for config in configs/pretrain.py configs/midtrain.py configs/finetune.py; do

@@ -35,9 +35,12 @@ import tokenizer as tok
 
 torch.manual_seed(seed)
 try:
+    if start.startswith("FILE:"):
+        with open(start[5:], encoding="utf-8") as f:
+            start = f.read()
     device, device_type, dtype, autocast = resolve_device(device, dtype)
     checkpoint = load_checkpoint(ckpt or out_dir)
-except (FileNotFoundError, ValueError) as e:
+except (OSError, ValueError) as e:
     sys.exit(f"sample.py: error: {e}")
 model, encoder = model_from_checkpoint(checkpoint, device)
 model.eval()
@@ -76,9 +79,6 @@ if prompt or chat:
         print()
     sys.exit(0)
 
-if start.startswith("FILE:"):
-    with open(start[5:], encoding="utf-8") as f:
-        start = f.read()
 for sample in range(num_samples):
     sys.stdout.write(start)
     stream([bos] + encoder.encode_ordinary(start), bos)

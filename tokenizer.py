@@ -81,6 +81,17 @@ def same_ids(state_a, state_b):
     return all(state_a[k] == state_b[k] for k in ("pattern", "special_tokens", "ranks"))
 
 
+def check_tokenizer_state(state, where):
+    """A tokenizer state (tokenizer_state's dict) checked for its keys and types: ValueError naming where."""
+    if not isinstance(state, dict):
+        raise ValueError(f"{where} must be a tokenizer (a dict of name, pattern, special_tokens, ranks), got {type(state).__name__}")
+    for key, kind in [("name", str), ("pattern", str), ("special_tokens", dict), ("ranks", str)]:
+        if not isinstance(state.get(key), kind):
+            raise ValueError(f"{where}: {key!r} must be a {kind.__name__}, got {state.get(key)!r:.60}")
+    if not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in state["special_tokens"].items()):
+        raise ValueError(f"{where}: special_tokens must map strings to integer ids")
+
+
 def tokenizer_from_state(state):
     ranks = {}
     for line in state["ranks"].splitlines():

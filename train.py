@@ -27,6 +27,7 @@ use_loss_mask = False           # learn only the targets a chat dataset marks (t
 init_from = "scratch"           # 'scratch'; 'resume': the newest checkpoint in out_dir (scratch if there is none);
                                 # an earlier stage's out_dir or checkpoint file, or hf:<dir>: its weights only
                                 # (fresh optimizer, step and schedule; resumes instead once out_dir has checkpoints)
+init_from_unfinished = False    # let a handoff start from an earlier stage that stopped before its max_iters
 eval_interval = 250             # evaluate and checkpoint every this many steps (and at the end)
 eval_iters = 20                 # micro-batches per evaluation (split across ranks); 0: no evaluation
 eval_tasks = {}                 # downstream tasks scored at every evaluation: {task .jsonl: examples (0: all)} (evaluate.py)
@@ -84,14 +85,14 @@ seed = 1337
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 # ----------------------------------------------------------------------------------------------
 
-from checkpoint import (append_line, catch_stop_signals, checkpoint_failure, checkpoint_paths, lock_run_directory,
-                        open_checkpoint, release_run_directory, remove_stale_writes, save_checkpoint, stop_signal,
-                        wait_for_checkpoint)
+from checkpoint import (checkpoint_failure, checkpoint_paths, open_checkpoint, remove_stale_writes, save_checkpoint,
+                        set_aside_paths, wait_for_checkpoint)
 from data import micro_batches, open_mixture
 from evaluate import evaluate_tasks, load_task, validation, validation_windows
 from model import GPT, ModelArgs, device_name, device_peak_flops, peak_memory_mb, resolve_device
 from parallel import (MODES, clip_grad_norm, finite, load_state, mean_over_ranks, reshard, state_bytes, state_pieces,
                       sync_gradients, wrap)
+from rundir import append_line, catch_stop_signals, lock_run_directory, release_run_directory, stop_signal
 import tokenizer as tok
 
 # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; rank 0 logs and writes every file
@@ -109,7 +110,23 @@ def fail(message):
     print(f"error (rank {rank}): {message}", file=sys.stderr, flush=True)
     if ddp and dist.is_initialized():
         dist.destroy_process_group()
-    sys.exit(1)
+    sys.exit(1)  # the run directory's lock is released on the way out (rundir.py)
+
+
+def end_run():
+    """The end: the last checkpoint written, the lock released, every rank leaving together."""
+    try:
+        wait_for_checkpoint()
+    except OSError as e:
+        fail(str(e))
+    release_run_directory()
+    if ddp:
+        dist.barrier()  # a rank that tears down while another still works can abort the group
+        dist.destroy_process_group()
+    # and without Python's exit: gloo's C++ teardown at interpreter exit can abort a process
+    # (SIGABRT, "terminate called without an active exception") when all the work is done
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)
 
 
 # ---- the config, checked before anything starts: each mistake a one-line error ----------------------
@@ -163,7 +180,7 @@ def lr_at(step):
         decay_start = max_iters - int(wsd_decay_frac * max_iters)
         if step < decay_start:
             return learning_rate
-        progress = (step - decay_start) / max(1, max_iters - decay_start)
+        progress = min(1.0, (step - decay_start) / max(1, max_iters - decay_start))
         remaining = {"linear": 1 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress)),
                      "sqrt": 1 - math.sqrt(progress)}[wsd_decay_shape]
         return min_lr + (learning_rate - min_lr) * remaining
@@ -200,7 +217,8 @@ for size in sorted({batch_size_at(s) for s in range(0, max_iters + 1)}):
 # The rule: a run directory that holds checkpoints is resumed, never overwritten: by 'resume', and
 # by a stage handoff too (so rerunning a pipeline resumes each stage); 'scratch' over it is refused.
 # Otherwise 'resume' starts from scratch, and a handoff (an earlier stage's out_dir or checkpoint
-# file, or hf:<dir>) takes that model's weights only: a fresh optimizer, step count and schedule.
+# file, or hf:<dir>) takes that model's weights only: a fresh optimizer, step count and schedule,
+# and only from a stage that finished (its newest checkpoint at its max_iters).
 # Either way the model's shape is the checkpoint's: a later stage's config need not repeat it.
 if master:  # one run per directory: a second is refused, naming the first's PID
     try:
@@ -209,19 +227,39 @@ if master:  # one run per directory: a second is refused, naming the first's PID
         fail(str(e))
     remove_stale_writes(out_dir)
 resuming = bool(checkpoint_paths(out_dir))
+if not resuming and set_aside_paths(out_dir):
+    fail(f"{out_dir} holds no checkpoint that loads, only ones set aside as corrupt "
+         f"({', '.join(map(os.path.basename, set_aside_paths(out_dir)))}): move them out of {out_dir} to start "
+         f"it again from scratch, or choose a new --out_dir")
 if resuming and init_from == "scratch":
     fail(f"{out_dir} already holds checkpoints ({os.path.basename(checkpoint_paths(out_dir)[-1])}): "
          f"continue with --init_from=resume, or choose a new --out_dir")
 if resuming and init_from != "resume":
     log(f"{out_dir} already holds this stage's checkpoints: resuming it (not starting again from {init_from})")
 source = None  # the checkpoint to start from: its metadata, and read() for its tensors
-try:  # resuming, a newest checkpoint that does not load is set aside: it never counts again
-    if resuming or init_from not in ("scratch", "resume"):
-        source, read = open_checkpoint(out_dir if resuming else init_from, set_aside=master and resuming)
+try:  # resuming, rank 0 first finds the newest checkpoint whose weights are finite, setting aside those that are not
+    if resuming and master:
+        source, read = open_checkpoint(out_dir, set_aside_corrupt=True, check_weights=True)
+    if ddp:
+        dist.barrier()
+    if source is None and (resuming or init_from not in ("scratch", "resume")):
+        source, read = open_checkpoint(out_dir if resuming else init_from)
 except (ValueError, FileNotFoundError) as e:
     fail(str(e))
+if resuming and source["step"] >= max_iters:  # finished, or asked to stop before where it already is
+    if source["step"] > max_iters:
+        fail(f"{source['path']} is at step {source['step']}, past max_iters={max_iters}: nothing to train and "
+             f"nothing written; resume with --max_iters={source['config'].get('max_iters', source['step'])} or more")
+    log(f"{out_dir} is finished ({os.path.basename(source['path'])} is at max_iters={max_iters}): nothing to train; "
+        f"raise --max_iters to train on")
+    end_run()
 if resuming and bool(source["config"].get("use_muon")) != use_muon:
     fail(f"{source['path']} was trained with use_muon={source['config'].get('use_muon')}: use_muon must stay as it was")
+if not resuming and source is not None and not init_from_unfinished:
+    planned = source["config"].get("max_iters")
+    if isinstance(planned, int) and source["step"] < planned:
+        fail(f"{source['path']} stopped at step {source['step']} of its max_iters={planned}: finish that stage first "
+             f"(run it again with --init_from=resume), or start from it anyway with --init_from_unfinished=True")
 if init_from == "resume" and source is None:
     log(f"no checkpoint in {out_dir}: starting from scratch")
 if source is not None:
@@ -277,7 +315,10 @@ log(optimizer_summary)
 step, tokens_seen, parent, tasks_scored = 0, 0, None, False  # parent: the checkpoint this run's weights started from
 good_checkpoint = None  # the newest checkpoint of this run known to hold finite weights and evaluation
 if source is not None:  # each rank reads the rows it holds
-    load_state(read, source["tensors"], raw_model, optimizers if resuming else [], device)
+    try:
+        load_state(read, source["tensors"], raw_model, optimizers if resuming else [], device)
+    except ValueError as e:  # a weight that is not finite
+        fail(str(e))
     if resuming:
         step, tokens_seen, parent, good_checkpoint = source["step"], source["tokens_seen"], source["parent"], source["path"]
         log(f"resumed from {source['path']} at step {step}")
@@ -360,7 +401,16 @@ if master and wandb_project:
 start_step = step
 batches = micro_batches(datasets, mixture_weights, step, batch_size_at, micro_batch_size, rank, world_size, block_size,
                         use_loss_mask, seed, device)
-x, y, loss_scale = next(batches)
+
+
+def next_batch():
+    try:
+        return next(batches)
+    except ValueError as e:  # a token id past the vocabulary: a shard edited after prepare.py
+        fail(str(e))
+
+
+x, y, loss_scale = next_batch()
 # divergence guard, on the device: the count of non-finite steps in a row and in all
 bad_in_a_row = torch.zeros((), device=device, dtype=torch.int64)
 bad_total = torch.zeros((), device=device, dtype=torch.int64)
@@ -368,7 +418,7 @@ run_started = last_log_time = time.time()
 last_log_step, last_log_tokens = step, tokens_seen
 val_loss = None  # the newest evaluation's
 while True:
-    last_step = step == max_iters
+    last_step = step >= max_iters
 
     # once in a while: evaluate (not again where a resumed run starts: it was, before its checkpoint), and checkpoint
     if (step % eval_interval == 0 or last_step) and not (resuming and step == start_step):
@@ -409,7 +459,7 @@ while True:
             sync_gradients(model, micro_step == accum_steps - 1)
         with autocast:
             loss = model(x, y, loss_reduction="sum") * loss_scale
-        x, y, loss_scale = next(batches)  # the next batch is prepared while the device works on this one
+        x, y, loss_scale = next_batch()  # the next batch is prepared while the device works on this one
         loss.backward()
         loss_sum += loss.detach()
     grad_norm = clip_grad_norm(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
@@ -465,17 +515,4 @@ while True:
         write_checkpoint()
         break
 
-# the end: the last checkpoint written, every rank leaves together
-try:
-    wait_for_checkpoint()
-except OSError as e:
-    fail(str(e))
-if master:
-    release_run_directory()
-if ddp:
-    dist.barrier()  # a rank that tears down while another still works can abort the group
-    dist.destroy_process_group()
-    # and without Python's exit: gloo's C++ teardown at interpreter exit can abort a process
-    # (SIGABRT, "terminate called without an active exception") when all the work is done
-    sys.stdout.flush(), sys.stderr.flush()
-    os._exit(0)
+end_run()

@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from checkpoint import save_checkpoint
+from conftest import checkpoint_meta
 from model import GPT, ModelArgs
 from muon import Muon
 from parallel import state_pieces, wrap
@@ -35,7 +36,7 @@ def run(out_dir, mode):
     print(f"rank {rank}: momentum elements kept {kept} of {sum(p.numel() for p in hidden)}", flush=True)
     no_adamw = torch.optim.SGD([torch.zeros(1)])  # state_pieces takes (adamw, muon)
     save_checkpoint(out_dir, 3, state_pieces(model, [no_adamw, optimizer], rank, world_size),
-                    {"step": 3} if rank == 0 else None, rank, world_size)
+                    checkpoint_meta(model, 3) if rank == 0 else None, rank, world_size)
 
 
 if __name__ == "__main__":

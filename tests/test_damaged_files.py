@@ -1,0 +1,179 @@
+"""Every on-disk format the project reads, damaged field by field (removed, wrong type, out of range,
+truncated): each damage is a one-line error that names the file, a non-zero exit, and the run's
+checkpoints untouched; resuming over a damaged newest checkpoint falls back to the one before."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import one_line_error, run_script, snapshot
+
+TINY = ["tests/tiny_model.py", "--eval_iters=1", "--log_interval=1", "--micro_batch_size=4", "--batch_size=4",
+        "--learning_rate=1e-2", "--warmup_iters=2"]
+
+
+@pytest.fixture(scope="module")
+def finished(data, tmp_path_factory):
+    """A finished run (checkpoints at steps 4 and 8) and its Hugging Face export."""
+    out = tmp_path_factory.mktemp("damaged") / "run"
+    run_script("train.py", *TINY, f"--data_dir={data}", f"--out_dir={out}", "--max_iters=8", "--eval_interval=4")
+    run_script("export_hf.py", f"--ckpt={out}", f"--hf_dir={out}/hf")
+    return out
+
+
+def edited(path, change):
+    """Apply change to a JSON file's content (a dict or list), in place."""
+    with open(path) as f:
+        value = json.load(f)
+    value = change(value)
+    with open(path, "w") as f:
+        json.dump(value, f)
+
+
+def without(key):
+    return lambda d: {k: v for k, v in d.items() if k != key}
+
+
+def setting(key, value):
+    return lambda d: {**d, key: value}
+
+
+def split_setting(key, value):
+    return lambda d: {**d, "splits": {**d["splits"], "train": {**d["splits"]["train"], key: value}}}
+
+
+DATASET_META = [("no vocab_size", without("vocab_size"), "vocab_size"),
+                ("vocab_size a string", setting("vocab_size", "512"), "vocab_size"),
+                ("vocab_size huge", setting("vocab_size", 10**12), "vocab_size"),
+                ("no bos_id", without("bos_id"), "bos_id"),
+                ("bos_id past the vocabulary", setting("bos_id", 10**6), "bos_id"),
+                ("no splits", without("splits"), "splits"),
+                ("shards not a list", split_setting("shards", "train_000000.bin"), "shards"),
+                ("a shard path outside", split_setting("shards", ["../x.bin"]), "shards"),
+                ("max_token_ids of another length", split_setting("max_token_ids", [1, 2, 3]), "max_token_ids"),
+                ("format_version", setting("format_version", 99), "format_version"),
+                ("a JSON list", lambda d: [d], "not a JSON object")]
+
+
+def test_dataset_meta_damaged_field_by_field(finished, data, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    before = snapshot(run)
+    for what, change, field in DATASET_META:
+        damaged = tmp_path / "data"
+        shutil.rmtree(damaged, ignore_errors=True)
+        shutil.copytree(data, damaged)
+        edited(damaged / "meta.json", change)
+        error = one_line_error(run_script("train.py", *TINY, f"--data_dir={damaged}", f"--out_dir={run}",
+                                          "--init_from=resume", "--max_iters=12", check=False))
+        assert f"{damaged / 'meta.json'} is corrupt" in error and field in error, what
+    (damaged / "meta.json").write_text('{"vocab_size": 5')  # truncated
+    assert "meta.json is corrupt" in one_line_error(run_script(
+        "train.py", *TINY, f"--data_dir={damaged}", f"--out_dir={run}", "--init_from=resume", "--max_iters=12", check=False))
+    assert snapshot(run) == before
+
+
+def test_dataset_shards_and_masks_damaged(data, tmp_path):
+    from data import read_shard, write_shard
+    chat = tmp_path / "chat"
+    shutil.copytree(data + "-chat", chat)
+    meta = json.loads((chat / "meta.json").read_text())
+    mask_name = meta["splits"]["train"]["masks"][0]
+    mask = np.array(read_shard(str(chat / mask_name)))
+    write_shard(str(chat / mask_name), mask[:-100])  # a complete shard, 100 entries short of its tokens
+    error = one_line_error(run_script("train.py", *TINY, f"--data_dir={chat}", f"--out_dir={tmp_path}/out",
+                                      "--use_loss_mask=True", check=False))
+    assert f"{chat / meta['splits']['train']['shards'][0]} holds" in error and "its mask" in error
+    text = tmp_path / "text"
+    shutil.copytree(data, text)
+    shard = text / json.loads((text / "meta.json").read_text())["splits"]["val"]["shards"][0]
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) - 7)
+    error = one_line_error(run_script("train.py", *TINY, f"--data_dir={text}", f"--out_dir={tmp_path}/out", check=False))
+    assert f"{shard}: truncated or corrupt" in error
+
+
+def model_args(key, value):
+    return lambda d: {**d, "model_args": {**d["model_args"], key: value}}
+
+
+def tensor_shape(d):
+    name = next(n for n in d["tensors"] if n.startswith("model/layers.0."))
+    return {**d, "tensors": {**d["tensors"], name: {**d["tensors"][name], "shape": [3, 3]}}}
+
+
+CHECKPOINT_META = [("no model_args", without("model_args"), "model_args"),
+                   ("n_layer a string", model_args("n_layer", "2"), "n_layer"),
+                   ("no n_head", lambda d: {**d, "model_args": without("n_head")(d["model_args"])}, "n_head"),
+                   ("vocab_size huge", model_args("vocab_size", 10**12), "vocab_size"),
+                   ("n_head zero", model_args("n_head", 0), "n_head"),
+                   ("one layer more than the tensors", model_args("n_layer", 3), "missing"),
+                   ("a tensor left out", lambda d: {**d, "tensors": without("model/norm.weight")(d["tensors"])}, "norm.weight"),
+                   ("a tensor's shape", tensor_shape, "shape"),
+                   ("tokenizer a string", setting("tokenizer", "gpt2"), "tokenizer"),
+                   ("step negative", setting("step", -1), "step"),
+                   ("no config", without("config"), "config"),
+                   ("format_version", setting("format_version", 1), "format version")]
+
+
+def test_checkpoint_meta_damaged_field_by_field(finished, tmp_path):
+    for what, change, field in CHECKPOINT_META:
+        damaged = tmp_path / "ckpt_0000008"
+        shutil.rmtree(damaged, ignore_errors=True)
+        shutil.copytree(finished / "ckpt_0000008", damaged)
+        edited(damaged / "meta.json", change)
+        error = one_line_error(run_script("export_hf.py", f"--ckpt={damaged}", f"--hf_dir={tmp_path}/hf", check=False))
+        assert f"{damaged} is corrupt" in error and field in error, (what, error)
+    assert not (tmp_path / "hf").exists()
+
+
+def test_resume_falls_back_over_an_invalid_newest_checkpoint(finished, data, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    edited(run / "ckpt_0000008" / "meta.json", model_args("n_layer", 3))  # parses, but does not describe its tensors
+    result = run_script("train.py", *TINY, f"--data_dir={data}", f"--out_dir={run}", "--init_from=resume",
+                        "--max_iters=8", "--eval_interval=4")
+    assert "skipping" in result.stdout and "resumed from" in result.stdout
+    assert "ckpt_0000004" in result.stdout.split("resumed from")[1].splitlines()[0]
+    assert (run / "ckpt_0000008.corrupt").is_dir() and (run / "ckpt_0000008").is_dir()
+
+
+HF_CONFIG = [("no hidden_size", without("hidden_size"), "hidden_size"),
+             ("hidden_size a string", setting("hidden_size", "64"), "hidden_size"),
+             ("a JSON list", lambda d: [d], "a JSON object"),
+             ("one layer more than the weights", setting("num_hidden_layers", 3), "num_hidden_layers"),
+             ("one layer fewer than the weights", setting("num_hidden_layers", 1), "num_hidden_layers"),
+             ("vocab_size zero", setting("vocab_size", 0), "vocab_size")]
+
+
+def test_hf_config_damaged_field_by_field(finished, data, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    before = snapshot(run)
+    for what, change, field in HF_CONFIG:
+        damaged = tmp_path / "hf"
+        shutil.rmtree(damaged, ignore_errors=True)
+        shutil.copytree(finished / "hf", damaged)
+        edited(damaged / "config.json", change)
+        error = one_line_error(run_script("train.py", *TINY, f"--data_dir={data}", f"--out_dir={tmp_path}/out",
+                                          f"--init_from=hf:{damaged}", check=False))
+        assert str(damaged) in error and field in error, (what, error)
+    assert snapshot(run) == before
+
+
+TASKS = [("not JSON", '{"context": "x", ', "not valid JSON"),
+         ("not an object", '["x"]', "must be a JSON object"),
+         ("no answer", '{"context": "x", "choices": ["a", "b"]}', "needs context, choices, answer"),
+         ("answer out of range", '{"context": "x", "choices": ["a", "b"], "answer": 5}', "the index of one"),
+         ("choices not strings", '{"context": "x", "choices": [1, 2], "answer": 0}', "must be strings")]
+
+
+def test_task_files_damaged_line_by_line(finished, tmp_path):
+    good = '{"context": "x", "choices": ["a", "b"], "answer": 0}'
+    for what, line, message in TASKS:
+        (tmp_path / "task.jsonl").write_text(good + "\n" + line + "\n")
+        error = one_line_error(run_script("evaluate.py", f"--ckpt={finished}", f"--tasks={tmp_path}/task.jsonl",
+                                          check=False))
+        assert f"{tmp_path}/task.jsonl:2: " in error and message in error, (what, error)
