@@ -29,9 +29,6 @@ import sys
 import tempfile
 import time
 
-import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
-
 # ----------------------------------------------------------------------------------------------
 warmup_steps = 5                # untimed steps first (torch.compile compiles here)
 bench_steps = 10                # timed steps
@@ -46,6 +43,8 @@ sys.argv = [sys.argv[0]] + [a for a in sys.argv[1:] if a not in _train_args]
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 TRAIN, train_args = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), _train_args
 
+import torch  # noqa: E402  (after the config: --help answers without loading torch)
+from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E402
 from model import GPT, ModelArgs, device_peak_flops, resolve_device  # noqa: E402
 
 printed = subprocess.run([sys.executable, TRAIN, *train_args, "--print_config"], capture_output=True, text=True)

@@ -12,8 +12,9 @@ A plain argument that is not a .py file is an input, for a script with a `source
 (prepare.py); elsewhere it is an error. Only names the script already defines may be set, and a
 value must keep the type of the default (an int is accepted for a float; anything where the default
 is None). --help prints the settings with their defaults and comments; --print_config prints the
-effective configuration (as a config file) and exits. Leaves `config`, the final {name: value},
-and `config_defaults`, the script's own values.
+effective configuration (as a config file, floats rounded for display) and exits. Leaves `config`,
+the final {name: value}, `config_defaults`, the script's own values, and shown(value), a value
+as a user would write it.
 Yes, it execs files and rewrites globals(): that is the hack, and it keeps every script flat.
 """
 import ast as _ast
@@ -71,8 +72,21 @@ def _print_help():
         doc = _ast.get_docstring(_ast.parse(open(script).read())) or ""
     print(doc.strip() + "\n\nSettings (config files and --key=value):")
     for key, default in _defaults.items():
-        print(f"  --{key}={default!r}" + (f"\n        {comments[key]}" if key in comments else ""))
+        print(f"  --{key}={shown(default)}" + (f"\n        {comments[key]}" if key in comments else ""))
+    print("  --print_config\n        print the effective configuration (as a config file) and exit")
     _sys.exit(0)
+
+
+def shown(value):
+    """A value as a user would write it: floats to 12 significant digits (0.003, not 0.0029999999999999996)."""
+    if isinstance(value, float):
+        return repr(float(f"{value:.12g}"))
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{shown(k)}: {shown(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        inner = ", ".join(shown(v) for v in value)
+        return f"[{inner}]" if isinstance(value, list) else f"({inner}{',' if len(value) == 1 else ''})"
+    return repr(value)
 
 
 class _CommandLineWins(dict):
@@ -143,5 +157,5 @@ for _arg in _arguments:  # 2. config files, in order; 3. inputs
 config = {k: globals()[k] for k in _defaults}
 config_defaults = dict(_defaults)
 if _print_config:
-    print("\n".join(f"{k} = {v!r}" for k, v in config.items()))
+    print("\n".join(f"{k} = {shown(v)}" for k, v in config.items()))
     _sys.exit(0)

@@ -1,4 +1,4 @@
-"""
+r"""
 Evaluation: how good the model is, during training (train.py calls these) and after:
     python evaluate.py --ckpt=out/finetune-tiny --tasks="data/demo-tasks/*.jsonl"
     python evaluate.py --ckpt=hf:hf/my-model --tasks=tasks/hellaswag.jsonl --examples=1000
@@ -34,12 +34,22 @@ import random
 import re
 import sys
 
-import numpy as np
-import torch
-import torch.distributed as dist
+if __name__ == "__main__":
+    ckpt = "out/run"                # a run directory (its newest checkpoint), one checkpoint (ckpt_<step>), or hf:<exported dir>
+    tasks = "data/demo-tasks/*.jsonl"  # task files: comma-separated paths or globs
+    examples = 0                    # the first this many examples of each task; 0: all
+    micro_batch_size = 16           # sequences per forward pass when scoring multiple choice
+    device = "auto"
+    dtype = "auto"                  # 'auto': bfloat16 on cuda, float32 on cpu
+    out_file = ""                   # also write the scores here, as JSON
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 
-from data import read_windows, sample_windows, to_device
-import tokenizer as tok
+import numpy as np  # noqa: E402  (after the command's settings: --help answers without loading torch)
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from data import read_windows, sample_windows, to_device  # noqa: E402
+import tokenizer as tok  # noqa: E402
 
 
 def validation_windows(datasets, micro_batches, micro_batch_size, seed, rank, world_size):
@@ -274,14 +284,6 @@ def task_paths(spec):
 
 
 if __name__ == "__main__":
-    ckpt = "out/run"                # a run directory (its newest checkpoint), one checkpoint (ckpt_<step>), or hf:<exported dir>
-    tasks = "data/demo-tasks/*.jsonl"  # task files: comma-separated paths or globs
-    examples = 0                    # the first this many examples of each task; 0: all
-    micro_batch_size = 16           # sequences per forward pass when scoring multiple choice
-    device = "auto"
-    dtype = "auto"                  # 'auto': bfloat16 on cuda, float32 on cpu
-    out_file = ""                   # also write the scores here, as JSON
-    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
     from checkpoint import load_checkpoint, model_from_checkpoint
     from model import resolve_device
     try:

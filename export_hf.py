@@ -24,8 +24,6 @@ import os
 import shutil
 import sys
 
-import torch
-
 # ----------------------------------------------------------------------------------------------
 ckpt = "out/run"                # a run directory (its newest checkpoint) or one checkpoint (ckpt_<step>)
 hf_dir = "hf/model"
@@ -33,7 +31,6 @@ dtype = "bfloat16"              # 'bfloat16' or 'float32'
 max_shard_size_mb = 5000        # larger models are split into shards of at most this size
 # ----------------------------------------------------------------------------------------------
 
-from checkpoint import load_checkpoint
 from rundir import check_replaceable, replace_directory
 import tokenizer as tok  # (a module, not names: configurator.py treats simple-typed globals as config)
 
@@ -127,6 +124,7 @@ def tokenizer_json(enc):
 
 
 def export(checkpoint, hf_dir, dtype_name="bfloat16", max_shard_size_mb=5000):
+    import torch
     from safetensors.torch import save_file
     if dtype_name not in ("bfloat16", "float32"):
         raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {dtype_name!r}")
@@ -170,7 +168,8 @@ def export(checkpoint, hf_dir, dtype_name="bfloat16", max_shard_size_mb=5000):
     write_json(os.path.join(tmp, "generation_config.json"), {
         "bos_token_id": specials[tok.BOS], "eos_token_id": [specials[tok.BOS], specials["<|im_end|>"]],
         "pad_token_id": specials[tok.BOS], "suppress_tokens": list(range(enc.n_vocab, config["vocab_size"])),
-        "max_new_tokens": 256})
+        # the window holds the prompt too: half of it for the answer, at most 256 tokens
+        "max_new_tokens": min(256, max(1, checkpoint["model_args"]["block_size"] // 2))})
     write_json(os.path.join(tmp, "tokenizer.json"), tokenizer_json(enc))
     write_json(os.path.join(tmp, "tokenizer_config.json"), {
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tok.BOS, "eos_token": tok.BOS, "pad_token": tok.BOS,
@@ -189,6 +188,7 @@ def write_json(path, value):
 
 if __name__ == "__main__":
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
+    from checkpoint import load_checkpoint  # after the config: --help answers without loading torch
     try:
         check_replaceable(hf_dir, EXPORT_FILES, "a Hugging Face export")  # before the checkpoint is read
         checkpoint = load_checkpoint(ckpt)

@@ -71,6 +71,7 @@ from data import SHARD_VERSION, ShardWriter  # noqa: E402
 from rundir import check_replaceable, replace_directory  # noqa: E402
 
 DATASET_FILES = ("meta.json", "tokenizer.json", "tokenizer.tiktoken", "train_*.bin", "val_*.bin")  # what build writes
+MIN_VAL_TOKENS = 10_000  # fewer, and a validation loss says little: prepare.py warns
 DEMO_TASKS = ("next_line", "identifier", "docstring")
 TASK_FILES = tuple(f"{name}.{ext}" for name in DEMO_TASKS for ext in ("jsonl", "json"))
 
@@ -587,6 +588,10 @@ def write_dataset(out, tmp):
         json.dump(meta, f, indent=1)
     replace_directory(tmp, out)
     train, val = meta["splits"]["train"], meta["splits"]["val"]
+    if val["tokens"] < MIN_VAL_TOKENS:
+        print(f"warning: the val split of {out} holds only {val['tokens']:,} tokens ({val['documents']} documents): a "
+              f"validation loss on so few is noise; raise --val_fraction (now {val_fraction}) for at least "
+              f"{MIN_VAL_TOKENS:,}", file=sys.stderr)
     print(f"wrote {out}: train {train['tokens']:,} tokens ({train['documents']:,} documents), "
           f"val {val['tokens']:,} tokens ({val['documents']:,} documents), vocab {enc.n_vocab}, "
           f"{train['bytes'] / max(train['tokens'], 1):.2f} bytes/token")

@@ -9,8 +9,6 @@ import codecs
 import os
 import sys
 
-import torch
-
 # ----------------------------------------------------------------------------------------------
 out_dir = "out/run"         # a run directory: its newest checkpoint is used
 ckpt = ""                   # or one checkpoint (a ckpt_<step> directory)
@@ -29,6 +27,7 @@ compile = False
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 # ----------------------------------------------------------------------------------------------
 
+import torch  # after the config: --help answers without loading torch
 from checkpoint import load_checkpoint, model_from_checkpoint
 from model import resolve_device
 import tokenizer as tok
@@ -49,15 +48,15 @@ if compile:
 print(f"# {checkpoint['path']} (step {checkpoint['step']})", file=sys.stderr)
 
 
-def stream(ids, stop_token):
-    """Generate from ids, printing each character as soon as its bytes are complete."""
+def stream(ids):
+    """Generate from ids, printing each character as soon as its bytes are complete, until a stop token."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a token can end mid-character
     generated = []
     with autocast:
         for token in model.generate(torch.tensor([ids], device=device), max_new_tokens, temperature=temperature,
-                                    top_k=top_k, stop_token=stop_token):
+                                    top_k=top_k):
             token_id = token.item()
-            if token_id == stop_token:
+            if token_id in stops:
                 break
             generated.append(token_id)
             sys.stdout.write(decoder.decode(encoder.decode_single_token_bytes(token_id)))
@@ -66,7 +65,9 @@ def stream(ids, stop_token):
     return encoder.decode(generated)
 
 
-bos, end_of_turn = tok.bos_id(encoder), encoder._special_tokens["<|im_end|>"]
+# where the export's generation config stops (its eos_token_id): a new document, or the end of a turn
+bos = tok.bos_id(encoder)
+stops = {bos, encoder._special_tokens["<|im_end|>"]}
 if prompt or chat:
     messages = [{"role": "system", "content": system}] if system else []
     turns = [prompt] if prompt else iter(lambda: input("> "), None)
@@ -74,13 +75,13 @@ if prompt or chat:
         for user_text in turns:
             messages.append({"role": "user", "content": user_text})
             ids, _ = tok.encode_chat(encoder, messages, add_generation_prompt=True)
-            messages.append({"role": "assistant", "content": stream(ids, end_of_turn)})
+            messages.append({"role": "assistant", "content": stream(ids)})
     except (EOFError, KeyboardInterrupt):
         print()
     sys.exit(0)
 
 for sample in range(num_samples):
     sys.stdout.write(start)
-    stream([bos] + encoder.encode_ordinary(start), bos)
+    stream([bos] + encoder.encode_ordinary(start))
     if sample < num_samples - 1:
         print("-" * 40)

@@ -14,9 +14,6 @@ import time
 from dataclasses import asdict
 from datetime import timedelta
 
-import torch
-import torch.distributed as dist
-
 # ----------------------------------------------------------------------------------------------
 # config
 # I/O
@@ -85,6 +82,8 @@ seed = 1337
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 # ----------------------------------------------------------------------------------------------
 
+import torch  # after the config: --help answers without loading torch
+import torch.distributed as dist
 from checkpoint import (checkpoint_failure, checkpoint_paths, open_checkpoint, remove_stale_writes, save_checkpoint,
                         set_aside_paths, wait_for_checkpoint)
 from data import micro_batches, open_mixture
@@ -278,6 +277,11 @@ except (FileNotFoundError, ValueError) as e:
     fail(str(e))
 encoder_state, meta = tok.tokenizer_state(encoder), datasets[0]["meta"]  # checkpoints embed the tokenizer
 for dataset in datasets:
+    val_tokens, evaluated = dataset["meta"]["splits"]["val"]["tokens"], eval_iters * micro_batch_size * world_size * block_size
+    if evaluated > 2 * val_tokens:
+        log(f"warning: the val split of {dataset['directory']} holds only {val_tokens:,} tokens, and each evaluation reads "
+            f"{evaluated:,} (eval_iters x micro_batch_size x world size x block_size): its windows repeat, so the val loss "
+            f"is noisy; prepare the data with a larger --val_fraction, or lower eval_iters")
     if dataset["truncated"]:
         log(f"{dataset['directory']}: {dataset['truncated']} training conversations are longer than "
             f"block_size + 1 = {block_size + 1} tokens and will be cut")
@@ -370,7 +374,7 @@ catch_stop_signals(rank)
 # ---- logging: the full config into out_dir/config.py and metrics.jsonl, what differs from the defaults on the console
 flops_per_token = raw_model.flops_per_token()
 peak = peak_flops or device_peak_flops(device_type)
-log("config (the rest are train.py's defaults): " + ", ".join(f"{k}={v!r}" for k, v in config.items() if v != config_defaults[k]))
+log("config (the rest are train.py's defaults): " + ", ".join(f"{k}={shown(v)}" for k, v in config.items() if v != config_defaults[k]))
 log(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs/token | data: "
     + ", ".join(f"{d['meta']['splits']['train']['tokens']:,} train tokens in {d['directory']}" for d in datasets)
     + f" | device {device}, {dtype}, world size {world_size}, compile={compile}")

@@ -125,6 +125,29 @@ def test_greedy_generation_matches_sample_py(tmp_path, encoder):
     assert result.stdout == "def " + encoder.decode(new_tokens) + "\n"
 
 
+def test_sample_py_stops_where_the_export_stops(tmp_path, encoder):
+    # a model that ends its turn after a few tokens, as a finetuned one does on a plain prompt: every
+    # logit 0 but <|im_end|>'s (h . w) and one other token's (-h . w), so one of the two always wins
+    checkpoint = make_checkpoint(tmp_path / "run", encoder)
+    im_end, other = encoder._special_tokens["<|im_end|>"], encoder.encode_ordinary("x")[0]
+    weights = checkpoint["model"]["lm_head.weight"]
+    direction = torch.randn(weights.shape[1], generator=torch.Generator().manual_seed(1))
+    weights.zero_()
+    weights[im_end], weights[other] = direction, -direction
+    save_checkpoint(str(tmp_path / "ended"), 1, {f"model/{k}": (v, 0, tuple(v.shape)) for k, v in checkpoint["model"].items()},
+                    {k: checkpoint[k] for k in ("step", "tokens_seen", "model_args", "config", "tokenizer", "parent")})
+    export(load_checkpoint(str(tmp_path / "ended")), str(tmp_path / "hf"), "float32")
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert im_end in generation["eos_token_id"] and generation["max_new_tokens"] == 32  # half the 64-token window
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    prompt = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))("def ", return_tensors="pt").input_ids
+    generated = hf_model.generate(prompt, do_sample=False)[0, prompt.size(1):].tolist()
+    assert generated[-1] == im_end and im_end not in generated[:-1]
+    result = subprocess.run([sys.executable, "sample.py", f"--out_dir={tmp_path}/ended", "--start=def ", "--num_samples=1",
+                             "--temperature=0", "--device=cpu"], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout == "def " + encoder.decode(generated[:-1]) + "\n"
+
+
 def test_unsupported_models_are_refused(tmp_path, encoder):
     checkpoint = make_checkpoint(tmp_path / "run", encoder)
     checkpoint["model_args"]["sliding_window"] = 128

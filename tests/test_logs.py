@@ -89,3 +89,39 @@ def test_one_large_text_file_is_cut_into_documents_and_the_split_checked_first(t
                  "--text_document_chars=10000000", check=False)
     assert result.returncode != 0 and "no documents in the val split (1 in all)" in result.stderr
     assert "training a BPE" not in result.stderr and not (tmp_path / "bad").exists()
+
+
+SCRIPTS = ["train.py", "prepare.py", "sample.py", "export_hf.py", "bench.py", "evaluate.py", "convert_tasks.py", "report.py"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_answers_before_torch_is_imported(script):
+    result = subprocess.run([sys.executable, "-X", "importtime", script, "--help"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and "Settings (config files and --key=value):" in result.stdout, result.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert "torch" not in imported and "--print_config" in result.stdout
+    if script == "evaluate.py":  # quoted defaults with newlines in them are shown escaped
+        assert 'joined by "\\n\\n"' in result.stdout and 'stop ["\\n\\n"]' in result.stdout
+
+
+def test_settings_show_as_a_user_writes_them():
+    result = run("train.py", "configs/pretrain.py", "configs/tiny.py", "--print_config")
+    assert "learning_rate = 0.003\n" in result.stdout and "0.0029999" not in result.stdout
+    help_text = run("train.py", "--help").stdout
+    assert "--print_config" in help_text and "--init_from_unfinished=False" in help_text
+
+
+def test_tiny_val_splits_are_warned_about(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(40):
+        (docs / f"{i}.md").write_text(f"# Note {i}\n\n" + "Some words about the topic at hand. " * 20)
+    prepared = run("prepare.py", str(docs), f"--out={tmp_path}/notes", "--tokenizer=bytes", "--val_fraction=0.1")
+    assert "warning: the val split of" in prepared.stderr and "raise --val_fraction (now 0.1)" in prepared.stderr
+    trained = run("train.py", *TINY, f"--data_dir={tmp_path}/notes", f"--out_dir={tmp_path}/out", "--max_iters=1",
+                  "--eval_iters=20", "--block_size=64")
+    assert "its windows repeat, so the val loss is noisy" in trained.stdout
+    # the demo's tasks are scored only on the demo's data
+    printed = run("train.py", "configs/pretrain.py", "configs/tiny.py", f"--data_dir={tmp_path}/notes", "--print_config")
+    assert "eval_tasks = {}" in printed.stdout
