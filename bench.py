@@ -45,6 +45,7 @@ TRAIN, train_args = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tr
 
 import torch  # noqa: E402  (after the config: --help answers without loading torch)
 from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E402
+
 from model import GPT, ModelArgs, device_peak_flops, resolve_device  # noqa: E402
 
 printed = subprocess.run([sys.executable, TRAIN, *train_args, "--print_config"], capture_output=True, text=True)

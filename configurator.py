@@ -20,7 +20,6 @@ Yes, it execs files and rewrites globals(): that is the hack, and it keeps every
 import ast as _ast
 import builtins as _builtins  # train.py has a config variable named compile
 import difflib as _difflib
-import io as _io
 import os as _os
 import sys as _sys
 import tokenize as _tokenize

@@ -1,5 +1,6 @@
 """Fixtures shared by every test: the demo data, built once per session, and GPT-2's tokenizer offline."""
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -52,14 +53,52 @@ def checkpoint_meta(model, step, encoder=None, **extra):
             "tokenizer": tok.tokenizer_state(encoder or tok.byte_tokenizer()), "data_dir": "", "parent": None, **extra}
 
 
-def run_script(script, *args, env=None, check=True, timeout=900, **popen):
-    """A repository script run as a user would (one thread: the tests share two cores). The timeout
-    only guards against a hang: a slow machine must not fail a test."""
-    result = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **popen)
+HANG_S = 1800  # a subprocess's timeout guards against a hang, never against slowness: a loaded machine is slow
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+
+
+def run_script(script, *args, launcher=(sys.executable,), env=None, check=True, timeout=HANG_S, cwd=ROOT):
+    """A repository script run as a user would, one thread per process (the tests share two cores)."""
+    result = subprocess.run([*launcher, script, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     if check:
-        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.returncode == 0, f"{script} exited {result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     return result
+
+
+def train(*args, script="train.py", **kwargs):
+    """train.py (or a script that wraps it) with args; run_script's keywords."""
+    return run_script(script, *args, **kwargs)
+
+
+def metric_records(out_dir):
+    """Every metrics.jsonl record of a run, in order (each line whole: a torn one would not parse)."""
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def records(out_dir, key="loss"):
+    """{step: value} of the metrics.jsonl records that hold key."""
+    return {r["step"]: r[key] for r in metric_records(out_dir) if key in r}
+
+
+def state_tensors(checkpoint):
+    """Every tensor of a loaded checkpoint by name: the weights, and each optimizer's state by parameter."""
+    return {**{f"model/{name}": t for name, t in checkpoint["model"].items()},
+            **{f"{kind}/{name}/{key}": t for kind, state in checkpoint["optimizers"].items()
+               for name, entry in state.items() for key, t in entry.items()}}
+
+
+def assert_same_state(a, b, exact=True):
+    """Two loaded checkpoints hold the same tensors: bit for bit, or to fp32 summation order."""
+    import torch
+    tensors_a, tensors_b = state_tensors(a), state_tensors(b)
+    assert tensors_a.keys() == tensors_b.keys()
+    for key in tensors_a:
+        if exact:
+            assert torch.equal(tensors_a[key], tensors_b[key]), key
+        else:  # fp32 summed in another order (another world size or mode)
+            torch.testing.assert_close(tensors_a[key], tensors_b[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
 def one_line_error(result):

@@ -124,8 +124,8 @@ def tokenizer_json(enc):
 
 
 def export(checkpoint, hf_dir, dtype_name="bfloat16", max_shard_size_mb=5000):
-    import torch
     from safetensors.torch import save_file
+    import torch
     if dtype_name not in ("bfloat16", "float32"):
         raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {dtype_name!r}")
     check_replaceable(hf_dir, EXPORT_FILES, "a Hugging Face export")

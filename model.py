@@ -9,16 +9,15 @@ No biases anywhere. Attention goes through F.scaled_dot_product_attention so CUD
 picks the flash kernel. Also here: FLOPs per token (for MFU), the peak FLOP/s of
 known GPUs, and generation with a KV cache.
 """
-import math
-import re
 from contextlib import nullcontext
 from dataclasses import dataclass
+import math
+import re
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-
 
 MAX_VOCAB_SIZE = 2**24  # token ids are stored as uint32; no real vocabulary comes near this
 

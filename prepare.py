@@ -66,9 +66,9 @@ progress_seconds = 30.0         # a progress line this often in a log file (twic
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 # ----------------------------------------------------------------------------------------------
 
-import tokenizer as tok  # noqa: E402  (after the config: `tokenizer` is also a setting's name)
 from data import SHARD_VERSION, ShardWriter  # noqa: E402
 from rundir import check_replaceable, replace_directory  # noqa: E402
+import tokenizer as tok  # noqa: E402  (after the config: `tokenizer` is also a setting's name)
 
 DATASET_FILES = ("meta.json", "tokenizer.json", "tokenizer.tiktoken", "train_*.bin", "val_*.bin")  # what build writes
 MIN_VAL_TOKENS = 10_000  # fewer, and a validation loss says little: prepare.py warns

@@ -2,22 +2,14 @@
 import json
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+from conftest import run_script as run
+
 # a model small enough that a step takes milliseconds on a CPU
 TINY_MODEL = ["tests/tiny_model.py", "--eval_iters=4"]
-
-
-def run(*args, check=True, cwd=ROOT):
-    result = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
-    return result
 
 
 def metrics(out_dir):

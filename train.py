@@ -6,13 +6,13 @@ or data-parallel across GPUs and machines with torchrun:
 Every global below is a config variable; config files and --key=value override them (configurator.py;
 python train.py --help lists them).
 """
+from dataclasses import asdict
+from datetime import timedelta
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import asdict
-from datetime import timedelta
 
 # ----------------------------------------------------------------------------------------------
 # config
@@ -84,13 +84,31 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator
 
 import torch  # after the config: --help answers without loading torch
 import torch.distributed as dist
-from checkpoint import (checkpoint_failure, checkpoint_paths, open_checkpoint, remove_stale_writes, save_checkpoint,
-                        set_aside_paths, wait_for_checkpoint)
+
+from checkpoint import (
+    checkpoint_failure,
+    checkpoint_paths,
+    open_checkpoint,
+    remove_stale_writes,
+    save_checkpoint,
+    set_aside_paths,
+    wait_for_checkpoint,
+)
 from data import micro_batches, open_mixture
 from evaluate import evaluate_tasks, load_task, validation, validation_windows
 from model import GPT, ModelArgs, device_name, device_peak_flops, peak_memory_mb, resolve_device
-from parallel import (MODES, clip_grad_norm, finite, load_state, mean_over_ranks, reshard, state_bytes, state_pieces,
-                      sync_gradients, wrap)
+from parallel import (
+    MODES,
+    clip_grad_norm,
+    finite,
+    load_state,
+    mean_over_ranks,
+    reshard,
+    state_bytes,
+    state_pieces,
+    sync_gradients,
+    wrap,
+)
 from rundir import append_line, catch_stop_signals, lock_run_directory, release_run_directory, stop_signal
 import tokenizer as tok
 

@@ -9,10 +9,10 @@ two sequence lengths: the per-token and per-block parts apart), so they follow m
 Not counted: the CUDA context, NCCL's buffers, the allocator's fragmentation and the backward's
 transient gradients of activations (a few GB in all), and torch.compile's fusions, which keep less.
 """
+from concurrent.futures import ProcessPoolExecutor
 import multiprocessing
 import os
 import sys
-from concurrent.futures import ProcessPoolExecutor
 
 import torch
 

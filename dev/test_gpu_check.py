@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from conftest import HANG_S
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARTS = ["ceilings", "1B as configured", "124M", "1B with Muon", "1B under DDP", "1B under FSDP2", "attention", "smoke", "1B at 80 GB"]
 
@@ -24,7 +26,7 @@ def environment(tmp_path):
 @pytest.mark.slow
 def test_gpu_check_dry_run_without_rustbpe(tmp_path):
     result = subprocess.run([sys.executable, "dev/gpu_check.py", "--device=cpu", f"--out_file={tmp_path}/check.json"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600, env=environment(tmp_path))
+                            cwd=ROOT, capture_output=True, text=True, timeout=HANG_S, env=environment(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "check.json").read_text())
     parts = report["parts"]
@@ -58,7 +60,7 @@ def test_a_killed_or_late_check_keeps_what_it_measured(tmp_path):
     assert list(parts)[:2] == PARTS[:2] and parts["1B as configured"]["ms_per_step"] > 0
     # a deadline that leaves time for the first parts only: the rest are skipped and reported, the check ends cleanly
     result = subprocess.run([sys.executable, "dev/gpu_check.py", "--device=cpu", f"--out_file={out}", "--time_limit_s=12"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300, env=environment(tmp_path))
+                            cwd=ROOT, capture_output=True, text=True, timeout=HANG_S, env=environment(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     parts = json.loads(out.read_text())["parts"]
     assert list(parts) == PARTS and "matmul_tflops" in parts["ceilings"]

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from checkpoint import checkpoint_paths, load_checkpoint, model_from_checkpoint, save_checkpoint
+from conftest import checkpoint_meta
 from model import GPT, ModelArgs
 from parallel import state_pieces
 import tokenizer as tok
-from conftest import checkpoint_meta
 
 
 def write(directory, step, keep_last=3):
@@ -79,6 +79,7 @@ def test_rank_zero_never_reads_another_ranks_part_half_written(tmp_path, monkeyp
     # shared file system: rank 0, polling for them, must only ever see rank 1's part marker complete
     import threading
     import time
+
     import checkpoint
     real_durable = checkpoint._durable
 

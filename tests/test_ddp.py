@@ -1,27 +1,15 @@
 """Data-parallel training with torchrun and gloo on the CPU: equivalent to one process, and no hangs."""
-import json
-import os
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+from conftest import TORCHRUN, records, run_script
+
 TINY = ["tests/tiny_model.py", "--eval_iters=2", "--log_interval=1", "--micro_batch_size=4", "--batch_size=8",
         "--learning_rate=1e-2", "--warmup_iters=2"]
 
 
-def train(launcher, *args, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([*launcher, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def losses(out_dir, key="loss"):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [r[key] for r in map(json.loads, f) if key in r]
 
 
 def final_parameters(out_dir):
@@ -38,14 +26,12 @@ def test_two_processes_match_one(data, tmp_path, variant):
     # the tasks' examples split between ranks (5 generative ones: 3 and 2, the second rank running a padding example)
     tasks = "--eval_tasks={'%s-tasks/next_line.jsonl': 6, '%s-tasks/identifier.jsonl': 5}" % (data, data)
     args = [*TINY, f"--data_dir={data}", *variant, "--max_iters=5", "--eval_interval=5", "--eval_iters=3", tasks]
-    one = train([sys.executable, "train.py"], *args, f"--out_dir={tmp_path}/one")
-    assert one.returncode == 0, one.stderr
-    two = train([*TORCHRUN, "train.py"], *args, f"--out_dir={tmp_path}/two")
-    assert two.returncode == 0, two.stderr
+    run_script("train.py", *args, f"--out_dir={tmp_path}/one")
+    two = run_script("train.py", *args, f"--out_dir={tmp_path}/two", launcher=TORCHRUN)
     assert "world size 2" in two.stdout
-    assert losses(f"{tmp_path}/one") == pytest.approx(losses(f"{tmp_path}/two"), rel=1e-5)
-    assert losses(f"{tmp_path}/one", "val_loss") == pytest.approx(losses(f"{tmp_path}/two", "val_loss"), rel=1e-6)
-    one_tasks, two_tasks = losses(f"{tmp_path}/one", "tasks"), losses(f"{tmp_path}/two", "tasks")
+    assert records(f"{tmp_path}/one") == pytest.approx(records(f"{tmp_path}/two"), rel=1e-5)
+    assert records(f"{tmp_path}/one", "val_loss") == pytest.approx(records(f"{tmp_path}/two", "val_loss"), rel=1e-6)
+    one_tasks, two_tasks = (list(records(f"{tmp_path}/{run}", "tasks").values()) for run in ("one", "two"))
     assert len(one_tasks) == 2 and one_tasks[-1]["identifier"]["examples"] == 5 and one_tasks[-1]["next_line"]["examples"] == 6
     for a, b in zip(one_tasks, two_tasks):
         assert a.keys() == b.keys() and all(a[name] == pytest.approx(b[name]) for name in a)
@@ -56,15 +42,16 @@ def test_two_processes_match_one(data, tmp_path, variant):
 
 
 def test_batch_that_does_not_divide_across_ranks_is_refused(data, tmp_path):
-    result = train([*TORCHRUN, "train.py"], *TINY, f"--data_dir={data}", f"--out_dir={tmp_path}", "--batch_size=12")
+    result = run_script("train.py", *TINY, f"--data_dir={data}", f"--out_dir={tmp_path}", "--batch_size=12",
+                        launcher=TORCHRUN, check=False)
     assert result.returncode != 0
     assert "batch size 12 is not a multiple of micro_batch_size x world_size = 4 x 2 = 8; use e.g. 8 or 16" in result.stderr
 
 
 def test_an_exception_on_one_rank_ends_the_run_without_hanging(data, tmp_path):
     started = time.time()
-    result = train([*TORCHRUN, "tests/crash_rank.py"], *TINY, f"--data_dir={data}", f"--out_dir={tmp_path}",
-                   "--max_iters=50", "--eval_interval=1000", timeout=120)
+    result = run_script("tests/crash_rank.py", *TINY, f"--data_dir={data}", f"--out_dir={tmp_path}", "--max_iters=50",
+                        "--eval_interval=1000", launcher=TORCHRUN, check=False, timeout=120)
     assert result.returncode != 0
     assert time.time() - started < 100
     assert "[rank1]" in result.stderr and "injected failure" in result.stderr  # torch names the rank of each line

@@ -10,21 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-import tokenizer as tok
 from checkpoint import load_checkpoint, model_from_checkpoint
+from conftest import HANG_S
+from conftest import run_script as run
 from data import read_shard
 from evaluate import evaluate_tasks, load_task, normalize, score_multiple_choice, with_shots
-from export_hf import export
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run(*args, env=None, check=True):
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
+import tokenizer as tok
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +81,7 @@ def test_multiple_choice_agrees_with_lm_evaluation_harness(data, trained, tmp_pa
         [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={trained}/hf,dtype=float32",
          "--tasks", ",".join(configs), "--include_path", str(tmp_path), "--device", "cpu", "--batch_size", "8",
          "--output_path", str(tmp_path / "lm_eval"), "--log_samples"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        cwd=tmp_path, capture_output=True, text=True, timeout=HANG_S,
         env={**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     model, encoder = model_from_checkpoint(load_checkpoint(f"{trained}/run"))

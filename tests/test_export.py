@@ -9,11 +9,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import tokenizer as tok
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from export_hf import export
-from parallel import state_pieces
 from model import GPT, ModelArgs
+from parallel import state_pieces
+import tokenizer as tok
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = "def f(x):\n    return {'ü': x ** 2}  # 日本語 🙂 1234567\n\n<|im_start|>user\nhi<|im_end|>\n\t trailing  "

@@ -14,30 +14,14 @@ import pytest
 import torch
 
 from checkpoint import checkpoint_paths, load_checkpoint
+from conftest import ROOT, metric_records, one_line_error
+from conftest import run_script as run
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["tests/tiny_model.py", "--eval_iters=1", "--log_interval=1", "--micro_batch_size=4", "--batch_size=4",
         "--learning_rate=1e-2", "--warmup_iters=2"]
 
 
-def run(script, *args, env=None, check=True):
-    result = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
-
-def one_line_error(result):
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    return lines[0]
-
-
-def metric_records(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]  # every line whole: a torn one would not parse
 
 
 @pytest.mark.slow

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from checkpoint import load_checkpoint
+from conftest import ROOT, TORCHRUN, assert_same_state, records, run_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["tests/tiny_model.py", "--eval_iters=2", "--log_interval=1", "--micro_batch_size=4", "--batch_size=8",
         "--learning_rate=1e-2", "--warmup_iters=2"]
 MUON = ["--use_muon=True", "--muon_lr=1e-2"]
@@ -19,36 +19,12 @@ MUON = ["--use_muon=True", "--muon_lr=1e-2"]
 
 def train(*args, processes=1, check=True):
     """train.py with args (with Muon in fp32: tests/fp32_muon.py), in one process or under torchrun."""
-    launcher = [sys.executable] if processes == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    launcher = (sys.executable,) if processes == 1 else (*TORCHRUN[:-1], f"--nproc_per_node={processes}")
     script = "tests/fp32_muon.py" if "--use_muon=True" in args else "train.py"
-    result = subprocess.run([*launcher, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
+    return run_script(script, *args, launcher=launcher, check=check)
 
 
-def records(out_dir, key):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return {r["step"]: r[key] for r in map(json.loads, f) if key in r}
 
-
-def tensors(out_dir):
-    """Every tensor of the newest checkpoint in out_dir, by name: weights and optimizer state."""
-    checkpoint = load_checkpoint(str(out_dir))
-    return {**{f"model/{name}": t for name, t in checkpoint["model"].items()},
-            **{f"{kind}/{name}/{key}": t for kind, state in checkpoint["optimizers"].items()
-               for name, entry in state.items() for key, t in entry.items()}}
-
-
-def assert_same_tensors(a, b, exact):
-    assert a.keys() == b.keys()
-    for name in a:
-        if exact:
-            assert torch.equal(a[name], b[name]), name
-        else:  # fp32 summed in another order
-            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 @pytest.mark.slow
@@ -73,7 +49,7 @@ def test_fsdp_matches_ddp_and_one_process(data, tmp_path, variant):
         assert records(tmp_path / run, "val_loss") == pytest.approx(records(tmp_path / "one", "val_loss"), rel=1e-5)
         for step, scores in records(tmp_path / "one", "tasks").items():
             assert all(records(tmp_path / run, "tasks")[step][name] == pytest.approx(s) for name, s in scores.items())
-        assert_same_tensors(tensors(tmp_path / "one"), tensors(tmp_path / run), exact=False)
+        assert_same_state(load_checkpoint(str(tmp_path / "one")), load_checkpoint(str(tmp_path / run)), exact=False)
 
 
 @pytest.mark.slow
@@ -87,7 +63,7 @@ def test_hsdp_on_a_two_by_two_mesh_matches_one_process(data, tmp_path):
     meta = json.load(open(next((tmp_path / "hsdp").glob("ckpt_*")) / "meta.json"))
     assert {file for entry in meta["tensors"].values() for file, _, _ in entry["pieces"]} == {
         "rank-00000.safetensors", "rank-00001.safetensors"}
-    assert_same_tensors(tensors(tmp_path / "one"), tensors(tmp_path / "hsdp"), exact=False)
+    assert_same_state(load_checkpoint(str(tmp_path / "one")), load_checkpoint(str(tmp_path / "hsdp")), exact=False)
     result = train(*args, f"--out_dir={tmp_path}/bad", "--data_parallel=hsdp", "--shard_size=3", processes=4, check=False)
     assert result.returncode != 0 and "multiple of shard_size (3)" in result.stderr
 
@@ -108,13 +84,13 @@ def test_checkpoints_resume_across_modes_and_world_sizes(data, tmp_path):
     train(*args, f"--out_dir={tmp_path}/ddp", processes=2)
     # FSDP2(2) -> FSDP2(2): bit-identical to the run that never stopped
     resume(tmp_path, "fsdp", "fsdp_fsdp", args, 2, "fsdp")
-    assert_same_tensors(tensors(tmp_path / "fsdp"), tensors(tmp_path / "fsdp_fsdp"), exact=True)
-    assert {s: l for s, l in records(tmp_path / "fsdp", "loss").items() if s > 6} == records(tmp_path / "fsdp_fsdp", "loss")
+    assert_same_state(load_checkpoint(str(tmp_path / "fsdp")), load_checkpoint(str(tmp_path / "fsdp_fsdp")), exact=True)
+    assert {s: loss for s, loss in records(tmp_path / "fsdp", "loss").items() if s > 6} == records(tmp_path / "fsdp_fsdp", "loss")
     # FSDP2(2) -> one process (DDP's code path), and DDP(2) -> FSDP2(2): the same training, to rounding
     resume(tmp_path, "fsdp", "fsdp_one", args, 1, "ddp")
-    assert_same_tensors(tensors(tmp_path / "fsdp"), tensors(tmp_path / "fsdp_one"), exact=False)
+    assert_same_state(load_checkpoint(str(tmp_path / "fsdp")), load_checkpoint(str(tmp_path / "fsdp_one")), exact=False)
     resume(tmp_path, "ddp", "ddp_fsdp", args, 2, "fsdp")
-    assert_same_tensors(tensors(tmp_path / "ddp"), tensors(tmp_path / "ddp_fsdp"), exact=False)
+    assert_same_state(load_checkpoint(str(tmp_path / "ddp")), load_checkpoint(str(tmp_path / "ddp_fsdp")), exact=False)
     # and what each wrote at step 6 is the same state, whichever mode wrote it
     fsdp_half, ddp_half = (load_checkpoint(str(tmp_path / run / "ckpt_0000006")) for run in ("fsdp", "ddp"))
     torch.testing.assert_close(fsdp_half["model"], ddp_half["model"], rtol=1e-4, atol=1e-5)
@@ -143,8 +119,8 @@ def test_fsdp_holds_half_the_state_per_rank(data, tmp_path):
 @pytest.mark.slow
 def test_export_and_sample_from_an_fsdp_checkpoint(data, tmp_path):
     transformers = pytest.importorskip("transformers")
-    import tokenizer as tok
     from checkpoint import model_from_checkpoint
+    import tokenizer as tok
     train(*TINY, f"--data_dir={data}", "--max_iters=4", "--eval_interval=4", f"--out_dir={tmp_path}/fsdp",
           "--data_parallel=fsdp", processes=2)
     model, encoder = model_from_checkpoint(load_checkpoint(str(tmp_path / "fsdp")))

@@ -10,22 +10,13 @@ import time
 import pytest
 
 from checkpoint import checkpoint_paths
+from conftest import ROOT
+from conftest import metric_records as records
+from conftest import run_script as run
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["tests/tiny_model.py", "--micro_batch_size=4", "--batch_size=4", "--learning_rate=1e-2", "--warmup_iters=2"]
 
 
-def run(script, *args, check=True):
-    result = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
-def records(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def test_throughput_around_evaluations_and_what_each_record_says(data, tmp_path):
@@ -75,8 +66,9 @@ def test_one_large_text_file_is_cut_into_documents_and_the_split_checked_first(t
     assert 250 < documents < 400 and meta["splits"]["val"]["documents"] > 3  # about 10,000 characters each
     # cut at blank lines: every document but the file's last ends a paragraph
     import numpy as np
-    import tokenizer as tok
+
     from data import read_shard
+    import tokenizer as tok
     enc = tok.load_tokenizer(str(tmp_path / "ds"))
     text = enc.decode(np.concatenate([read_shard(str(tmp_path / "ds" / n)) for n in meta["splits"]["train"]["shards"]]).tolist())
     pieces = text.split("<|endoftext|>")[1:]

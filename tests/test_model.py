@@ -61,10 +61,13 @@ def test_shapes_padding_and_init():
     assert model.embed_tokens.weight.shape == (256, 32) and args.mlp_hidden_dim == 128
     assert model.layers[0].self_attn.k_proj.weight.shape == (2 * 8, 32)  # n_kv_head * head_dim
     # residual projections start smaller by 1/sqrt(2 * n_layer)
-    q_std = torch.cat([l.self_attn.q_proj.weight.flatten() for l in model.layers]).std().item()
-    o_std = torch.cat([l.self_attn.o_proj.weight.flatten() for l in model.layers]).std().item()
+    q_std = torch.cat([layer.self_attn.q_proj.weight.flatten() for layer in model.layers]).std().item()
+    o_std = torch.cat([layer.self_attn.o_proj.weight.flatten() for layer in model.layers]).std().item()
     assert q_std == pytest.approx(0.02, rel=0.1) and o_std == pytest.approx(0.02 / math.sqrt(16), rel=0.1)
-    assert all(p.dim() > 1 for n, p in model.named_parameters() if "bias" in n) and not any("bias" in n for n, _ in model.named_parameters())
+    # no biases anywhere: every vector is a norm's gain, every other parameter a matrix
+    assert not any("bias" in n for n, _ in model.named_parameters())
+    assert all(p.dim() > 1 for n, p in model.named_parameters() if "norm" not in n)
+    assert all(p.dim() == 1 for n, p in model.named_parameters() if "norm" in n)
 
 
 def test_flops_per_token_by_hand():

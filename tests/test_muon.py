@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from checkpoint import load_checkpoint
+from conftest import HANG_S
 from muon import Muon, newton_schulz, update_scale
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,7 +83,7 @@ def test_sharded_muon_matches_single_process(tmp_path, mode):
     subprocess.run([sys.executable, "tests/muon_sharded.py", str(tmp_path / "single"), mode], cwd=ROOT, check=True)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              "tests/muon_sharded.py", str(tmp_path / "sharded"), mode], cwd=ROOT, capture_output=True,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=HANG_S)
     assert result.returncode == 0, result.stderr
     # each rank keeps the momentum of part of the matrices (ddp: whole ones, fsdp: its rows of each)
     kept = [(int(k), int(n)) for k, n in re.findall(r"momentum elements kept (\d+) of (\d+)", result.stdout)]

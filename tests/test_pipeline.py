@@ -2,25 +2,17 @@
 import json
 import os
 import subprocess
-import sys
-
-import pytest
 
 import numpy as np
+import pytest
 
-import tokenizer as tok
+from conftest import HANG_S, ROOT
+from conftest import run_script as run
 from data import learned_targets, open_dataset, read_shard, read_windows, sample_windows
+import tokenizer as tok
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["tests/tiny_model.py", "--eval_iters=2", "--log_interval=1", "--micro_batch_size=4", "--batch_size=8"]
 
-
-def run(*args, check=True, env=None):
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, **(env or {})})
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 def test_chat_prepare_masks_exactly_the_assistant_tokens(data, tmp_path):
@@ -86,7 +78,7 @@ def test_the_pipeline_end_to_end(data, tmp_path):
     repo's own demo data (built by the pipeline if missing)."""
     env = {**os.environ, "OUT_ROOT": str(tmp_path)}
     command = ["bash", "run_pipeline.sh", "configs/tiny.py", "tests/fast_pipeline.py"]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=HANG_S)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     for stage in ("pretrain", "midtrain", "finetune"):
         assert f"=== {stage} -> {tmp_path}/{stage}-tiny-fast_pipeline" in result.stdout
@@ -106,7 +98,7 @@ def test_the_pipeline_end_to_end(data, tmp_path):
     # a rerun finds every stage done: it resumes each at its last step and trains no further
     checkpoints = {stage: sorted(p for p in os.listdir(tmp_path / f"{stage}-tiny-fast_pipeline") if p.startswith("ckpt_"))
                    for stage in ("pretrain", "midtrain", "finetune")}
-    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=HANG_S)
     assert again.returncode == 0 and "resuming it" in again.stdout and "resumed from" in again.stdout
     assert checkpoints == {stage: sorted(p for p in os.listdir(tmp_path / f"{stage}-tiny-fast_pipeline") if p.startswith("ckpt_"))
                            for stage in checkpoints}

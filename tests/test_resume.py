@@ -13,41 +13,16 @@ import pytest
 import torch
 
 from checkpoint import checkpoint_paths, load_checkpoint
+from conftest import HANG_S, ROOT, TORCHRUN, assert_same_state, records, train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["tests/tiny_model.py", "--eval_iters=1", "--log_interval=1", "--micro_batch_size=4", "--learning_rate=1e-2",
         "--warmup_iters=2"]
 # the batch doubles at steps 4 and 8: a stop at step 6 and the end at 12 fall in different phases
 SCHEDULE = "--batch_size_schedule={'strategy': 'doubling', 'start_batch_size': 4, 'interval_steps': 4, 'max_batch_size': 16}"
 
 
-def train(*args, launcher=(sys.executable,), script="train.py", env=None, check=True):
-    result = subprocess.run([*launcher, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
-def losses(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
-
-
-def assert_same_state(a, b, exact=True):
-    tensors_a, tensors_b = (dict(flatten(x)) for x in (a, b))
-    assert tensors_a.keys() == tensors_b.keys()
-    for key in tensors_a:
-        if exact:
-            assert torch.equal(tensors_a[key], tensors_b[key]), key
-        else:  # fp32 summed in another order across world sizes
-            torch.testing.assert_close(tensors_a[key], tensors_b[key], rtol=1e-4, atol=1e-5, msg=key)
-
-
-def flatten(checkpoint):
-    """Every tensor of a checkpoint: the weights, and each optimizer's state by parameter."""
-    return [*checkpoint["model"].items(), *((f"{kind}/{name}/{key}", value) for kind, state in checkpoint["optimizers"].items()
-                                            for name, entry in state.items() for key, value in entry.items())]
 
 
 @pytest.mark.parametrize("variant", [[], ["--use_muon=True", "--muon_lr=1e-2"], ["mixture"]], ids=["adamw", "muon", "mixture"])
@@ -62,7 +37,7 @@ def test_resume_is_bit_identical(data, tmp_path, variant):
     full, resumed = load_checkpoint(str(tmp_path / "full")), load_checkpoint(str(tmp_path / "resumed"))
     assert full["step"] == resumed["step"] == 12 and full["tokens_seen"] == resumed["tokens_seen"]
     assert_same_state(full, resumed)
-    full_losses, resumed_losses = losses(tmp_path / "full"), losses(tmp_path / "resumed")
+    full_losses, resumed_losses = records(tmp_path / "full"), records(tmp_path / "resumed")
     assert sorted(resumed_losses) == list(range(7, 13))
     assert all(resumed_losses[s] == full_losses[s] for s in range(7, 13))
 
@@ -73,8 +48,7 @@ def test_resume_on_another_world_size(data, tmp_path, optimizer):
     # with Muon each rank holds a share of the momentum; the checkpoint holds all of it
     args = [*TINY, "--batch_size=8", f"--data_dir={data}", "--max_iters=12", "--eval_interval=6",
             *(["--use_muon=True", "--muon_lr=1e-2"] if optimizer == "muon" else [])]
-    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
-    train(*args, f"--out_dir={tmp_path}/two", launcher=torchrun)
+    train(*args, f"--out_dir={tmp_path}/two", launcher=TORCHRUN)
     train(*args, f"--out_dir={tmp_path}/one", "--max_iters=12")
     # the state a 2-process run saves is the whole state: the same tensors a 1-process run saves
     two_half, one_half = load_checkpoint(str(tmp_path / "two/ckpt_0000006")), load_checkpoint(str(tmp_path / "one/ckpt_0000006"))
@@ -87,7 +61,7 @@ def test_resume_on_another_world_size(data, tmp_path, optimizer):
     # and the other way: one process's checkpoint resumed on two
     os.makedirs(tmp_path / "resumed_on_two")
     shutil.copytree(tmp_path / "one" / "ckpt_0000006", tmp_path / "resumed_on_two" / "ckpt_0000006")
-    result = train(*args, f"--out_dir={tmp_path}/resumed_on_two", "--init_from=resume", launcher=torchrun)
+    result = train(*args, f"--out_dir={tmp_path}/resumed_on_two", "--init_from=resume", launcher=TORCHRUN)
     assert "resumed from" in result.stdout and "world size 2" in result.stdout
     assert_same_state(load_checkpoint(str(tmp_path / "one")), load_checkpoint(str(tmp_path / "resumed_on_two")), exact=False)
 
@@ -119,7 +93,7 @@ def test_killed_at_random_moments_ends_bit_identical(data, tmp_path):
         if kills >= 6 and kills_during_write >= 2:
             break
     assert kills >= 6 and kills_during_write >= 2
-    finish = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    finish = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=HANG_S)
     assert finish.returncode == 0, finish.stderr[-3000:]
     assert_same_state(load_checkpoint(str(tmp_path / "reference")), load_checkpoint(str(out_dir)))
     assert [os.path.basename(p) for p in checkpoint_paths(str(out_dir))] == ["ckpt_0000118", "ckpt_0000120"]
@@ -130,12 +104,12 @@ def test_sigterm_checkpoints_the_current_step_and_exits_zero(data, tmp_path):
     command = [sys.executable, "train.py", *TINY, "--batch_size=4", f"--data_dir={data}", f"--out_dir={tmp_path}",
                "--max_iters=100000", "--eval_interval=100000"]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while not (tmp_path / "metrics.jsonl").exists() or len(losses(tmp_path)) < 3:
+    while not (tmp_path / "metrics.jsonl").exists() or len(records(tmp_path)) < 3:
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 0, stderr
-    last_step = max(losses(tmp_path))
+    last_step = max(records(tmp_path))
     assert [os.path.basename(p) for p in checkpoint_paths(str(tmp_path))] == [f"ckpt_{last_step:07d}"]
     assert f"stopping at step {last_step} on a signal" in stdout and "SIGTERM" in stderr
 
@@ -152,10 +126,10 @@ def test_stage_handoff_takes_weights_only_and_checks_the_vocabulary(data, other_
     pretrain, midtrain = load_checkpoint(str(tmp_path / "pretrain")), load_checkpoint(str(tmp_path / "midtrain"))
     assert midtrain["step"] == 4 and midtrain["parent"] == pretrain["path"]
     assert midtrain["optimizers"]["adamw"]["embed_tokens.weight"]["step"].item() == 4  # a fresh AdamW
-    pretrain_losses = losses(tmp_path / "pretrain")
+    pretrain_losses = records(tmp_path / "pretrain")
     # it starts where pretraining ended, not from a fresh initialisation
-    assert losses(tmp_path / "midtrain")[1] < pretrain_losses[1] - 0.5
-    assert abs(losses(tmp_path / "midtrain")[1] - pretrain_losses[20]) < 0.5
+    assert records(tmp_path / "midtrain")[1] < pretrain_losses[1] - 0.5
+    assert abs(records(tmp_path / "midtrain")[1] - pretrain_losses[20]) < 0.5
     result = train(*TINY, f"--data_dir={other_data}", f"--out_dir={tmp_path}/bad", f"--init_from={tmp_path}/pretrain",
                    check=False)
     assert result.returncode != 0 and "differs from" in result.stderr and "--tokenizer=" in result.stderr

@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from conftest import HANG_S
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["tests/tiny_model.py", "--n_layer=1", "--n_head=2", "--n_kv_head=1", "--n_embd=32", "--block_size=32",
          "--micro_batch_size=4", "--eval_iters=2"]
@@ -16,7 +18,7 @@ SMALL = ["tests/tiny_model.py", "--n_layer=1", "--n_head=2", "--n_kv_head=1", "-
 def profile(*args):
     """bench.py --profile=True: train.py's steps 8-10 under the profiler."""
     result = subprocess.run([sys.executable, "bench.py", *SMALL, "--profile=True", *args], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            text=True, timeout=HANG_S, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -55,7 +57,7 @@ def test_batch_size_schedule_does_not_recompile(data, tmp_path, ranks, mode):
                              *(["--use_muon=True"] if ranks > 1 else []), f"--data_parallel={mode}", "--n_layer=2",
                              "--batch_size_schedule={'strategy': 'doubling', 'start_batch_size': %d, "
                              "'interval_steps': 4, 'max_batch_size': %d}" % (4 * ranks, 16 * ranks)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            cwd=ROOT, capture_output=True, text=True, timeout=HANG_S,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "TORCH_LOGS": "dynamo,recompiles"})
     assert result.returncode == 0, result.stderr[-3000:]
     with open(f"{tmp_path}/run/metrics.jsonl") as f:
@@ -67,6 +69,7 @@ def test_batch_size_schedule_does_not_recompile(data, tmp_path, ranks, mode):
 
 def test_activation_checkpointing_same_gradients_less_saved_memory():
     import torch
+
     from model import GPT, ModelArgs
 
     def run(checkpoint_blocks):
