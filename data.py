@@ -17,6 +17,7 @@ A mixture draws each window's dataset by weight. Every draw is a function of a s
 import json
 import os
 import struct
+import zlib
 
 import numpy as np
 
@@ -24,6 +25,14 @@ SHARD_MAGIC = b"GPTOKENS"
 SHARD_VERSION = 1
 SHARD_HEADER = struct.Struct("<8sIIQQ")  # magic, version, bytes per token, token count, reserved: 32 bytes
 TOKEN_DTYPES = {1: np.uint8, 2: np.uint16, 4: np.uint32}
+
+
+def split_of(name, val_fraction):
+    """'train' or 'val' for a document, from a hash of its name alone (prepare.py's split: the same
+    whatever the order or the number of workers). Documents named <doc>@<item> (the demo's questions
+    on a module or a topic) go where <doc> goes."""
+    key = name.split("@")[0]
+    return "val" if zlib.crc32(key.encode()) % 1_000_000 < val_fraction * 1_000_000 else "train"
 
 
 def write_shard(path, tokens):
