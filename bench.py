@@ -46,6 +46,7 @@ TRAIN, train_args = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tr
 import torch  # noqa: E402  (after the config: --help answers without loading torch)
 from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E402
 
+from data import ceil_div  # noqa: E402
 from model import GPT, ModelArgs, device_peak_flops, resolve_device  # noqa: E402
 
 printed = subprocess.run([sys.executable, TRAIN, *train_args, "--print_config"], capture_output=True, text=True)
@@ -127,8 +128,9 @@ with torch.device(device):
 raw_model.checkpoint_blocks = c["activation_checkpointing"]
 model = torch.compile(raw_model) if compile else raw_model
 optimizers, optimizer_summary = raw_model.configure_optimizers(
-    c["learning_rate"], c["weight_decay"], (c["beta1"], c["beta2"]), c["use_muon"], c["muon_lr"],
-    c["muon_weight_decay"], c["muon_momentum"])
+    learning_rate=c["learning_rate"], weight_decay=c["weight_decay"], betas=(c["beta1"], c["beta2"]),
+    use_muon=c["use_muon"], muon_lr=c["muon_lr"], muon_weight_decay=c["muon_weight_decay"],
+    muon_momentum=c["muon_momentum"])
 for opt in optimizers:  # the divergence guard's flag, as train.py sets it: the optimizers' own code path
     opt.found_inf = torch.zeros((), device=device)
 x = torch.randint(0, vocab_size, (micro_batch_size, block_size), device=device)
@@ -210,7 +212,7 @@ del model, raw_model, optimizers  # free the device for train.py
 if full_step:
     # logging once per warmup and once per timed interval keeps its host syncs as rare as in a real
     # run; its warmup rounded up to whole log intervals, so its last record times exactly the bench_steps
-    train_warmup = -(-warmup_steps // bench_steps) * bench_steps
+    train_warmup = ceil_div(warmup_steps, bench_steps) * bench_steps
     with tempfile.TemporaryDirectory() as out:
         overrides = [f"--out_dir={out}/run", f"--max_iters={train_warmup + bench_steps}", f"--log_interval={bench_steps}",
                      f"--eval_interval={10 * (train_warmup + bench_steps)}", "--eval_iters=0", "--init_from=scratch",

@@ -1,6 +1,7 @@
 """
 Checkpoints: the one way to write and read them (train.py, sample.py, export_hf.py, evaluate.py),
-and of reading a Hugging Face model directory as one (init_from='hf:<dir>').
+and to name the training state in them. A Hugging Face model directory opens as one too
+(init_from='hf:<dir>', import_hf.py).
 
 A checkpoint is a directory, out_dir/ckpt_<step>/, of safetensors and JSON files only, so reading
 one never runs anything:
@@ -13,13 +14,15 @@ The tensors: model/<parameter>, adamw/<parameter>/<exp_avg, exp_avg_sq or step>,
 muon/<parameter>/momentum_buffer: the whole training state as one process would hold it, whatever
 the world size and the mode (DDP, FSDP2) that wrote it, so it loads at any world size and in either
 mode, and a rank can read just the rows it needs. Each rank writes its own share at once (its
-shards under FSDP2, a slice of the replicas under DDP): no rank ever holds the whole state.
+shards under FSDP2, a slice of the replicas under DDP: parallel.share_to_write): no rank ever holds
+the whole state.
 Writes are atomic: each rank writes into ckpt_<step>.tmp/ (in a background thread, from a CPU copy
 of its share), and rank 0 renames the directory once every rank's files are complete; a crash at
 any instant leaves the earlier checkpoints and at most a *.tmp directory, which nothing loads and
-the next start removes. Checkpoints of format 1 (one ckpt_<step>.pt file of plain containers,
-loaded with weights_only=True) still load. The data position is the step: the windows of a step
-are a function of (seed, step).
+the next start removes. Reading validates a checkpoint whole (meta.json's keys, types and ranges,
+every tensor's shape against the model it describes, the safetensors headers) and every weight
+read for being finite. The data position is the step: the windows of a step are a function of
+(seed, step).
 """
 import glob
 import json
@@ -31,22 +34,28 @@ import time
 
 import torch
 
-from model import GPT, ModelArgs
+from import_hf import open_hf
+from model import GPT, ModelArgs, parameter_shapes
+from parallel import local, replica, share_to_write
 import tokenizer as tok
 
 FORMAT_VERSION = 2
-CHECKPOINT_NAME = re.compile(r"ckpt_(\d+)(\.pt)?$")
+CHECKPOINT_NAME = re.compile(r"ckpt_(\d+)$")
 PART_STALL_S = 30  # rank 0 gives up on a rank whose part is this much later than the last one (or 3x its own write)
 
 
+def checkpoint_path(out_dir, step):
+    return os.path.join(out_dir, f"ckpt_{step:07d}")
+
+
 def checkpoint_paths(out_dir):
-    """The checkpoints in out_dir (directories ckpt_<step>, or format 1's files ckpt_<step>.pt), oldest first."""
+    """The checkpoints in out_dir (directories ckpt_<step>), oldest first."""
     paths = [p for p in glob.glob(os.path.join(out_dir, "ckpt_*")) if CHECKPOINT_NAME.search(p)]
     return sorted(paths, key=lambda p: int(CHECKPOINT_NAME.search(p).group(1)))
 
 
 def remove_stale_writes(out_dir):
-    """Temporary directories (and format 1's files) of writes that a crash interrupted: nothing loads them."""
+    """Temporary directories of writes that a crash interrupted: nothing loads them."""
     for stale in glob.glob(os.path.join(out_dir, "ckpt_*.tmp")):
         shutil.rmtree(stale) if os.path.isdir(stale) else os.remove(stale)
 
@@ -55,7 +64,7 @@ def remove_stale_writes(out_dir):
 _pending_write = {"thread": None, "error": None}
 
 
-def save_checkpoint(out_dir, step, pieces, meta=None, rank=0, world_size=1, keep_last=3, keep_every=0,
+def save_checkpoint(out_dir, step, pieces, meta=None, *, rank=0, world_size=1, keep_last=3, keep_every=0,
                     background=False):
     """Every rank calls this with its share of the state, {tensor name: (tensor, first row, full shape)}
     (a 0-d tensor's first row is 0), copied to CPU memory here; rank 0 also with meta. Then each
@@ -109,7 +118,7 @@ def _durable(path, data=None):
 def _write_checkpoint(out_dir, step, pieces, meta, rank, world_size, keep_last, keep_every, wait_s=600):
     from safetensors.torch import save_file
     started = time.time()
-    path = os.path.join(out_dir, f"ckpt_{step:07d}")
+    path = checkpoint_path(out_dir, step)
     tmp = path + ".tmp"
     try:
         os.makedirs(tmp, exist_ok=True)
@@ -165,6 +174,54 @@ def _write_checkpoint(out_dir, step, pieces, meta, rank, world_size, keep_last, 
     return path
 
 
+# ---- the training state, by tensor name ---------------------------------------------------------
+def state_pieces(raw_model, optimizers, rank, world_size):
+    """This rank's share of the training state, by tensor name, for save_checkpoint: {name: (tensor,
+    first row, full shape)}: the rows parallel.share_to_write gives it, and Muon's momentum rows that
+    it keeps."""
+    pieces = {}
+
+    def add(name, tensor):
+        share = share_to_write(tensor, rank, world_size)
+        if share is not None:
+            pieces[name] = (share[0].detach(), share[1], tuple(tensor.shape))
+
+    for name, p in raw_model.named_parameters():
+        add(f"model/{name}", p)
+        for kind, opt in zip(("adamw", "muon"), optimizers):
+            for key, value in opt.state.get(p, {}).items():
+                if kind == "adamw":
+                    add(f"adamw/{name}/{key}", value)
+                elif not replica(p):
+                    pieces[f"muon/{name}/{key}"] = (value, local(p)[1], tuple(p.shape))  # the rows it keeps, plain
+    return pieces
+
+
+@torch.no_grad()
+def load_state(read, tensors, raw_model, optimizers, device):
+    """Set raw_model's weights and, when given, the optimizers' state from a checkpoint opened with
+    open_checkpoint (read, and its list of tensor names): each rank reads the rows it holds."""
+    def rows(name, like):
+        part, first = local(like)
+        return read(name) if like.dim() == 0 else read(name, first, first + part.shape[0])
+
+    for name, p in raw_model.named_parameters():
+        local(p)[0].copy_(rows(f"model/{name}", p))
+        for kind, opt in zip(("adamw", "muon"), optimizers):
+            keys = [t.rsplit("/", 1)[1] for t in tensors if t.startswith(f"{kind}/{name}/")]
+            if kind == "muon" and keys:  # the rows of the matrices this rank keeps the momentum of
+                kept = opt.momentum_rows(p)
+                if kept is not None:
+                    opt.state[p] = {"momentum_buffer": read(f"muon/{name}/momentum_buffer", *kept).to(device)}
+            elif keys:
+                state = {}
+                for key in keys:
+                    like = torch.zeros((), dtype=torch.float32, device=device) if key == "step" else torch.zeros_like(p)
+                    local(like)[0].copy_(rows(f"{kind}/{name}/{key}", like))
+                    state[key] = like
+                opt.state[p] = state
+
+
 # ---- reading ----------------------------------------------------------------------------------
 def set_aside_paths(out_dir):
     """The checkpoints of out_dir that failed to load and were set aside (ckpt_<step>.corrupt[-N])."""
@@ -190,15 +247,16 @@ def open_checkpoint(path, set_aside_corrupt=False, check_weights=False):
     path: a checkpoint, a run directory (its newest checkpoint that loads; with check_weights, whose
     weights are all read once and found finite: a newer one that does not is reported and, with
     set_aside_corrupt, set aside), a Hugging
-    Face model directory (hf:<dir>, or a directory with a config.json and no checkpoints), or a
-    format 1 ckpt_<step>.pt file. Everything is validated before it is returned: a damaged or
+    Face model directory (hf:<dir>, or a directory with a config.json and no checkpoints).
+    Everything is validated before it is returned: a damaged or
     hand-edited file raises ValueError naming the file and what is wrong."""
-    if path.startswith("hf:"):
-        return _open_hf(path[3:])
+    if path.startswith("hf:") or (os.path.isdir(path) and not checkpoint_paths(path)
+                                   and os.path.exists(os.path.join(path, "config.json"))):
+        directory = path.removeprefix("hf:")
+        meta, read = open_hf(directory)
+        return meta, _checked_read(directory, read)
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "meta.json")):
         return _open_directory(path)
-    if os.path.isdir(path) and not checkpoint_paths(path) and os.path.exists(os.path.join(path, "config.json")):
-        return _open_hf(path)
     if os.path.isdir(path):
         candidates = checkpoint_paths(path)
         if not candidates:
@@ -215,8 +273,6 @@ def open_checkpoint(path, set_aside_corrupt=False, check_weights=False):
                 if set_aside_corrupt and os.path.exists(candidate):
                     set_aside(candidate)
         raise ValueError(f"no checkpoint in {path} could be loaded")
-    if os.path.isfile(path) and path.endswith(".pt"):
-        return _open_format_1(path)
     raise FileNotFoundError(f"no checkpoint at {path}")
 
 
@@ -229,35 +285,6 @@ def _expect(where, value, kind, low=None, high=None, what="a value"):
         bounds = f" in [{low}, {high}]" if low is not None else ""
         raise ValueError(f"{where} must be {what}{bounds}, got {value!r}")
     return value
-
-
-MODEL_ARG_TYPES = {"vocab_size": int, "block_size": int, "n_layer": int, "n_head": int, "n_kv_head": int, "n_embd": int,
-                   "mlp_ratio": (int, float), "rope_base": (int, float), "qk_norm": bool, "tie_embeddings": bool,
-                   "norm_eps": (int, float)}
-
-
-def check_model_args(model_args, where):
-    """The ModelArgs of a checkpoint's meta.json or a Hugging Face config, checked whole: ValueError otherwise."""
-    _expect(f"{where}: model_args", model_args, dict, what="a dict")
-    for key, kind in MODEL_ARG_TYPES.items():
-        if key not in model_args and key != "norm_eps":
-            raise ValueError(f"{where}: model_args lacks {key!r}")
-        if key in model_args:
-            _expect(f"{where}: model_args.{key}", model_args[key], kind, what=getattr(kind, "__name__", "a number"))
-    unknown = set(model_args) - set(MODEL_ARG_TYPES)
-    if unknown:
-        raise ValueError(f"{where}: model_args has unknown keys {sorted(unknown)}")
-    try:
-        ModelArgs(**model_args).check()
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
-
-
-def _expected_shapes(model_args):
-    """{model/<parameter>: shape} of the model these arguments build (on the meta device: no memory)."""
-    with torch.device("meta"):
-        model = GPT(ModelArgs(**model_args))
-    return {f"model/{name}": list(p.shape) for name, p in model.named_parameters()}
 
 
 def _checked_read(path, read):
@@ -282,10 +309,11 @@ def _open_directory(path):
         for key, kind in [("step", int), ("tokens_seen", int)]:
             _expect(f"{meta_path}: {key}", meta.get(key), kind, 0, 2**62, what="an integer")
         _expect(f"{meta_path}: config", meta.get("config"), dict, what="a dict")
-        check_model_args(meta.get("model_args"), meta_path)
+        model_args = ModelArgs.from_dict(meta.get("model_args"), meta_path)
         tok.check_tokenizer_state(meta.get("tokenizer"), f"{meta_path}: tokenizer")
         tensors = _expect(f"{meta_path}: tensors", meta.get("tensors"), dict, what="a dict")
-        for name, shape in _expected_shapes(meta["model_args"]).items():
+        for name, shape in parameter_shapes(model_args).items():
+            name = f"model/{name}"
             if name not in tensors:
                 raise ValueError(f"{meta_path}: the tensor {name} is missing")
             if tensors[name].get("shape") != shape:
@@ -320,36 +348,6 @@ def _open_directory(path):
         _checked_read(path, read)
 
 
-def _open_format_1(path):
-    """A ckpt_<step>.pt of format 1, read whole (weights_only: plain data only); its optimizer states,
-    numbered there, named by the order the optimizers were built in."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        if type(e).__name__ == "UnpicklingError" and "Weights only load failed" in str(e):
-            raise ValueError(f"{path} holds objects that would run code when loaded (not only tensors and plain "
-                             f"data): refused, nothing in it was executed") from None
-        raise ValueError(f"{path} is truncated or corrupt ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format_version") != 1:
-        raise ValueError(f"{path} is not a checkpoint of format version 1 or {FORMAT_VERSION}")
-    tensors = {f"model/{name}": t for name, t in checkpoint.pop("model").items()}
-    config = checkpoint.get("config", {})
-    with torch.device("meta"):
-        model = GPT(ModelArgs(**checkpoint["model_args"]))
-    names = {id(p): name for name, p in model.named_parameters()}
-    built, _ = model.configure_optimizers(1.0, 0.0, (0.9, 0.95), bool(config.get("use_muon")))
-    for kind, optimizer, state in zip(("adamw", "muon"), built, checkpoint.pop("optimizers", [])):
-        order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
-        for index, entry in state["state"].items():
-            tensors.update({f"{kind}/{order[int(index)]}/{key}": value for key, value in entry.items()})
-    checkpoint.pop("rng", None)
-
-    def read(name, first=None, last=None):
-        tensor = tensors[name]
-        return tensor if tensor.dim() == 0 else tensor[first or 0:last]
-    return {**checkpoint, "path": path, "tensors": list(tensors)}, read
-
-
 def load_checkpoint(path, set_aside_corrupt=False):
     """A whole checkpoint in CPU memory (open_checkpoint's metadata, and its tensors): "model" as
     {parameter: tensor}, "optimizers" as {"adamw" or "muon": {parameter: {key: tensor}}}."""
@@ -372,84 +370,3 @@ def model_from_checkpoint(checkpoint, device="cpu"):
         for name, parameter in model.named_parameters():
             parameter.copy_(checkpoint["model"][name])
     return model.to(device), tok.tokenizer_from_state(checkpoint["tokenizer"])
-
-
-def _open_hf(directory):
-    """A Llama- or Qwen3-layout safetensors model and its byte-level BPE tokenizer, opened as a
-    checkpoint of the weights alone (step 0, no optimizer state): what init_from='hf:<dir>' starts from."""
-    from safetensors import safe_open
-    config_path = os.path.join(directory, "config.json")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"no Hugging Face model at {directory} (no config.json)")
-    try:
-        with open(config_path) as f:
-            config = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config_path} is not valid JSON ({e})") from None
-    _expect(config_path, config, dict, what="a JSON object")
-    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"):
-        if key not in config:
-            raise ValueError(f"{config_path} lacks {key!r}")
-        _expect(f"{config_path}: {key}", config[key], int, 1, 2**24, what="an integer")
-    model_type = config.get("model_type")
-    if model_type not in ("llama", "qwen3"):
-        raise ValueError(f"{directory}: model_type {model_type!r} is not supported (llama or qwen3 only)")
-    unsupported = [key for key, ok in [
-        ("rope_scaling", not config.get("rope_scaling") and (config.get("rope_parameters") or {}).get("rope_type", "default") == "default"),
-        ("attention_bias", not config.get("attention_bias", False)),
-        ("mlp_bias", not config.get("mlp_bias", False)),
-        ("hidden_act", config.get("hidden_act", "silu") == "silu"),
-        ("sliding_window", not config.get("use_sliding_window", False)),
-        ("head_dim", config.get("head_dim", config["hidden_size"] // config["num_attention_heads"])
-         == config["hidden_size"] // config["num_attention_heads"]),
-        ("vocab_size", config["vocab_size"] % 128 == 0),
-    ] if not ok]
-    if unsupported:
-        raise ValueError(f"{directory}: unsupported settings {unsupported}")
-    rope_base = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-    n_embd = config["hidden_size"]
-    mlp_hidden = config["intermediate_size"]
-    if mlp_hidden % 128:
-        raise ValueError(f"{directory}: intermediate_size {mlp_hidden} is not a multiple of 128")
-    files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
-    if not files:
-        raise ValueError(f"{directory}: no .safetensors files")
-    where = {}  # our tensor name -> (open file, its name there)
-    for file in files:
-        handle = safe_open(os.path.join(directory, file), framework="pt")
-        for key in handle.keys():
-            where["model/" + key.removeprefix("model.")] = (handle, key)
-    tie = config.get("tie_word_embeddings", False)
-    if tie:  # one matrix for both: ours is the embedding's
-        where.pop("model/lm_head.weight", None)
-    enc = tok.tokenizer_from_hf(directory)
-    if enc.n_vocab > config["vocab_size"]:
-        raise ValueError(f"{directory}: the tokenizer has {enc.n_vocab} tokens, the model {config['vocab_size']}")
-    model_args = {"vocab_size": enc.n_vocab, "block_size": config.get("max_position_embeddings", 2048),
-                  "n_layer": config["num_hidden_layers"], "n_head": config["num_attention_heads"],
-                  "n_kv_head": config.get("num_key_value_heads", config["num_attention_heads"]), "n_embd": n_embd,
-                  "mlp_ratio": mlp_hidden / n_embd, "rope_base": float(rope_base), "qk_norm": model_type == "qwen3",
-                  "tie_embeddings": tie, "norm_eps": config.get("rms_norm_eps", 1e-5)}
-    check_model_args(model_args, config_path)
-    if ModelArgs(**model_args).padded_vocab_size != config["vocab_size"]:
-        raise ValueError(f"{directory}: vocab_size {config['vocab_size']} is not the tokenizer's {enc.n_vocab} "
-                         f"padded to a multiple of 128")
-    expected = _expected_shapes(model_args)
-    for name, shape in expected.items():  # the weights there are the model config.json describes
-        if name not in where:
-            raise ValueError(f"{directory}: the weight {name.removeprefix('model/')} is missing (does num_hidden_layers="
-                             f"{config['num_hidden_layers']} in {config_path} match the weights?)")
-        stored = list(where[name][0].get_slice(where[name][1]).get_shape())
-        if stored != shape:
-            raise ValueError(f"{directory}: {where[name][1]} has shape {stored}, {config_path} says {shape}")
-    extra = sorted(set(where) - set(expected))
-    if extra:
-        raise ValueError(f"{directory}: weights {config_path} does not describe, e.g. {extra[0].removeprefix('model/')} "
-                         f"(does num_hidden_layers={config['num_hidden_layers']} match the weights?)")
-
-    def read(name, first=None, last=None):
-        handle, key = where[name]
-        rows = handle.get_slice(key)
-        return rows[first or 0:rows.get_shape()[0] if last is None else last].float()
-    return {"model_args": model_args, "tokenizer": tok.tokenizer_state(enc), "config": {}, "step": 0, "tokens_seen": 0,
-            "parent": None, "path": "hf:" + directory, "tensors": list(where)}, _checked_read(directory, read)

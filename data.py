@@ -25,6 +25,14 @@ SHARD_MAGIC = b"GPTOKENS"
 SHARD_VERSION = 1
 SHARD_HEADER = struct.Struct("<8sIIQQ")  # magic, version, bytes per token, token count, reserved: 32 bytes
 TOKEN_DTYPES = {1: np.uint8, 2: np.uint16, 4: np.uint32}
+# The loss mask, from the shard on disk to the loss: a chat dataset's mask byte 0 makes read_windows
+# write this target id, which model.GPT's cross-entropy ignores (ignore_index).
+NOT_LEARNED = -1
+
+
+def ceil_div(a, b):
+    """a / b rounded up, for integers (the size of the largest of b equal shares of a)."""
+    return -(-a // b)
 
 
 def split_of(name, val_fraction):
@@ -199,12 +207,12 @@ def sample_windows(datasets, weights, split, count, rng_key):
 
 def read_windows(datasets, split, windows, block_size, use_loss_mask):
     """(inputs, targets) as int64 arrays of shape (len(windows), block_size); targets that are not
-    learned (outside a chat dataset's mask, when use_loss_mask; a None window) are -1."""
+    learned (outside a chat dataset's mask, when use_loss_mask; a None window) are NOT_LEARNED."""
     tokens = np.zeros((len(windows), block_size + 1), dtype=np.int64)
-    learned = np.ones((len(windows), block_size), dtype=bool)
+    learned_mask = np.ones((len(windows), block_size), dtype=bool)
     for row, window in enumerate(windows):
         if window is None:  # padding (evaluation's equal shares per rank): nothing to learn
-            learned[row] = False
+            learned_mask[row] = False
             continue
         d, shard, offset = window
         tokens[row] = datasets[d]["tokens"][split][shard][offset:offset + block_size + 1]
@@ -214,8 +222,8 @@ def read_windows(datasets, split, windows, block_size, use_loss_mask):
                              f"{datasets[d]['meta']['vocab_size']}: prepare the dataset again")
         masks = datasets[d]["masks"][split]
         if use_loss_mask and masks is not None:
-            learned[row] = masks[shard][offset + 1:offset + block_size + 1] > 0
-    targets = np.where(learned, tokens[:, 1:], -1)
+            learned_mask[row] = masks[shard][offset + 1:offset + block_size + 1] > 0
+    targets = np.where(learned_mask, tokens[:, 1:], NOT_LEARNED)
     return tokens[:, :-1], targets
 
 
@@ -245,24 +253,25 @@ def open_mixture(mixture, block_size):
     return datasets, np.array(list(mixture.values()), dtype=np.float64) / sum(mixture.values()), encoders[0]
 
 
-def micro_batches(datasets, weights, step, batch_size_at, micro_batch_size, rank, world_size, block_size,
+def micro_batches(datasets, weights, *, start_step, batch_size_at, micro_batch_size, rank, world_size, block_size,
                   use_loss_mask, seed, device):
-    """(inputs, targets, loss scale) for each micro-batch of this rank, step after step from step,
+    """(inputs, targets, loss scale) for each micro-batch of this rank, step after step from start_step,
     inputs and targets as tensors on device.
     The windows of step s are drawn from (seed, s) alone and split between ranks without overlap,
     so resuming at any step, or at another world size with the same global batch, sees the same data.
     The loss scale makes the step's loss the mean over every target the step learns, on all
     micro-batches and ranks (DDP and FSDP2 average gradients over ranks, hence the world_size)."""
+    step = start_step
     while True:
         global_windows = sample_windows(datasets, weights, "train", batch_size_at(step), (seed, step))
         per_rank = len(global_windows) // world_size
         x, y = read_windows(datasets, "train", global_windows[rank * per_rank:(rank + 1) * per_rank], block_size, use_loss_mask)
         # the whole step's learned targets, counted on the host from the masks: no device sync
-        learned = learned_targets(datasets, "train", global_windows, block_size) if use_loss_mask \
+        n_learned = learned_targets(datasets, "train", global_windows, block_size) if use_loss_mask \
             else len(global_windows) * block_size
         for k in range(0, per_rank, micro_batch_size):
             yield to_device(x[k:k + micro_batch_size], device), to_device(y[k:k + micro_batch_size], device), \
-                world_size / max(learned, 1)
+                world_size / max(n_learned, 1)
         step += 1
 
 

@@ -48,19 +48,19 @@ import numpy as np  # noqa: E402  (after the command's settings: --help answers 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from data import read_windows, sample_windows, to_device  # noqa: E402
+from data import ceil_div, read_windows, sample_windows, to_device  # noqa: E402
 import tokenizer as tok  # noqa: E402
 
 
-def validation_windows(datasets, micro_batches, micro_batch_size, seed, rank, world_size):
+def validation_windows(datasets, *, micro_batches, micro_batch_size, seed, rank, world_size):
     """This rank's validation windows of each dataset, as micro-batches of windows: micro_batches x
     micro_batch_size windows in all, the same set whatever the world size, split between ranks. A
     share is padded with None windows (nothing learned) to whole micro-batches, the same number on
     every rank: each runs the same forward passes (FSDP needs that). Drawn with the key
     (seed, 2**32, d): a step number training never reaches, so never the windows of a training step."""
     total = micro_batches * micro_batch_size
-    per_rank = -(-total // world_size)
-    per_rank = -(-per_rank // micro_batch_size) * micro_batch_size
+    per_rank = ceil_div(total, world_size)
+    per_rank = ceil_div(per_rank, micro_batch_size) * micro_batch_size
     shares = []
     for d in range(len(datasets)):
         windows = sample_windows([datasets[d]], [1.0], "val", total, (seed, 2**32, d))
@@ -71,7 +71,7 @@ def validation_windows(datasets, micro_batches, micro_batch_size, seed, rank, wo
 
 
 @torch.no_grad()
-def validation(model, datasets, windows, weights, block_size, token_bytes, device, autocast):
+def validation(model, datasets, windows, *, weights, block_size, token_bytes, device, autocast):
     """({dataset directory: (mean loss per learned target, bits per byte)}, their weighted mean),
     summed over every rank's windows (a collective when there are several)."""
     model.eval()
@@ -184,7 +184,7 @@ def normalize(text, how):
 
 def my_share(count, rank, world_size):
     """The example indices of this rank (every world_size-th), and the size of the largest share."""
-    return list(range(rank, count, world_size)), -(-count // world_size)
+    return list(range(rank, count, world_size)), ceil_div(count, world_size)
 
 
 @torch.no_grad()
@@ -242,7 +242,7 @@ def generate_answers(model, encoder, task, indices, steps, block_size, device, a
     return outputs
 
 
-def evaluate_tasks(model, encoder, tasks, block_size, micro_batch_size, device, autocast, rank=0, world_size=1):
+def evaluate_tasks(model, encoder, tasks, *, block_size, micro_batch_size, device, autocast, rank=0, world_size=1):
     """{task name: {metric: value, "examples": n}} over every rank's share (a collective when there are
     several)."""
     results = {}
@@ -251,7 +251,7 @@ def evaluate_tasks(model, encoder, tasks, block_size, micro_batch_size, device, 
         if task["kind"] == "multiple_choice":
             rows_per_rank = [sum(len(task["examples"][i]["choices"]) for i in my_share(len(task["examples"]), r, world_size)[0])
                              for r in range(world_size)]
-            batches = -(-max(rows_per_rank) // micro_batch_size)
+            batches = ceil_div(max(rows_per_rank), micro_batch_size)
             scores = score_multiple_choice(model, encoder, task, indices, block_size, micro_batch_size, batches, device, autocast)
             sums = [0.0, 0.0, 0.0, sum(1 / len(task["examples"][i]["choices"]) for i in scores)]
             for i, lls in scores.items():
@@ -294,7 +294,8 @@ if __name__ == "__main__":
         sys.exit(f"evaluate.py: error: {e}")
     model, encoder = model_from_checkpoint(checkpoint, device)
     model.eval()
-    scores = evaluate_tasks(model, encoder, loaded, model.args.block_size, micro_batch_size, device, autocast)
+    scores = evaluate_tasks(model, encoder, loaded, block_size=model.args.block_size, micro_batch_size=micro_batch_size,
+                            device=device, autocast=autocast)
     print(f"# {checkpoint['path']} (step {checkpoint['step']})")
     for name, metrics in scores.items():
         print(f"{name:>24}  " + "  ".join(f"{k} {v:.4f}" if k != "examples" else f"({v} examples)" for k, v in metrics.items()))

@@ -10,7 +10,7 @@ picks the flash kernel. Also here: FLOPs per token (for MFU), the peak FLOP/s of
 known GPUs, and generation with a KV cache.
 """
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 import math
 import re
 
@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+
+from data import NOT_LEARNED
 
 MAX_VOCAB_SIZE = 2**24  # token ids are stored as uint32; no real vocabulary comes near this
 
@@ -48,6 +50,31 @@ class ModelArgs:
     @property
     def mlp_hidden_dim(self):
         return math.ceil(self.mlp_ratio * self.n_embd / 128) * 128
+
+    @classmethod
+    def from_dict(cls, args, where):
+        """ModelArgs from a checkpoint's meta.json or a Hugging Face config, checked whole (keys, types,
+        ranges): a ValueError naming where and the field otherwise."""
+        if not isinstance(args, dict):
+            raise ValueError(f"{where}: model_args must be a dict, got {type(args).__name__}")
+        for field in fields(cls):
+            if field.name not in args:
+                if field.name == "norm_eps":  # older checkpoints have the default
+                    continue
+                raise ValueError(f"{where}: model_args lacks {field.name!r}")
+            value, kind = args[field.name], type(field.default)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (isinstance(value, bool) if kind is bool else number and (kind is float or isinstance(value, int))):
+                raise ValueError(f"{where}: model_args.{field.name} must be a {kind.__name__}, got {value!r}")
+        unknown = set(args) - {field.name for field in fields(cls)}
+        if unknown:
+            raise ValueError(f"{where}: model_args has unknown keys {sorted(unknown)}")
+        model_args = cls(**args)
+        try:
+            model_args.check()
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        return model_args
 
     def check(self):
         """ValueError naming every setting that cannot build a model (checked before any is built)."""
@@ -222,10 +249,10 @@ class GPT(nn.Module):
             return self.lm_head(x)
         logits = self.lm_head(x).float()
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=-1, reduction=loss_reduction)
+                               ignore_index=NOT_LEARNED, reduction=loss_reduction)
         return loss.view(B, T) if loss_reduction == "none" else loss
 
-    def configure_optimizers(self, learning_rate, weight_decay, betas, use_muon=False, muon_lr=0.0,
+    def configure_optimizers(self, *, learning_rate, weight_decay, betas, use_muon=False, muon_lr=0.0,
                              muon_weight_decay=0.0, muon_momentum=0.95, muon_group=None):
         """[AdamW] or [AdamW, Muon], and a line saying which parameters went where.
         AdamW decays matrices (and the embedding) only; 1-D norm gains are not decayed. With use_muon
@@ -319,6 +346,13 @@ PEAK_BF16_FLOPS = [
     ("RTX 4090", 165e12),
     ("RTX 3090", 71e12),
 ]
+
+
+def parameter_shapes(model_args):
+    """{parameter name: shape} of the model these ModelArgs build (on the meta device: no memory)."""
+    with torch.device("meta"):
+        model = GPT(model_args)
+    return {name: list(p.shape) for name, p in model.named_parameters()}
 
 
 def resolve_device(device="auto", dtype="auto"):

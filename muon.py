@@ -25,12 +25,14 @@ orthogonalizes the whole matrices it owns and sends each rank back its rows of t
 gather and one scatter of the hidden matrices (all_to_all) per step, not an all-gather of every
 gradient to every rank.
 Either way the momentum memory, the momentum arithmetic and the Newton-Schulz work per GPU fall with
-the number of GPUs. The checkpoint holds the whole momentum (parallel.state_pieces: each rank
+the number of GPUs. The checkpoint holds the whole momentum (checkpoint.state_pieces: each rank
 writes the rows it keeps; momentum_rows says which). One process issues no collectives.
 """
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
+
+from data import ceil_div
 
 # quintic iteration X <- a X + b (X X^T) X + c (X X^T)^2 X; these coefficients push every singular
 # value in (0, 1] towards 1 quickly, ending in roughly [0.7, 1.2] rather than exactly at 1
@@ -78,14 +80,14 @@ def world(group=None):
 
 def row_range(rows, rank, world_size):
     """The rows [first, last) of a matrix that FSDP2 gives a rank (it splits the first dimension as torch.chunk does)."""
-    chunk = -(-rows // world_size)
+    chunk = ceil_div(rows, world_size)
     return min(rank * chunk, rows), min((rank + 1) * chunk, rows)
 
 
 def share(count, rank, world_size):
     """A rank's share of a group of count matrices: the padded slice size (the same on every rank,
     as all-gather wants) and its own [first, last)."""
-    per_rank = -(-count // world_size)
+    per_rank = ceil_div(count, world_size)
     return per_rank, min(rank * per_rank, count), min((rank + 1) * per_rank, count)
 
 

@@ -13,18 +13,20 @@ and WORLD_SIZE), and which part of the training state each rank checkpoints and 
     data_parallel = 'hsdp': FSDP2 within groups of shard_size ranks (a node's GPUs) that replicate
         each other (a 2-D device mesh, replicate x shard): the gathers stay inside a node, and only
         gradients cross nodes (all-reduced across the groups on the last micro-step).
-Under FSDP2, torch.compile is applied to each block, as torchtitan does. The state, by tensor name
-(checkpoint.py): each rank writes its own share, and reads only the rows it holds.
+Under FSDP2, torch.compile is applied to each block, as torchtitan does. Also here: which rows of
+each tensor a rank holds, and which it writes in a checkpoint (checkpoint.py names and stores them).
 """
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from muon import row_range
+
 MODES = ("ddp", "fsdp", "hsdp")
 
 
-def wrap(raw_model, mode, device_type, local_rank, world_size, shard_size, compile, bf16, reshard_after_forward):
+def wrap(raw_model, *, mode, device_type, local_rank, world_size, shard_size, compile, bf16, reshard_after_forward):
     """(the model to train, the process group whose ranks share Muon's work: None for the default).
     raw_model is compiled and wrapped as the mode wants; under FSDP2 it is itself the sharded model."""
     if mode == "ddp":
@@ -78,9 +80,25 @@ def local(tensor):
     dimension as torch.chunk does), a plain tensor whole."""
     if not isinstance(tensor, DTensor):
         return tensor, 0
-    rows, mesh = tensor.shape[0], tensor.device_mesh
-    chunk = -(-rows // mesh.size(mesh.ndim - 1))
-    return tensor.to_local(), min(mesh.get_local_rank(mesh.ndim - 1) * chunk, rows)
+    mesh = tensor.device_mesh
+    return tensor.to_local(), row_range(tensor.shape[0], mesh.get_local_rank(mesh.ndim - 1), mesh.size(mesh.ndim - 1))[0]
+
+
+def replica(tensor):
+    """Whether tensor is, under HSDP, a shard that the first replica group's rank already holds."""
+    return isinstance(tensor, DTensor) and tensor.device_mesh.ndim > 1 and tensor.device_mesh.get_local_rank(0) > 0
+
+
+def share_to_write(tensor, rank, world_size):
+    """(the rows of tensor this rank writes in a checkpoint, the first one's index), or None: its shard
+    under FSDP2 (under HSDP, on the first replica group only); a slice of the rows of a replicated
+    tensor (DDP), so that the ranks write it in parallel; a 0-d tensor on rank 0."""
+    if replica(tensor) or (tensor.dim() == 0 and rank != 0):
+        return None
+    if isinstance(tensor, DTensor) or tensor.dim() == 0:
+        return local(tensor)
+    first, last = row_range(tensor.shape[0], rank, world_size)
+    return tensor[first:last], first
 
 
 def finite(raw_model):
@@ -105,60 +123,3 @@ def state_bytes(raw_model, optimizers):
     tensors = [t for p in raw_model.parameters() for t in (p, p.grad) if t is not None]
     tensors += [t for opt in optimizers for state in opt.state.values() for t in state.values() if torch.is_tensor(t)]
     return sum(local(t)[0].numel() * t.element_size() for t in tensors)
-
-
-def state_pieces(raw_model, optimizers, rank, world_size):
-    """This rank's share of the training state, for checkpoint.save_checkpoint: {name: (tensor, first
-    row, full shape)}. Under FSDP2 its shards (under HSDP, the first replica group's ranks only); a
-    replicated tensor (DDP) is split by rows between the ranks, so that they write it in parallel; a
-    0-d one is rank 0's; Muon's momentum is written by the ranks that keep it."""
-    pieces = {}
-
-    def replica(tensor):  # under HSDP, a shard the first replica group's rank already writes
-        return isinstance(tensor, DTensor) and tensor.device_mesh.ndim > 1 and tensor.device_mesh.get_local_rank(0) > 0
-
-    def add(name, tensor):
-        if replica(tensor) or (tensor.dim() == 0 and rank != 0):
-            return
-        if isinstance(tensor, DTensor) or tensor.dim() == 0:
-            part, first = local(tensor)
-        else:
-            chunk = -(-tensor.shape[0] // world_size)
-            first = min(rank * chunk, tensor.shape[0])
-            part = tensor[first:first + chunk]
-        pieces[name] = (part.detach(), first, tuple(tensor.shape))
-
-    for name, p in raw_model.named_parameters():
-        add(f"model/{name}", p)
-        for kind, opt in zip(("adamw", "muon"), optimizers):
-            for key, value in opt.state.get(p, {}).items():
-                if kind == "adamw":
-                    add(f"adamw/{name}/{key}", value)
-                elif not replica(p):
-                    pieces[f"muon/{name}/{key}"] = (value, local(p)[1], tuple(p.shape))  # the rows it keeps, plain
-    return pieces
-
-
-@torch.no_grad()
-def load_state(read, tensors, raw_model, optimizers, device):
-    """Set raw_model's weights and, when given, the optimizers' state from a checkpoint opened with
-    checkpoint.open_checkpoint (read, and its list of tensor names): each rank reads the rows it holds."""
-    def rows(name, like):
-        part, first = local(like)
-        return read(name) if like.dim() == 0 else read(name, first, first + part.shape[0])
-
-    for name, p in raw_model.named_parameters():
-        local(p)[0].copy_(rows(f"model/{name}", p))
-        for kind, opt in zip(("adamw", "muon"), optimizers):
-            keys = [t.rsplit("/", 1)[1] for t in tensors if t.startswith(f"{kind}/{name}/")]
-            if kind == "muon" and keys:  # the rows of the matrices this rank keeps the momentum of
-                kept = opt.momentum_rows(p)
-                if kept is not None:
-                    opt.state[p] = {"momentum_buffer": read(f"muon/{name}/momentum_buffer", *kept).to(device)}
-            elif keys:
-                state = {}
-                for key in keys:
-                    like = torch.zeros((), dtype=torch.float32, device=device) if key == "step" else torch.zeros_like(p)
-                    local(like)[0].copy_(rows(f"{kind}/{name}/{key}", like))
-                    state[key] = like
-                opt.state[p] = state

@@ -1,8 +1,9 @@
 """
-Files that must never be lost or half-written, outside the checkpoints themselves:
+The run directory, and the files around it that must never be lost or half-written:
     lock_run_directory     one run per out_dir (flock on out_dir/.lock, released on every exit)
+    start_point            where a run starts: resume, a stage handoff or scratch, and what is refused
+    open_run_log           out_dir/config.py, metrics.jsonl (lines appended whole or not at all), wandb
     catch_stop_signals     SIGTERM / SIGUSR1 / Ctrl-C recorded, so train.py stops with a checkpoint
-    append_line            a metrics.jsonl line appended whole or not at all
     replace_directory      a finished dataset or export swapped in for an older one, and only over a
                            directory that holds nothing but what the same tool writes
 """
@@ -123,3 +124,89 @@ def replace_directory(tmp, final):
         os.rename(final, old)
     os.rename(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+class Refused(Exception):
+    """A start that would lose or misuse a run: train.py prints the message and exits 1."""
+
+
+def start_point(out_dir, init_from, *, max_iters, use_muon, init_from_unfinished, master, barrier):
+    """Where training starts: (source, read, resuming), source and read as checkpoint.open_checkpoint
+    gives them, or None, None for a fresh model. Rank 0 has locked out_dir. The rule:
+    - a run directory that holds checkpoints is resumed, never overwritten: by 'resume', and by a
+      stage handoff too (so rerunning a pipeline resumes each stage); 'scratch' over it is refused;
+      resuming, rank 0 first finds the newest checkpoint that loads with finite weights, setting
+      aside those that do not (every rank then opens that one: barrier() between);
+    - a directory of set-aside checkpoints only is refused, never trained over from step 0;
+    - otherwise 'resume' starts from scratch, and a handoff (an earlier stage's out_dir or checkpoint,
+      or hf:<dir>) takes that model's weights only, and only from a stage that finished (its newest
+      checkpoint at the max_iters it ran with) unless init_from_unfinished.
+    A run already at or past max_iters raises Finished (at it) or Refused (past it): nothing to train."""
+    # here, not at the top: prepare.py uses this file and never needs torch
+    from checkpoint import checkpoint_paths, open_checkpoint, remove_stale_writes, set_aside_paths
+    if master:
+        remove_stale_writes(out_dir)
+    resuming = bool(checkpoint_paths(out_dir))
+    if not resuming and set_aside_paths(out_dir):
+        raise Refused(f"{out_dir} holds no checkpoint that loads, only ones set aside as corrupt "
+                      f"({', '.join(map(os.path.basename, set_aside_paths(out_dir)))}): move them out of {out_dir} "
+                      f"to start it again from scratch, or choose a new --out_dir")
+    if resuming and init_from == "scratch":
+        raise Refused(f"{out_dir} already holds checkpoints ({os.path.basename(checkpoint_paths(out_dir)[-1])}): "
+                      f"continue with --init_from=resume, or choose a new --out_dir")
+    if resuming and init_from != "resume" and master:
+        print(f"{out_dir} already holds this stage's checkpoints: resuming it (not starting again from {init_from})",
+              flush=True)
+    source = read = None
+    try:
+        if resuming and master:
+            source, read = open_checkpoint(out_dir, set_aside_corrupt=True, check_weights=True)
+        barrier()
+        if source is None and (resuming or init_from not in ("scratch", "resume")):
+            source, read = open_checkpoint(out_dir if resuming else init_from)
+    except (ValueError, FileNotFoundError) as e:
+        raise Refused(str(e)) from None
+    if resuming and source["step"] > max_iters:
+        raise Refused(f"{source['path']} is at step {source['step']}, past max_iters={max_iters}: nothing to train and "
+                      f"nothing written; resume with --max_iters={source['config'].get('max_iters', source['step'])} "
+                      f"or more")
+    if resuming and source["step"] == max_iters:
+        raise Finished(f"{out_dir} is finished ({os.path.basename(source['path'])} is at max_iters={max_iters}): "
+                       f"nothing to train; raise --max_iters to train on")
+    if resuming and bool(source["config"].get("use_muon")) != use_muon:
+        raise Refused(f"{source['path']} was trained with use_muon={source['config'].get('use_muon')}: use_muon must "
+                      f"stay as it was")
+    planned = source["config"].get("max_iters") if source is not None and not resuming else None
+    if isinstance(planned, int) and source["step"] < planned and not init_from_unfinished:
+        raise Refused(f"{source['path']} stopped at step {source['step']} of its max_iters={planned}: finish that stage "
+                      f"first (run it again with --init_from=resume), or start from it anyway with "
+                      f"--init_from_unfinished=True")
+    if init_from == "resume" and source is None and master:
+        print(f"no checkpoint in {out_dir}: starting from scratch", flush=True)
+    return source, read, resuming
+
+
+class Finished(Exception):
+    """A run resumed at its max_iters: nothing to train, and nothing is written."""
+
+
+def open_run_log(out_dir, config, run, *, wandb_project="", wandb_run_name=""):
+    """On rank 0: out_dir/config.py (the full config, which runs again as python train.py
+    out_dir/config.py), metrics.jsonl's first record ({"config", "run"}) and wandb. Returns
+    record(metrics): a metrics.jsonl line with the wall-clock time, written whole or not at all
+    (OSError when the disk is full), and the same to wandb."""
+    import json
+    import time
+    wandb = None
+    if wandb_project:
+        import wandb
+        wandb.init(project=wandb_project, name=wandb_run_name or None, config=config)
+
+    def record(metrics):
+        append_line(os.path.join(out_dir, "metrics.jsonl"), json.dumps({**metrics, "time": round(time.time(), 3)}))
+        if wandb is not None and "step" in metrics:
+            wandb.log(metrics, step=metrics["step"])
+    record({"config": config, "run": run})
+    with open(os.path.join(out_dir, "config.py"), "w") as f:
+        f.write("".join(f"{k} = {v!r}\n" for k, v in config.items()))
+    return record

@@ -8,7 +8,6 @@ python train.py --help lists them).
 """
 from dataclasses import asdict
 from datetime import timedelta
-import json
 import math
 import os
 import sys
@@ -85,36 +84,18 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator
 import torch  # after the config: --help answers without loading torch
 import torch.distributed as dist
 
-from checkpoint import (
-    checkpoint_failure,
-    checkpoint_paths,
-    open_checkpoint,
-    remove_stale_writes,
-    save_checkpoint,
-    set_aside_paths,
-    wait_for_checkpoint,
-)
+from checkpoint import checkpoint_failure, checkpoint_path, load_state, save_checkpoint, state_pieces, wait_for_checkpoint
 from data import micro_batches, open_mixture
 from evaluate import evaluate_tasks, load_task, validation, validation_windows
 from model import GPT, ModelArgs, device_name, device_peak_flops, peak_memory_mb, resolve_device
-from parallel import (
-    MODES,
-    clip_grad_norm,
-    finite,
-    load_state,
-    mean_over_ranks,
-    reshard,
-    state_bytes,
-    state_pieces,
-    sync_gradients,
-    wrap,
-)
-from rundir import append_line, catch_stop_signals, lock_run_directory, release_run_directory, stop_signal
+from parallel import MODES, clip_grad_norm, finite, mean_over_ranks, reshard, state_bytes, sync_gradients, wrap
+from rundir import (Finished, Refused, catch_stop_signals, lock_run_directory, open_run_log, release_run_directory,
+                    start_point, stop_signal)
 import tokenizer as tok
 
 # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; rank 0 logs and writes every file
-ddp = "RANK" in os.environ
-rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
+distributed = "RANK" in os.environ  # under torchrun, whichever the mode (DDP, FSDP2, HSDP)
+rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if distributed else (0, 0, 1)
 master = rank == 0
 
 
@@ -125,7 +106,7 @@ def log(*args):
 
 def fail(message):
     print(f"error (rank {rank}): {message}", file=sys.stderr, flush=True)
-    if ddp and dist.is_initialized():
+    if distributed and dist.is_initialized():
         dist.destroy_process_group()
     sys.exit(1)  # the run directory's lock is released on the way out (rundir.py)
 
@@ -137,7 +118,7 @@ def end_run():
     except OSError as e:
         fail(str(e))
     release_run_directory()
-    if ddp:
+    if distributed:
         dist.barrier()  # a rank that tears down while another still works can abort the group
         dist.destroy_process_group()
     # and without Python's exit: gloo's C++ teardown at interpreter exit can abort a process
@@ -146,35 +127,42 @@ def end_run():
     os._exit(0)
 
 
-# ---- the config, checked before anything starts: each mistake a one-line error ----------------------
-for problem, wrong in [
-    (f"lr_schedule must be 'cosine', 'linear' or 'wsd', got {lr_schedule!r}", lr_schedule not in ("cosine", "linear", "wsd")),
-    (f"wsd_decay_shape must be 'linear', 'cosine' or 'sqrt', got {wsd_decay_shape!r}", wsd_decay_shape not in ("linear", "cosine", "sqrt")),
-    *((f"{name} must be a finite number > 0, got {value}", not 0 < value < math.inf)
-      for name, value in [("learning_rate", learning_rate), ("muon_lr", muon_lr if use_muon else 1.0)]),
-    (f"min_lr must be a finite number >= 0, got {min_lr}", not 0 <= min_lr < math.inf),
-    (f"data_parallel must be one of {MODES}, got {data_parallel!r}", data_parallel not in MODES),
-    (f"batch_size_schedule must be dict(strategy='doubling', start_batch_size=..., interval_steps=..., max_batch_size=...), "
-     f"got {batch_size_schedule!r}", batch_size_schedule is not None and not (isinstance(batch_size_schedule, dict) and set(
-         batch_size_schedule) == {"strategy", "start_batch_size", "interval_steps", "max_batch_size"} and
-         batch_size_schedule["strategy"] == "doubling" and batch_size_schedule["interval_steps"] >= 1)),
-    (f"hsdp needs a world size ({world_size}) that is a multiple of shard_size ({shard_size})",
-     data_parallel == "hsdp" and world_size % shard_size != 0),
-    *((f"{name} must be at least 1, got {value}", value < 1) for name, value in [
-        ("micro_batch_size", micro_batch_size), ("batch_size", batch_size), ("eval_interval", eval_interval),
-        ("log_interval", log_interval), ("max_bad_steps", max_bad_steps), ("block_size", block_size)]),
-    *((f"{name} must not be negative, got {value}", value < 0) for name, value in [
-        ("max_iters", max_iters), ("warmup_iters", warmup_iters), ("eval_iters", eval_iters),
-        ("keep_last_checkpoints", keep_last_checkpoints), ("keep_every_checkpoints", keep_every_checkpoints),
-        ("muon_momentum_warmup_steps", muon_momentum_warmup_steps)]),
-]:
-    if wrong:
-        fail(f"config: {problem}")
+# ---- the config, checked before anything starts: each mistake a one-line error ----------------
+def check_config():
+    if lr_schedule not in ("cosine", "linear", "wsd"):
+        fail(f"config: lr_schedule must be 'cosine', 'linear' or 'wsd', got {lr_schedule!r}")
+    if wsd_decay_shape not in ("linear", "cosine", "sqrt"):
+        fail(f"config: wsd_decay_shape must be 'linear', 'cosine' or 'sqrt', got {wsd_decay_shape!r}")
+    for name, value in [("learning_rate", learning_rate), ("muon_lr", muon_lr if use_muon else 1.0)]:
+        if not 0 < value < math.inf:
+            fail(f"config: {name} must be a finite number > 0, got {value}")
+    if not 0 <= min_lr < math.inf:
+        fail(f"config: min_lr must be a finite number >= 0, got {min_lr}")
+    if data_parallel not in MODES:
+        fail(f"config: data_parallel must be one of {MODES}, got {data_parallel!r}")
+    s = batch_size_schedule
+    keys = {"strategy", "start_batch_size", "interval_steps", "max_batch_size"}
+    if s is not None and not (isinstance(s, dict) and set(s) == keys and s["strategy"] == "doubling"
+                              and s["interval_steps"] >= 1):
+        fail(f"config: batch_size_schedule must be dict(strategy='doubling', start_batch_size=..., interval_steps=..., "
+             f"max_batch_size=...), got {s!r}")
+    if data_parallel == "hsdp" and world_size % shard_size != 0:
+        fail(f"config: hsdp needs a world size ({world_size}) that is a multiple of shard_size ({shard_size})")
+    for name in ("micro_batch_size", "batch_size", "eval_interval", "log_interval", "max_bad_steps", "block_size"):
+        if config[name] < 1:
+            fail(f"config: {name} must be at least 1, got {config[name]}")
+    for name in ("max_iters", "warmup_iters", "eval_iters", "keep_last_checkpoints", "keep_every_checkpoints",
+                 "muon_momentum_warmup_steps"):
+        if config[name] < 0:
+            fail(f"config: {name} must not be negative, got {config[name]}")
+
+
+check_config()
 try:
     device, device_type, dtype, autocast = resolve_device(device, dtype)
 except ValueError as e:
     fail(f"config: {e}")
-if ddp:
+if distributed:
     if device_type == "cuda":
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
@@ -230,56 +218,22 @@ for size in sorted({batch_size_at(s) for s in range(0, max_iters + 1)}):
              f"= {sequences_per_micro_step}; use e.g. {' or '.join(map(str, sorted(set(multiples))))}")
 
 
-# ---- where to start from ----------------------------------------------------------------------
-# The rule: a run directory that holds checkpoints is resumed, never overwritten: by 'resume', and
-# by a stage handoff too (so rerunning a pipeline resumes each stage); 'scratch' over it is refused.
-# Otherwise 'resume' starts from scratch, and a handoff (an earlier stage's out_dir or checkpoint
-# file, or hf:<dir>) takes that model's weights only: a fresh optimizer, step count and schedule,
-# and only from a stage that finished (its newest checkpoint at its max_iters).
-# Either way the model's shape is the checkpoint's: a later stage's config need not repeat it.
+# ---- where to start from: resume, a stage handoff, or scratch (rundir.start_point has the rule) ----
 if master:  # one run per directory: a second is refused, naming the first's PID
     try:
         lock_run_directory(out_dir)
     except RuntimeError as e:
         fail(str(e))
-    remove_stale_writes(out_dir)
-resuming = bool(checkpoint_paths(out_dir))
-if not resuming and set_aside_paths(out_dir):
-    fail(f"{out_dir} holds no checkpoint that loads, only ones set aside as corrupt "
-         f"({', '.join(map(os.path.basename, set_aside_paths(out_dir)))}): move them out of {out_dir} to start "
-         f"it again from scratch, or choose a new --out_dir")
-if resuming and init_from == "scratch":
-    fail(f"{out_dir} already holds checkpoints ({os.path.basename(checkpoint_paths(out_dir)[-1])}): "
-         f"continue with --init_from=resume, or choose a new --out_dir")
-if resuming and init_from != "resume":
-    log(f"{out_dir} already holds this stage's checkpoints: resuming it (not starting again from {init_from})")
-source = None  # the checkpoint to start from: its metadata, and read() for its tensors
-try:  # resuming, rank 0 first finds the newest checkpoint whose weights are finite, setting aside those that are not
-    if resuming and master:
-        source, read = open_checkpoint(out_dir, set_aside_corrupt=True, check_weights=True)
-    if ddp:
-        dist.barrier()
-    if source is None and (resuming or init_from not in ("scratch", "resume")):
-        source, read = open_checkpoint(out_dir if resuming else init_from)
-except (ValueError, FileNotFoundError) as e:
+try:
+    source, read, resuming = start_point(out_dir, init_from, max_iters=max_iters, use_muon=use_muon,
+                                         init_from_unfinished=init_from_unfinished, master=master,
+                                         barrier=dist.barrier if distributed else lambda: None)
+except Refused as e:
     fail(str(e))
-if resuming and source["step"] >= max_iters:  # finished, or asked to stop before where it already is
-    if source["step"] > max_iters:
-        fail(f"{source['path']} is at step {source['step']}, past max_iters={max_iters}: nothing to train and "
-             f"nothing written; resume with --max_iters={source['config'].get('max_iters', source['step'])} or more")
-    log(f"{out_dir} is finished ({os.path.basename(source['path'])} is at max_iters={max_iters}): nothing to train; "
-        f"raise --max_iters to train on")
+except Finished as e:
+    log(str(e))
     end_run()
-if resuming and bool(source["config"].get("use_muon")) != use_muon:
-    fail(f"{source['path']} was trained with use_muon={source['config'].get('use_muon')}: use_muon must stay as it was")
-if not resuming and source is not None and not init_from_unfinished:
-    planned = source["config"].get("max_iters")
-    if isinstance(planned, int) and source["step"] < planned:
-        fail(f"{source['path']} stopped at step {source['step']} of its max_iters={planned}: finish that stage first "
-             f"(run it again with --init_from=resume), or start from it anyway with --init_from_unfinished=True")
-if init_from == "resume" and source is None:
-    log(f"no checkpoint in {out_dir}: starting from scratch")
-if source is not None:
+if source is not None:  # the model's shape is the checkpoint's: a later stage's config need not repeat it
     differences = {k: v for k, v in source["model_args"].items() if k in config and config[k] != v
                    and not (k == "vocab_size" and config[k] == 0)}
     if differences:
@@ -325,10 +279,12 @@ with torch.device(device):  # initialise directly on the device: a CPU init of a
 raw_model.checkpoint_blocks = activation_checkpointing
 # compiled and wrapped for the mode (parallel.py). Evaluation runs raw_model as it is: a second
 # compiled graph (no grad) would cost more to compile than it saves every eval_interval steps.
-model, shard_group = wrap(raw_model, data_parallel if ddp else "ddp", device_type, local_rank, world_size, shard_size,
-                          compile, dtype == "bfloat16", reshard_after_forward)
+model, shard_group = wrap(raw_model, mode=data_parallel if distributed else "ddp", device_type=device_type,
+                          local_rank=local_rank, world_size=world_size, shard_size=shard_size, compile=compile,
+                          bf16=dtype == "bfloat16", reshard_after_forward=reshard_after_forward)
 optimizers, optimizer_summary = raw_model.configure_optimizers(  # after wrap: FSDP2 replaces the parameters
-    learning_rate, weight_decay, (beta1, beta2), use_muon, muon_lr, muon_weight_decay, muon_momentum, shard_group)
+    learning_rate=learning_rate, weight_decay=weight_decay, betas=(beta1, beta2), use_muon=use_muon, muon_lr=muon_lr,
+    muon_weight_decay=muon_weight_decay, muon_momentum=muon_momentum, muon_group=shard_group)
 adamw, muon = optimizers[0], (optimizers[1] if use_muon else None)
 log(optimizer_summary)
 
@@ -353,7 +309,8 @@ if source is not None:  # each rank reads the rows it holds
 
 
 # ---- evaluation: the same validation windows at every evaluation, split between ranks -------------
-val_windows = validation_windows(datasets, eval_iters, micro_batch_size, seed, rank, world_size)
+val_windows = validation_windows(datasets, micro_batches=eval_iters, micro_batch_size=micro_batch_size, seed=seed,
+                                 rank=rank, world_size=world_size)
 token_bytes = torch.from_numpy(tok.token_byte_lengths(encoder)).to(device)
 try:
     tasks = [load_task(path, examples) for path, examples in eval_tasks.items()]
@@ -376,16 +333,16 @@ def write_checkpoint():
     meta = {"step": step, "tokens_seen": tokens_seen, "batch_size": batch_size_at(step), "model_args": asdict(model_args),
             "config": config, "tokenizer": encoder_state, "data_dir": data_dir, "parent": parent}
     pieces = state_pieces(raw_model, optimizers, rank, world_size)  # this rank's share, copied to host memory
-    save_checkpoint(out_dir, step, pieces, meta if master else None, rank, world_size, keep_last_checkpoints,
-                    keep_every_checkpoints, background=True)
+    save_checkpoint(out_dir, step, pieces, meta if master else None, rank=rank, world_size=world_size,
+                    keep_last=keep_last_checkpoints, keep_every=keep_every_checkpoints, background=True)
     host_mb = sum(t.numel() * t.element_size() for t, _, _ in pieces.values()) / 2**20
     log(f"checkpoint at step {step}: training paused {time.time() - started:.2f}s, {host_mb:,.1f} MiB of rank 0's "
         f"state in host memory (written in the background)")
-    good_checkpoint = os.path.join(out_dir, f"ckpt_{step:07d}")  # a failed write stops the run at the next step
+    good_checkpoint = checkpoint_path(out_dir, step)  # a failed write stops the run at the next step
 
 
 # SIGTERM / SIGUSR1 (what SLURM and cloud schedulers send before they kill) and Ctrl-C: finish the
-# step, checkpoint, exit 0 (checkpoint.catch_stop_signals)
+# step, checkpoint, exit 0 (rundir.catch_stop_signals)
 catch_stop_signals(rank)
 
 
@@ -398,31 +355,26 @@ log(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {flops_per_token / 
     + f" | device {device}, {dtype}, world size {world_size}, compile={compile}")
 
 
+run_info = {"step": step, "parent": parent, "params": raw_model.num_params(), "world_size": world_size,
+            "device": device_name(device_type), "dtype": dtype, "compile": compile, "torch": torch.__version__}
+append_record = open_run_log(out_dir, config, run_info, wandb_project=wandb_project,
+                             wandb_run_name=wandb_run_name) if master else None
+
+
 def record(metrics):
-    """A metrics.jsonl line with the wall-clock time, written whole or not at all (a full disk stops the run)."""
-    if master:
-        try:
-            append_line(os.path.join(out_dir, "metrics.jsonl"), json.dumps({**metrics, "time": round(time.time(), 3)}))
-        except OSError as e:
-            fail(str(e))
-        if wandb_project and "step" in metrics:
-            wandb.log(metrics, step=metrics["step"])
-
-
-record({"config": config, "run": {"step": step, "parent": parent, "params": raw_model.num_params(), "world_size": world_size,
-                                  "device": device_name(device_type), "dtype": dtype, "compile": compile, "torch": torch.__version__}})
-if master:
-    with open(os.path.join(out_dir, "config.py"), "w") as f:  # runs again as: python train.py out_dir/config.py
-        f.write("".join(f"{k} = {v!r}\n" for k, v in config.items()))
-if master and wandb_project:
-    import wandb
-    wandb.init(project=wandb_project, name=wandb_run_name or None, config=config)
+    """A metrics.jsonl record (rank 0); a full disk stops the run."""
+    try:
+        if master:
+            append_record(metrics)
+    except OSError as e:
+        fail(str(e))
 
 
 # ---- the loop ---------------------------------------------------------------------------------
 start_step = step
-batches = micro_batches(datasets, mixture_weights, step, batch_size_at, micro_batch_size, rank, world_size, block_size,
-                        use_loss_mask, seed, device)
+batches = micro_batches(datasets, mixture_weights, start_step=step, batch_size_at=batch_size_at,
+                        micro_batch_size=micro_batch_size, rank=rank, world_size=world_size, block_size=block_size,
+                        use_loss_mask=use_loss_mask, seed=seed, device=device)
 
 
 def next_batch():
@@ -447,15 +399,17 @@ while True:
         paused = time.time()
         with torch.compiler.set_stance("force_eager"):  # uncompiled, FSDP2's blocks too (compiled in place)
             if eval_iters > 0:
-                per_dataset, (val_loss, val_bpb) = validation(raw_model, datasets, val_windows, mixture_weights, block_size,
-                                                              token_bytes, device, autocast)
+                per_dataset, (val_loss, val_bpb) = validation(
+                    raw_model, datasets, val_windows, weights=mixture_weights, block_size=block_size,
+                    token_bytes=token_bytes, device=device, autocast=autocast)
                 log(f"step {step}: val loss {val_loss:.4f}, val bpb {val_bpb:.4f}" + ("".join(
                     f" | {name}: {loss:.4f}, {bpb:.4f} bpb" for name, (loss, bpb) in per_dataset.items()) if len(datasets) > 1 else ""))
                 record({"step": step, "val_loss": val_loss, "val_bpb": val_bpb, "tokens": tokens_seen,
                         "val_by_dataset": {name: {"loss": loss, "bpb": bpb} for name, (loss, bpb) in per_dataset.items()}})
             if tasks and not (tasks_scored and step == start_step):
-                scores = evaluate_tasks(raw_model, encoder, tasks, block_size, micro_batch_size, device, autocast,
-                                        rank, world_size)
+                scores = evaluate_tasks(raw_model, encoder, tasks, block_size=block_size,
+                                        micro_batch_size=micro_batch_size, device=device, autocast=autocast,
+                                        rank=rank, world_size=world_size)
                 log(f"step {step}: tasks ({time.time() - paused:.1f}s with validation) | " + " | ".join(
                     f"{name} " + ", ".join(f"{k} {v:.3f}" for k, v in s.items() if k != "examples") for name, s in scores.items()))
                 record({"step": step, "tokens": tokens_seen, "tasks": scores})
@@ -477,7 +431,7 @@ while True:
     accum_steps = batch_size_at(step) // sequences_per_micro_step
     loss_sum = torch.zeros((), device=device)  # accumulated on the device: no host sync per micro-step
     for micro_step in range(accum_steps):
-        if ddp:  # the gradients of the whole step cross ranks on the last micro-step (parallel.py)
+        if distributed:  # the gradients of the whole step cross ranks on the last micro-step (parallel.py)
             sync_gradients(model, micro_step == accum_steps - 1)
         with autocast:
             loss = model(x, y, loss_reduction="sum") * loss_scale
@@ -530,7 +484,7 @@ while True:
 
     # on a stop signal: all ranks must stop at the same step, so they agree (a collective) on log steps
     stop = stop_signal() is not None
-    if ddp:
+    if distributed:
         stop = step % log_interval == 0 and mean_over_ranks(torch.tensor(float(stop), device=device)) > 0
     if stop and step < max_iters:
         log(f"stopping at step {step} on a signal")

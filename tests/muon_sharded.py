@@ -13,14 +13,16 @@ from checkpoint import save_checkpoint
 from conftest import checkpoint_meta
 from model import GPT, ModelArgs
 from muon import Muon
-from parallel import state_pieces, wrap
+from checkpoint import state_pieces
+from parallel import wrap
 
 
 def run(out_dir, mode):
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     torch.manual_seed(0)
     model = GPT(ModelArgs(vocab_size=128, block_size=16, n_layer=3, n_head=4, n_kv_head=2, n_embd=32))
-    _, group = wrap(model, mode if dist.is_initialized() else "ddp", "cpu", 0, world_size, world_size, False, False, True)
+    _, group = wrap(model, mode=mode if dist.is_initialized() else "ddp", device_type="cpu", local_rank=0,
+                    world_size=world_size, shard_size=world_size, compile=False, bf16=False, reshard_after_forward=True)
     hidden = [p for name, p in model.named_parameters() if name.startswith("layers.") and p.dim() == 2]
     optimizer = Muon(hidden, lr=0.01, weight_decay=0.1, ns_steps=5, group=group)
     for step in range(3):
@@ -36,7 +38,7 @@ def run(out_dir, mode):
     print(f"rank {rank}: momentum elements kept {kept} of {sum(p.numel() for p in hidden)}", flush=True)
     no_adamw = torch.optim.SGD([torch.zeros(1)])  # state_pieces takes (adamw, muon)
     save_checkpoint(out_dir, 3, state_pieces(model, [no_adamw, optimizer], rank, world_size),
-                    checkpoint_meta(model, 3) if rank == 0 else None, rank, world_size)
+                    checkpoint_meta(model, 3) if rank == 0 else None, rank=rank, world_size=world_size)
 
 
 if __name__ == "__main__":

@@ -4,10 +4,10 @@ import os
 import pytest
 import torch
 
-from checkpoint import checkpoint_paths, load_checkpoint, model_from_checkpoint, save_checkpoint
+from checkpoint import checkpoint_paths, load_checkpoint, model_from_checkpoint, save_checkpoint, state_pieces
 from conftest import checkpoint_meta
 from model import GPT, ModelArgs
-from parallel import state_pieces
+
 import tokenizer as tok
 
 
@@ -15,7 +15,7 @@ def write(directory, step, keep_last=3):
     """A checkpoint of a small model, its AdamW state after one step, as train.py writes it (one rank)."""
     torch.manual_seed(step)
     model = GPT(ModelArgs(vocab_size=300, block_size=16, n_layer=1, n_head=2, n_kv_head=2, n_embd=16))
-    optimizers, _ = model.configure_optimizers(1e-3, 0.1, (0.9, 0.95))
+    optimizers, _ = model.configure_optimizers(learning_rate=1e-3, weight_decay=0.1, betas=(0.9, 0.95))
     model(torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16))).backward()
     optimizers[0].step()
     enc = tok.train_bpe(iter(["some text to train a tokenizer on"] * 10), 300)
@@ -98,7 +98,8 @@ def test_rank_zero_never_reads_another_ranks_part_half_written(tmp_path, monkeyp
 
     def rank(r):  # each rank writes its half of every tensor's rows
         try:
-            save_checkpoint(str(tmp_path), 1, state_pieces(model, [], r, 2), checkpoint_meta(model, 1) if r == 0 else None, r, 2)
+            save_checkpoint(str(tmp_path), 1, state_pieces(model, [], r, 2), checkpoint_meta(model, 1) if r == 0 else None,
+                            rank=r, world_size=2)
         except Exception as e:
             errors.append(e)
     threads = [threading.Thread(target=rank, args=(r,)) for r in (1, 0)]

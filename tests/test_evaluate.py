@@ -93,7 +93,8 @@ def test_multiple_choice_agrees_with_lm_evaluation_harness(data, trained, tmp_pa
         task = load_task(str(tmp_path / f"{name}.jsonl"))
         ours = score_multiple_choice(model, encoder, task, list(range(len(items))), model.args.block_size, 16, 7, "cpu",
                                      torch.autocast("cpu", enabled=False))
-        mine = evaluate_tasks(model, encoder, [task], model.args.block_size, 16, "cpu", torch.autocast("cpu", enabled=False))
+        mine = evaluate_tasks(model, encoder, [task], block_size=model.args.block_size, micro_batch_size=16, device="cpu",
+                              autocast=torch.autocast("cpu", enabled=False))
         for sample in samples:
             theirs = [float(ll) for ll, _ in sample["filtered_resps"]]  # written as strings
             assert np.allclose(ours[sample["doc_id"]], theirs, rtol=0, atol=1e-4), (name, sample["doc_id"])
@@ -120,7 +121,8 @@ def test_generative_tasks_and_their_normalization(trained, tmp_path):
                                                      zip(prompts, [expected[0], expected[1], "no such thing"])).replace("}{", "}\n{"))
     (tmp_path / "continue.json").write_text(json.dumps({"stop": ["\n"], "max_new_tokens": 6}))
     task = load_task(str(tmp_path / "continue.jsonl"))
-    scores = evaluate_tasks(model, encoder, [task], model.args.block_size, 16, "cpu", torch.autocast("cpu", enabled=False))
+    scores = evaluate_tasks(model, encoder, [task], block_size=model.args.block_size, micro_batch_size=16, device="cpu",
+                              autocast=torch.autocast("cpu", enabled=False))
     assert scores["continue"] == {"exact_match": pytest.approx(2 / 3), "examples": 3}
     # few-shot: other examples of the task, with their answers, before the example
     (tmp_path / "continue.json").write_text(json.dumps({"shots": 2}))

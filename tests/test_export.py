@@ -9,10 +9,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, state_pieces
 from export_hf import export
 from model import GPT, ModelArgs
-from parallel import state_pieces
+
 import tokenizer as tok
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

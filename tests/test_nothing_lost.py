@@ -182,11 +182,12 @@ def test_rank_zero_notices_a_dead_rank_during_a_checkpoint_write(tmp_path, monke
 
     from conftest import checkpoint_meta
     from model import GPT, ModelArgs
-    from parallel import state_pieces
+    from checkpoint import state_pieces
     model = GPT(ModelArgs(vocab_size=300, block_size=16, n_layer=1, n_head=2, n_kv_head=2, n_embd=16))
     started = time.time()
     with pytest.raises(OSError, match="rank 1's part did not appear .* did rank 1 die"):
-        checkpoint.save_checkpoint(str(tmp_path), 1, state_pieces(model, [], 0, 2), checkpoint_meta(model, 1), 0, 2)
+        checkpoint.save_checkpoint(str(tmp_path), 1, state_pieces(model, [], 0, 2), checkpoint_meta(model, 1),
+                                   rank=0, world_size=2)
     assert time.time() - started < 30 and not checkpoint_paths(str(tmp_path)) and torch.is_tensor(model.lm_head.weight)
 
 
