@@ -23,15 +23,24 @@ SHOWN = ["n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "batch_size",
 
 
 def stage(run_dir):
-    """A run directory's records: the config and run of its last start, and every step's metrics."""
+    """A run directory's records: the config and run of the last start that trained, the parent of the
+    first, every step's metrics, and the wall time of its runs (each from its start to its last
+    record: the gaps between runs are not counted)."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         sys.exit(f"report.py: error: no metrics.jsonl in {run_dir}")
     with open(path) as f:
         records = [json.loads(line) for line in f if line.strip()]
-    starts = [r for r in records if "config" in r]
-    return {"dir": run_dir, "config": starts[-1]["config"], "run": starts[-1].get("run", {}),
-            "first": starts[0].get("run", {}), "records": [r for r in records if "step" in r], "times": [r["time"] for r in records if "time" in r]}
+    runs = []  # each start's records, from its {"config", "run"} record on
+    for r in records:
+        if "config" in r or not runs:
+            runs.append([])
+        runs[-1].append(r)
+    trained = [run for run in runs if any("step" in r for r in run)] or runs
+    times = [[r["time"] for r in run if "time" in r] for run in runs]
+    return {"dir": run_dir, "config": trained[-1][0].get("config", {}), "run": trained[-1][0].get("run", {}),
+            "first": runs[0][0].get("run", {}), "records": [r for r in records if "step" in r],
+            "wall_s": sum(t[-1] - t[0] for t in times if len(t) > 1)}
 
 
 def chain(run_dir):
@@ -45,16 +54,30 @@ def chain(run_dir):
     return stages
 
 
+def start_offsets(stages):
+    """Where each stage starts on the chain's token axis: at the tokens of the checkpoint it started
+    from (a stage may start from one before the end of the stage before it), the first at 0."""
+    offsets = [0]
+    for before, s in zip(stages, stages[1:]):
+        parent = s["first"].get("parent") or ""
+        step = int(parent.rsplit("ckpt_", 1)[1]) if "ckpt_" in parent and parent.rsplit("ckpt_", 1)[1].isdigit() else None
+        tokens = [r["tokens"] for r in before["records"] if "tokens" in r and (step is None or r["step"] <= step)]
+        offsets.append(offsets[-1] + max(tokens or [0]))
+    return offsets
+
+
 def plot(stages, directory, plt):
     """The PNGs, against tokens seen since the first stage; dotted lines where a stage begins."""
-    offsets, total = [], 0
-    for s in stages:
-        offsets.append(total)
-        total += max([r.get("tokens", 0) for r in s["records"]] or [0])
+    offsets = start_offsets(stages)
+    total = max(offset + max([r.get("tokens", 0) for r in s["records"]] or [0]) for s, offset in zip(stages, offsets))
 
     def series(key, records_of=lambda s: s["records"]):
         return [([offset + r["tokens"] for r in records_of(s) if key(r) is not None], [key(r) for r in records_of(s) if key(r) is not None],
                  os.path.basename(s["dir"].rstrip("/"))) for s, offset in zip(stages, offsets)]
+
+    def data_of(s):  # what a stage's val loss is measured on
+        config = s["config"]
+        return ", ".join(os.path.basename(d.rstrip("/")) for d in (config.get("data_mixture") or [config.get("data_dir", "?")]))
 
     def figure(name, title, lines, ylabel, log_y=False):
         fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -75,22 +98,27 @@ def plot(stages, directory, plt):
         plt.close(fig)
         return name
 
-    pngs = [figure("loss.png", "loss", [(x, y, f"{label} train") for x, y, label in series(lambda r: r.get("loss"))]
-                   + [(x, y, f"{label} val") for x, y, label in series(lambda r: r.get("val_loss"))], "nats per token"),
+    # each stage's val loss is on its own data's val split: labelled with it, not comparable across stages
+    val = [(x, y, f"{label} val ({data_of(s)})") for (x, y, label), s in zip(series(lambda r: r.get("val_loss")), stages)]
+    pngs = [figure("loss.png", "loss (each val curve on its own stage's data)",
+                   [(x, y, f"{label} train") for x, y, label in series(lambda r: r.get("loss"))] + val, "nats per token"),
             figure("lr.png", "learning rate", series(lambda r: r.get("lr")), "learning rate"),
             figure("throughput.png", "tokens per second", series(lambda r: r.get("tokens_per_s")), "tokens/s")]
     if any(r.get("mfu") for s in stages for r in s["records"]):
         pngs.append(figure("mfu.png", "model FLOPs utilization", series(lambda r: r.get("mfu")), "MFU"))
     tasks = sorted({name for s in stages for r in s["records"] for name in r.get("tasks", {})})
     if tasks:
-        lines = []
+        lines, chances = [], {}
         for name in tasks:
-            metric = "acc" if any("acc" in r.get("tasks", {}).get(name, {}) for s in stages for r in s["records"]) else "exact_match"
-            points = series(lambda r: r.get("tasks", {}).get(name, {}).get(metric))
-            lines.append(([x for xs, _, _ in points for x in xs], [y for _, ys, _ in points for y in ys], f"{name} {metric}"))
+            metrics = [m for m in ("acc", "acc_norm", "exact_match")
+                       if any(m in r.get("tasks", {}).get(name, {}) for s in stages for r in s["records"])]
+            for metric in metrics:
+                points = series(lambda r: r.get("tasks", {}).get(name, {}).get(metric))
+                lines.append(([x for xs, _, _ in points for x in xs], [y for _, ys, _ in points for y in ys], f"{name} {metric}"))
             chance = [r["tasks"][name]["chance"] for s in stages for r in s["records"] if "chance" in r.get("tasks", {}).get(name, {})]
-            if chance:
-                lines.append(([0, total], [chance[-1]] * 2, f"{name} chance"))
+            if chance:  # tasks with the same chance level share one line, labelled with all their names
+                chances.setdefault(round(chance[-1], 6), []).append(name)
+        lines += [([0, total], [level] * 2, f"{' and '.join(names)} chance") for level, names in chances.items()]
         pngs.append(figure("tasks.png", "downstream tasks", lines, "score"))
     return pngs
 
@@ -100,12 +128,13 @@ def markdown(stages, pngs):
     for s in stages:
         run, config, records = s["run"], s["config"], s["records"]
         last = lambda key: next((r for r in reversed(records) if key in r), None)  # noqa: E731
-        wall = s["times"][-1] - s["times"][0] if len(s["times"]) > 1 else 0
+        wall = s["wall_s"]
         lines += [f"## {s['dir']}", "",
                   f"- model: {run.get('params', 0) / 1e6:,.2f}M parameters; hardware: {run.get('device', '?')}, world size "
                   f"{run.get('world_size', '?')}, {run.get('dtype', '?')}, compile={run.get('compile', '?')}, torch {run.get('torch', '?')}",
                   f"- started from: {s['first'].get('parent') or 'scratch'}; steps: {max([r['step'] for r in records] or [0])}; "
-                  f"tokens: {max([r.get('tokens', 0) for r in records] or [0]):,}; wall time: {wall / 60:.1f} min (all its runs)"]
+                  f"tokens: {max([r.get('tokens', 0) for r in records] or [0]):,}; wall time: {wall / 60:.1f} min (its runs, "
+                  f"without the gaps between them)"]
         if last("loss"):
             r = last("loss")
             lines.append(f"- last log: step {r['step']}, loss {r['loss']:.4f}, {r['tokens_per_s']:,.0f} tokens/s"
@@ -119,7 +148,7 @@ def markdown(stages, pngs):
             lines.append(f"- tasks at step {r['step']}: " + "; ".join(
                 f"{name} " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if k != "examples") + f" ({scores['examples']} examples)"
                 for name, scores in r["tasks"].items()))
-        lines += ["- config: " + ", ".join(f"`{k}={config[k]!r}`" for k in SHOWN if k in config), ""]
+        lines += ["- config: " + ", ".join(f"`{k}={shown(config[k])}`" for k in SHOWN if k in config), ""]
     return "\n".join(lines + [f"![{name}]({name})" for name in pngs]) + "\n"
 
 
