@@ -174,6 +174,21 @@ def _write_checkpoint(out_dir, step, pieces, meta, rank, world_size, keep_last, 
     return path
 
 
+def training_meta(*, step, tokens_seen, batch_size, model_args, config, tokenizer, data_dir, parent):
+    """meta.json's keys besides the tensor index: what a checkpoint records of its run."""
+    return {"step": step, "tokens_seen": tokens_seen, "batch_size": batch_size, "model_args": model_args,
+            "config": config, "tokenizer": tokenizer, "data_dir": data_dir, "parent": parent}
+
+
+def save_training_state(out_dir, step, raw_model, optimizers, meta, *, rank, world_size, keep_last, keep_every):
+    """Every rank's share of the training state written in the background (save_checkpoint), meta on
+    rank 0: returns the checkpoint's path and the MiB of this rank's share now held in host memory."""
+    pieces = state_pieces(raw_model, optimizers, rank, world_size)
+    save_checkpoint(out_dir, step, pieces, meta if rank == 0 else None, rank=rank, world_size=world_size,
+                    keep_last=keep_last, keep_every=keep_every, background=True)
+    return checkpoint_path(out_dir, step), sum(t.numel() * t.element_size() for t, _, _ in pieces.values()) / 2**20
+
+
 # ---- the training state, by tensor name ---------------------------------------------------------
 def state_pieces(raw_model, optimizers, rank, world_size):
     """This rank's share of the training state, by tensor name, for save_checkpoint: {name: (tensor,

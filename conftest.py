@@ -48,9 +48,11 @@ def gpt2(tmp_path, monkeypatch):
 
 def checkpoint_meta(model, step, encoder=None, **extra):
     """The metadata train.py writes with a checkpoint, for tests that save one of their own model."""
+    from checkpoint import training_meta
     import tokenizer as tok
-    return {"step": step, "tokens_seen": 0, "model_args": vars(model.args), "config": {},
-            "tokenizer": tok.tokenizer_state(encoder or tok.byte_tokenizer()), "data_dir": "", "parent": None, **extra}
+    return {**training_meta(step=step, tokens_seen=0, batch_size=0, model_args=vars(model.args), config={},
+                            tokenizer=tok.tokenizer_state(encoder or tok.byte_tokenizer()), data_dir="", parent=None),
+            **extra}
 
 
 HANG_S = 1800  # a subprocess's timeout guards against a hang, never against slowness: a loaded machine is slow

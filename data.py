@@ -131,6 +131,33 @@ def meta_problem(meta):
     return None
 
 
+def write_meta(directory, meta):
+    """A dataset's meta.json (prepare.py's record of it), checked as open_dataset will check it."""
+    meta = {"format_version": SHARD_VERSION, **meta}
+    problem = meta_problem(meta)
+    if problem:
+        raise ValueError(f"{directory}/meta.json would be invalid: {problem}")
+    with open(os.path.join(directory, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+
+
+def val_split_warnings(datasets, tokens_per_evaluation):
+    """Warnings on datasets whose val split is too small for the windows an evaluation reads (they
+    repeat, so the val loss is noise), and on conversations longer than a window (they are cut)."""
+    warnings = []
+    for d in datasets:
+        val_tokens = d["meta"]["splits"]["val"]["tokens"]
+        if tokens_per_evaluation > 2 * val_tokens:
+            warnings.append(f"warning: the val split of {d['directory']} holds only {val_tokens:,} tokens, and each "
+                            f"evaluation reads {tokens_per_evaluation:,} (eval_iters x micro_batch_size x world size x "
+                            f"block_size): its windows repeat, so the val loss is noisy; prepare the data with a larger "
+                            f"--val_fraction, or lower eval_iters")
+        if d["truncated"]:
+            warnings.append(f"{d['directory']}: {d['truncated']} training conversations are longer than a window "
+                            f"(block_size + 1 tokens) and will be cut")
+    return warnings
+
+
 def open_dataset(directory, block_size):
     """A prepared dataset, memory-mapped: {'directory', 'meta', 'tokens'[split], 'masks'[split] or None,
     'starts'[split]: cumulative count of possible window starts per shard, 'offsets'[split]: the

@@ -57,7 +57,7 @@ progress_seconds = 30.0         # a progress line this often in a log file (twic
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 # ----------------------------------------------------------------------------------------------
 
-from data import SHARD_VERSION, ShardWriter, split_of  # noqa: E402
+from data import ShardWriter, split_of, write_meta  # noqa: E402
 from demo import TASK_FILES, demo_conversations, demo_documents, write_demo_tasks  # noqa: E402
 from rundir import check_replaceable, replace_directory  # noqa: E402
 import tokenizer as tok  # noqa: E402  (after the config: `tokenizer` is also a setting's name)
@@ -397,7 +397,6 @@ def write_dataset(out, tmp):
                  + ("the sources hold no text" if progress.documents == 0 else "use more documents or another --val_fraction"))
 
     meta = {
-        "format_version": SHARD_VERSION,
         "chat": bool(chat),
         "tokenizer": enc.name,
         "vocab_size": enc.n_vocab,
@@ -412,8 +411,7 @@ def write_dataset(out, tmp):
         "skipped_documents": len(skipped),
         "documents_with_replaced_characters": replaced,
     }
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=1)
+    write_meta(tmp, meta)
     replace_directory(tmp, out)
     train, val = meta["splits"]["train"], meta["splits"]["val"]
     if val["tokens"] < MIN_VAL_TOKENS:

@@ -2,7 +2,8 @@
 The run directory, and the files around it that must never be lost or half-written:
     lock_run_directory     one run per out_dir (flock on out_dir/.lock, released on every exit)
     start_point            where a run starts: resume, a stage handoff or scratch, and what is refused
-    open_run_log           out_dir/config.py, metrics.jsonl (lines appended whole or not at all), wandb
+    open_run_log           out_dir/config.py, metrics.jsonl (lines appended whole or not at all), wandb;
+                           log_line, the console's line of the same metrics
     catch_stop_signals     SIGTERM / SIGUSR1 / Ctrl-C recorded, so train.py stops with a checkpoint
     replace_directory      a finished dataset or export swapped in for an older one, and only over a
                            directory that holds nothing but what the same tool writes
@@ -188,6 +189,17 @@ def start_point(out_dir, init_from, *, max_iters, use_muon, init_from_unfinished
 
 class Finished(Exception):
     """A run resumed at its max_iters: nothing to train, and nothing is written."""
+
+
+def log_line(metrics, *, max_iters, elapsed_s, eta_s):
+    """The console line of a log step's metrics (train.py's record), with the elapsed time and the ETA."""
+    from datetime import timedelta
+    m = metrics
+    return (f"step {m['step']}/{max_iters} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | grad norm {m['grad_norm']:.3f} | "
+            f"{m['tokens_per_s']:,.0f} tok/s | {m['ms_per_step']:.1f} ms/step"
+            + (f" | MFU {100 * m['mfu']:.1f}%" if "mfu" in m else "") + f" | {m['peak_memory_mb']:,.0f} MB"
+            + (f" | {m['skipped_steps']} skipped steps" if m["skipped_steps"] else "")
+            + f" | {timedelta(seconds=round(elapsed_s))} elapsed, ETA {timedelta(seconds=round(eta_s))}")
 
 
 def open_run_log(out_dir, config, run, *, wandb_project="", wandb_run_name=""):

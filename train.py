@@ -84,13 +84,13 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator
 import torch  # after the config: --help answers without loading torch
 import torch.distributed as dist
 
-from checkpoint import checkpoint_failure, checkpoint_path, load_state, save_checkpoint, state_pieces, wait_for_checkpoint
-from data import micro_batches, open_mixture
+from checkpoint import checkpoint_failure, load_state, save_training_state, training_meta, wait_for_checkpoint
+from data import micro_batches, open_mixture, val_split_warnings
 from evaluate import evaluate_tasks, load_task, validation, validation_windows
 from model import GPT, ModelArgs, device_name, device_peak_flops, peak_memory_mb, resolve_device
 from parallel import MODES, clip_grad_norm, finite, mean_over_ranks, reshard, state_bytes, sync_gradients, wrap
-from rundir import (Finished, Refused, catch_stop_signals, lock_run_directory, open_run_log, release_run_directory,
-                    start_point, stop_signal)
+from rundir import (Finished, Refused, catch_stop_signals, lock_run_directory, log_line, open_run_log,
+                    release_run_directory, start_point, stop_signal)
 import tokenizer as tok
 
 # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; rank 0 logs and writes every file
@@ -248,15 +248,8 @@ try:
 except (FileNotFoundError, ValueError) as e:
     fail(str(e))
 encoder_state, meta = tok.tokenizer_state(encoder), datasets[0]["meta"]  # checkpoints embed the tokenizer
-for dataset in datasets:
-    val_tokens, evaluated = dataset["meta"]["splits"]["val"]["tokens"], eval_iters * micro_batch_size * world_size * block_size
-    if evaluated > 2 * val_tokens:
-        log(f"warning: the val split of {dataset['directory']} holds only {val_tokens:,} tokens, and each evaluation reads "
-            f"{evaluated:,} (eval_iters x micro_batch_size x world size x block_size): its windows repeat, so the val loss "
-            f"is noisy; prepare the data with a larger --val_fraction, or lower eval_iters")
-    if dataset["truncated"]:
-        log(f"{dataset['directory']}: {dataset['truncated']} training conversations are longer than "
-            f"block_size + 1 = {block_size + 1} tokens and will be cut")
+for warning in val_split_warnings(datasets, eval_iters * micro_batch_size * world_size * block_size):
+    log(warning)
 
 
 # ---- the model and its optimizers -------------------------------------------------------------
@@ -319,26 +312,25 @@ except (OSError, ValueError) as e:
 
 
 # ---- checkpoints, and stopping on a signal ----------------------------------------------------
-def write_checkpoint():
-    """All ranks call this, each writing its share (in the background) while training goes on. Never
-    from weights, or after an evaluation, that are not finite: the run stops instead, naming the
-    newest good checkpoint, so rotation never replaces a good checkpoint with a poisoned one."""
-    global good_checkpoint
+def write_checkpoint(step, tokens_seen, val_loss, good_checkpoint):
+    """All ranks call this, each writing its share (in the background) while training goes on; returns
+    the new checkpoint's path. Never from weights, or after an evaluation, that are not finite: the
+    run stops instead, naming the newest good checkpoint, so rotation never replaces a good
+    checkpoint with a poisoned one."""
     started = time.time()
     weights_finite = finite(raw_model)  # a host sync (and a collective), here only
     if not weights_finite or (val_loss is not None and not math.isfinite(val_loss)):
-        fail(f"checkpoint at step {step} refused: " + ("the weights are not finite" if not weights_finite else f"val loss {val_loss}")
+        fail(f"checkpoint at step {step} refused: "
+             + ("the weights are not finite" if not weights_finite else f"val loss {val_loss}")
              + f"; the newest good checkpoint is {good_checkpoint or 'none (nothing was written)'}: "
              f"resume from it with a lower learning rate")
-    meta = {"step": step, "tokens_seen": tokens_seen, "batch_size": batch_size_at(step), "model_args": asdict(model_args),
-            "config": config, "tokenizer": encoder_state, "data_dir": data_dir, "parent": parent}
-    pieces = state_pieces(raw_model, optimizers, rank, world_size)  # this rank's share, copied to host memory
-    save_checkpoint(out_dir, step, pieces, meta if master else None, rank=rank, world_size=world_size,
-                    keep_last=keep_last_checkpoints, keep_every=keep_every_checkpoints, background=True)
-    host_mb = sum(t.numel() * t.element_size() for t, _, _ in pieces.values()) / 2**20
+    meta = training_meta(step=step, tokens_seen=tokens_seen, batch_size=batch_size_at(step), model_args=asdict(model_args),
+                         config=config, tokenizer=encoder_state, data_dir=data_dir, parent=parent)
+    path, host_mb = save_training_state(out_dir, step, raw_model, optimizers, meta, rank=rank, world_size=world_size,
+                                        keep_last=keep_last_checkpoints, keep_every=keep_every_checkpoints)
     log(f"checkpoint at step {step}: training paused {time.time() - started:.2f}s, {host_mb:,.1f} MiB of rank 0's "
         f"state in host memory (written in the background)")
-    good_checkpoint = checkpoint_path(out_dir, step)  # a failed write stops the run at the next step
+    return path  # a failed write stops the run at the next step
 
 
 # SIGTERM / SIGUSR1 (what SLURM and cloud schedulers send before they kill) and Ctrl-C: finish the
@@ -415,7 +407,7 @@ while True:
                 record({"step": step, "tokens": tokens_seen, "tasks": scores})
         reshard(raw_model)  # under FSDP2, the weights evaluation gathered back into shards (parallel.py)
         if step > start_step:
-            write_checkpoint()
+            good_checkpoint = write_checkpoint(step, tokens_seen, val_loss, good_checkpoint)
         last_log_time += time.time() - paused  # the time evaluating and checkpointing is not training time
     if last_step:
         break
@@ -470,11 +462,7 @@ while True:
                    "ms_per_step": 1000 * elapsed / steps_done, "peak_memory_mb": peak_memory_mb(device), "state_mb_per_rank": state_mb}
         if peak:
             metrics["mfu"] = flops_per_token * tokens_per_s / (peak * world_size)
-        log(f"step {step}/{max_iters} | loss {loss_value:.4f} | lr {lr:.2e} | grad norm {metrics['grad_norm']:.3f} | "
-            f"{tokens_per_s:,.0f} tok/s | {metrics['ms_per_step']:.1f} ms/step"
-            + (f" | MFU {100 * metrics['mfu']:.1f}%" if peak else "") + f" | {metrics['peak_memory_mb']:,.0f} MB"
-            + (f" | {metrics['skipped_steps']} skipped steps" if metrics["skipped_steps"] else "")
-            + f" | {timedelta(seconds=round(now - run_started))} elapsed, ETA {timedelta(seconds=round(eta))}")
+        log(log_line(metrics, max_iters=max_iters, elapsed_s=now - run_started, eta_s=eta))
         record(metrics)
         last_log_time, last_log_step, last_log_tokens = now, step, tokens_seen
 
@@ -488,7 +476,7 @@ while True:
         stop = step % log_interval == 0 and mean_over_ranks(torch.tensor(float(stop), device=device)) > 0
     if stop and step < max_iters:
         log(f"stopping at step {step} on a signal")
-        write_checkpoint()
+        write_checkpoint(step, tokens_seen, val_loss, good_checkpoint)
         break
 
 end_run()
