@@ -135,10 +135,11 @@ class Muon(torch.optim.Optimizer):
 
     def _apply(self, group, weights, updates, keep):
         """weights (whole or this rank's rows) += the scaled orthogonalized updates, after decoupled weight
-        decay; scaled by zero when skipped, once for the whole group, in bf16."""
+        decay; scaled by zero when skipped, once for the whole group, in bf16, then cast once to the
+        weights' dtype: a foreach add over mixed dtypes leaves CUDA's multi-tensor kernel for one per matrix."""
         lr = group["lr"]
         scale = -lr * update_scale(group["params"][0].shape)
-        updates = updates * (scale if keep is None else keep * scale)
+        updates = (updates * (scale if keep is None else keep * scale)).to(weights[0].dtype)
         if group["weight_decay"]:  # decoupled, AdamW's
             decay = 1 - lr * group["weight_decay"]
             torch._foreach_mul_(weights, decay if keep is None else torch.where(keep, decay, 1.0))

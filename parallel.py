@@ -16,6 +16,8 @@ and WORLD_SIZE), and which part of the training state each rank checkpoints and 
 Under FSDP2, torch.compile is applied to each block, as torchtitan does. Also here: which rows of
 each tensor a rank holds, and which it writes in a checkpoint (checkpoint.py names and stores them).
 """
+import os
+
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
@@ -33,7 +35,9 @@ def wrap(raw_model, *, mode, device_type, local_rank, world_size, shard_size, co
         # compile first, then wrap in DDP: DDP then hooks the compiled graph's gradients, and the
         # checkpoints come from raw_model, so their keys never carry _orig_mod. or module. prefixes
         model = torch.compile(raw_model) if compile else raw_model
-        return (DDP(model, device_ids=[local_rank] if device_type == "cuda" else None) if world_size > 1 else model), None
+        # under torchrun DDP wraps even one rank: what it costs is then there to be measured (dev/gpu_check.py)
+        return (DDP(model, device_ids=[local_rank] if device_type == "cuda" else None) if dist.is_initialized()
+                else model), None
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     shape, names = ((world_size,), ("shard",)) if mode == "fsdp" else ((world_size // shard_size, shard_size), ("replicate", "shard"))
@@ -45,6 +49,25 @@ def wrap(raw_model, *, mode, device_type, local_rank, world_size, shard_size, co
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(raw_model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     return raw_model, mesh.get_group("shard")
+
+
+def compiler_problem(device_type):
+    """What torch.compile lacks on this machine, as a sentence, or None. It builds code at run time:
+    on CUDA, Triton compiles its launcher with a C compiler against Python's headers; on the CPU,
+    inductor compiles C++. Without them the first compiled step dies deep inside inductor."""
+    import shutil
+    import sysconfig
+    if device_type == "cuda":
+        names, variable, what = ("cc", "gcc", "clang"), "CC", "a C compiler"
+    else:
+        names, variable, what = ("g++", "c++", "clang++"), "CXX", "a C++ compiler"
+    chosen = os.environ.get(variable) or None
+    if not (shutil.which(chosen.split()[0]) if chosen else any(shutil.which(name) for name in names)):
+        return f"{what} ({'$' + variable + '=' + chosen if chosen else ', '.join(names)}) on PATH: install gcc/g++"
+    headers = os.path.join(sysconfig.get_paths()["include"], "Python.h")
+    if device_type == "cuda" and not os.path.exists(headers):
+        return f"Python's headers ({headers}): install python3-dev"
+    return None
 
 
 def sync_gradients(model, last):

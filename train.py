@@ -88,7 +88,8 @@ from checkpoint import checkpoint_failure, load_state, save_training_state, trai
 from data import micro_batches, open_mixture, val_split_warnings
 from evaluate import evaluate_tasks, load_task, validation, validation_windows
 from model import GPT, ModelArgs, device_name, device_peak_flops, peak_memory_mb, resolve_device
-from parallel import MODES, clip_grad_norm, finite, mean_over_ranks, reshard, state_bytes, sync_gradients, wrap
+from parallel import (MODES, clip_grad_norm, compiler_problem, finite, mean_over_ranks, reshard, state_bytes,
+                      sync_gradients, wrap)
 from rundir import (Finished, Refused, catch_stop_signals, lock_run_directory, log_line, open_run_log,
                     release_run_directory, start_point, stop_signal)
 import tokenizer as tok
@@ -170,6 +171,9 @@ if distributed:
     dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timedelta(minutes=10))
 if compile is None:
     compile = device_type == "cuda"
+if compile and (problem := compiler_problem(device_type)):  # uncompiled is slower, not wrong
+    log(f"warning: compile=True needs {problem}; training uncompiled (--compile=False silences this)")
+    compile = False
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 
@@ -344,7 +348,7 @@ peak = peak_flops or device_peak_flops(device_type)
 log("config (the rest are train.py's defaults): " + ", ".join(f"{k}={shown(v)}" for k, v in config.items() if v != config_defaults[k]))
 log(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs/token | data: "
     + ", ".join(f"{d['meta']['splits']['train']['tokens']:,} train tokens in {d['directory']}" for d in datasets)
-    + f" | device {device}, {dtype}, world size {world_size}, compile={compile}")
+    + f" | device {device}, {dtype}, world size {world_size}, compile={compile}, {type(model).__name__}")
 
 
 run_info = {"step": step, "parent": parent, "params": raw_model.num_params(), "world_size": world_size,

@@ -9,13 +9,16 @@ whatever the token ids. Parts run in order of importance; each prints its lines 
 and out_file (JSON) is rewritten after every part, so a check killed half-way keeps what it measured.
 A part that cannot finish before the deadline (time_limit_s from the start) is skipped and reported;
 a part that fails (a missing package, an out-of-memory) is reported, never the end of the check.
+ 0. the toolchain: whether torch.compile can build here (a C/C++ compiler, Python's headers), and
+    the CUDA, cuDNN, NCCL, driver and Triton versions
  1. ceilings: a large bf16 matmul's TFLOP/s, a large device-to-device copy's GB/s
  2. the 1B model of configs/pretrain.py as users run it (train.py: AdamW, bf16, compile), one GPU's share
     of the config's step (micro-batch 8, 2 accumulation steps): ms/step, tokens/s, MFU, peak memory,
     the compile time, the loop's pause for one checkpoint
  3. a 124M GPT-2-size model (bench.py): the bare step's MFU and train.py's loop overhead over it
  4. the 1B model with Muon (bench.py): Muon's share of the step
- 5. the 1B run of part 2 under torchrun --nproc_per_node=1: what the DDP wrapper costs around the compiled model
+ 5. the 1B run of part 2 under torchrun --nproc_per_node=1, wrapped in DDP (train.py wraps every torchrun
+    run): what the DDP wrapper costs around the compiled model
  6. the same under FSDP2 (data_parallel='fsdp', one rank): the cost of the sharding machinery and of
     compiling block by block, where nothing is sharded yet
  7. attention alone at the 1B shape, forward + backward, per SDPA backend, with GQA and with K/V expanded
@@ -41,12 +44,14 @@ import torch
 device = "auto"
 out_file = "gpu_check.json"
 time_limit_s = 420.0            # the whole check, compilation included; no part starts that cannot end before it
-memory_cap_gb = 80.0            # part 9: the memory the largest micro-batch must fit in (an H100's)
+memory_cap_gb = 79.0            # part 9: the GiB the largest micro-batch must fit in: an H100 80GB's usable memory
+                                # (about 79.6 GiB) less its CUDA context
 exec(open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configurator.py")).read())
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from model import GPT, ModelArgs, device_peak_flops, resolve_device  # noqa: E402
+from parallel import compiler_problem  # noqa: E402
 
 started = time.time()
 device, device_type, _, _ = resolve_device(device)
@@ -153,6 +158,32 @@ def bench(shape, *extra):
 
 
 # ---- the parts --------------------------------------------------------------------------------
+def toolchain():
+    """What torch.compile and the GPU stack need, probed before anything is compiled: without a
+    compiler every compiled part would fail (train.py then runs uncompiled, with a warning)."""
+    import sysconfig
+    problem = compiler_problem(device_type)
+    r = {"compiler_problem": problem, "cc": shutil.which(os.environ.get("CC") or "cc"),
+         "cxx": shutil.which(os.environ.get("CXX") or "g++"),
+         "python_headers": os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")),
+         "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+         "nccl": ".".join(map(str, torch.cuda.nccl.version())) if not dry_run and hasattr(torch.cuda, "nccl") else None,
+         "driver": None}
+    if shutil.which("nvidia-smi"):
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                             text=True)
+        r["driver"] = smi.stdout.strip().splitlines()[0] if smi.returncode == 0 and smi.stdout.strip() else None
+    try:
+        import triton
+        r["triton"] = triton.__version__
+    except ImportError:
+        r["triton"] = None
+    r["lines"] = [("compile: OK" if problem is None else f"compile: NOT AVAILABLE, needs {problem}")
+                  + f"; cc {r['cc']}, c++ {r['cxx']}, Python.h {'yes' if r['python_headers'] else 'no'}",
+                  f"CUDA {r['cuda']}, cuDNN {r['cudnn']}, NCCL {r['nccl']}, driver {r['driver']}, triton {r['triton']}"]
+    return r
+
+
 def ceilings():
     n = 1024 if dry_run else 8192
     a = torch.randn(n, n, device=device, dtype=torch.float32 if dry_run else torch.bfloat16)
@@ -303,14 +334,14 @@ def largest_micro_batch():
     r = bench(ONE_B, f"--micro_batch_size={fits}", f"--batch_size={2 * fits}", "--full_step=False",
               f"--memory_cap_gb={memory_cap_gb}")
     r.update(micro_batch_size=fits, tried=tried)
-    r["lines"] = [f"micro-batch {fits} fits {memory_cap_gb:.0f} GB (tried {tried}); compiled: {r['ms_per_step']:.1f} ms/step, "
+    r["lines"] = [f"micro-batch {fits} fits {memory_cap_gb:.1f} GiB (tried {tried}); compiled: {r['ms_per_step']:.1f} ms/step, "
                   f"{r['tokens_per_s']:,.0f} tok/s, MFU {pct(r['mfu'])} (PaLM convention {pct(r['mfu_full_attention'])}), "
                   f"peak {r['peak_memory_mb'] / 1024:.1f} GB"]
     return r
 
 
 PARTS = [  # (name, the least time it needs on an H100/H200 in seconds, the part): in order of importance
-    ("ceilings", 20, ceilings), ("1B as configured", 150, one_b_as_configured), ("124M", 60, gpt2_small),
+    ("toolchain", 1, toolchain), ("ceilings", 20, ceilings), ("1B as configured", 150, one_b_as_configured), ("124M", 60, gpt2_small),
     ("1B with Muon", 60, one_b_with_muon), ("1B under DDP", 60, one_b_ddp), ("1B under FSDP2", 60, one_b_fsdp),
     ("attention", 20, attention),
     ("smoke", 60, smoke), ("1B at 80 GB", 100, largest_micro_batch)]

@@ -12,7 +12,7 @@ import pytest
 from conftest import HANG_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PARTS = ["ceilings", "1B as configured", "124M", "1B with Muon", "1B under DDP", "1B under FSDP2", "attention", "smoke", "1B at 80 GB"]
+PARTS = ["toolchain", "ceilings", "1B as configured", "124M", "1B with Muon", "1B under DDP", "1B under FSDP2", "attention", "smoke", "1B at 80 GB"]
 
 
 def environment(tmp_path):
@@ -33,6 +33,7 @@ def test_gpu_check_dry_run_without_rustbpe(tmp_path):
     assert list(parts) == PARTS and not [name for name, part in parts.items() if "error" in part or "skipped" in part], parts
     for name in PARTS:  # each part printed its lines as it ended
         assert f"] {name}: " in result.stdout
+    assert parts["toolchain"]["compiler_problem"] is None and parts["toolchain"]["cxx"]  # this machine has g++
     assert parts["ceilings"]["matmul_tflops"] > 0 and parts["ceilings"]["copy_gb_per_s"] > 0
     for name in ("1B as configured", "1B under DDP", "1B under FSDP2"):
         assert parts[name]["ms_per_step"] > 0 and parts[name]["checkpoint_pause_s"] is not None
@@ -52,12 +53,12 @@ def test_a_killed_or_late_check_keeps_what_it_measured(tmp_path):
     out = tmp_path / "check.json"
     process = subprocess.Popen([sys.executable, "dev/gpu_check.py", "--device=cpu", f"--out_file={out}"], cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment(tmp_path))
-    while process.poll() is None and not (out.exists() and len(json.loads(out.read_text())["parts"]) >= 2):
+    while process.poll() is None and not (out.exists() and len(json.loads(out.read_text())["parts"]) >= 3):
         time.sleep(0.1)
     process.send_signal(signal.SIGKILL)
     process.wait()
     parts = json.loads(out.read_text())["parts"]  # whole JSON, the parts done so far
-    assert list(parts)[:2] == PARTS[:2] and parts["1B as configured"]["ms_per_step"] > 0
+    assert list(parts)[:3] == PARTS[:3] and parts["1B as configured"]["ms_per_step"] > 0
     # a deadline that leaves time for the first parts only: the rest are skipped and reported, the check ends cleanly
     result = subprocess.run([sys.executable, "dev/gpu_check.py", "--device=cpu", f"--out_file={out}", "--time_limit_s=12"],
                             cwd=ROOT, capture_output=True, text=True, timeout=HANG_S, env=environment(tmp_path))

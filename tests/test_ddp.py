@@ -41,6 +41,18 @@ def test_two_processes_match_one(data, tmp_path, variant):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
+def test_torchrun_wraps_in_ddp_even_one_rank(data, tmp_path):
+    # the GPU check's DDP part runs one rank: the wrapper must be there for its cost to be measured
+    one_rank = (*TORCHRUN[:-1], "--nproc_per_node=1")
+    result = run_script("train.py", *TINY, f"--data_dir={data}", f"--out_dir={tmp_path}/one", "--max_iters=2",
+                        "--eval_interval=2", launcher=one_rank)
+    assert "world size 1, compile=False, DistributedDataParallel" in result.stdout
+    plain = run_script("train.py", *TINY, f"--data_dir={data}", f"--out_dir={tmp_path}/plain", "--max_iters=2",
+                       "--eval_interval=2")
+    assert "world size 1, compile=False, GPT" in plain.stdout
+    assert records(f"{tmp_path}/one") == records(f"{tmp_path}/plain")
+
+
 def test_batch_that_does_not_divide_across_ranks_is_refused(data, tmp_path):
     result = run_script("train.py", *TINY, f"--data_dir={data}", f"--out_dir={tmp_path}", "--batch_size=12",
                         launcher=TORCHRUN, check=False)

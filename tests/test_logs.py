@@ -10,9 +10,7 @@ import time
 import pytest
 
 from checkpoint import checkpoint_paths
-from conftest import ROOT
-from conftest import metric_records as records
-from conftest import run_script as run
+from conftest import HANG_S, ROOT, metric_records as records, run_script as run
 
 TINY = ["tests/tiny_model.py", "--micro_batch_size=4", "--batch_size=4", "--learning_rate=1e-2", "--warmup_iters=2"]
 
@@ -117,3 +115,15 @@ def test_tiny_val_splits_are_warned_about(tmp_path):
     # the demo's tasks are scored only on the demo's data
     printed = run("train.py", "configs/pretrain.py", "configs/tiny.py", f"--data_dir={tmp_path}/notes", "--print_config")
     assert "eval_tasks = {}" in printed.stdout
+
+
+def test_without_a_compiler_training_runs_uncompiled_and_says_so(data, tmp_path):
+    # torch.compile builds C++ (CPU) or C (Triton, CUDA) at run time: a machine without a compiler
+    # trains uncompiled with one warning, where it would die at the first step inside inductor
+    bare = {"PATH": os.path.dirname(sys.executable), "CXX": "", "CC": ""}
+    result = subprocess.run([sys.executable, "train.py", *TINY, f"--data_dir={data}", f"--out_dir={tmp_path}",
+                             "--max_iters=2", "--eval_interval=2", "--compile=True"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=HANG_S, env={**os.environ, **bare, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "warning: compile=True needs a C++ compiler" in result.stdout and "training uncompiled" in result.stdout
+    assert records(tmp_path)[0]["run"]["compile"] is False and checkpoint_paths(str(tmp_path))

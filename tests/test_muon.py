@@ -151,3 +151,20 @@ def test_found_inf_zero_is_the_plain_step():
         results.append(params)
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_the_update_is_one_add_per_group_in_the_weights_dtype(monkeypatch):
+    # a foreach add over mixed dtypes (fp32 weights, bf16 updates) falls back on CUDA to one kernel
+    # per matrix: the updates are cast once, and every group's matrices take one add
+    adds, real_add = [], torch._foreach_add_
+
+    def add(tensors, others, *args, **kwargs):
+        adds.append(({t.dtype for t in tensors}, {o.dtype for o in others} if isinstance(others, (list, tuple)) else None))
+        return real_add(tensors, others, *args, **kwargs)
+    monkeypatch.setattr(torch, "_foreach_add_", add)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in [(32, 32), (32, 32), (16, 48)]]  # two groups of shapes
+    optimizer = Muon(params, lr=0.01)
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    optimizer.step()
+    assert len(adds) == 2 and all(weights == {torch.float32} and updates == {torch.float32} for weights, updates in adds)
