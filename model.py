@@ -13,6 +13,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, fields
 import math
 import re
+import zlib
 
 import torch
 import torch.nn as nn
@@ -213,21 +214,39 @@ class GPT(nn.Module):
         self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self):
-        # GPT-2's scheme: every matrix N(0, 0.02), and the two projections that write into the
-        # residual stream (o_proj, down_proj) scaled by 1/sqrt(2 * n_layer): each block adds two
-        # such terms, so the residual's variance stays O(1) however deep the model is.
+    def init_weights(self, seed=None):
+        """GPT-2's scheme: every matrix N(0, 0.02), and the two projections that write into the
+        residual stream (o_proj, down_proj) scaled by 1/sqrt(2 * n_layer): each block adds two such
+        terms, so the residual's variance stays O(1) however deep the model is. Each parameter is
+        drawn from a generator of its own, seeded by (seed, its name), so its values do not depend
+        on the device, the order, or the sharding that holds it: a sharded parameter (FSDP2's
+        DTensor) is drawn whole and keeps its rows. seed None: torch's initial seed."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
+        seed = torch.initial_seed() if seed is None else seed
         std = 0.02
         for name, p in self.named_parameters():
+            local = p.to_local() if isinstance(p, DTensor) else p
+            if local.is_meta:  # built on the meta device: materialize() draws the values
+                continue
             if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
-                p.fill_(1.0)
-            elif name.endswith("o_proj.weight") or name.endswith("down_proj.weight"):
-                p.normal_(0.0, std / math.sqrt(2 * self.args.n_layer))
-            else:
-                p.normal_(0.0, std)
+                local.fill_(1.0)
+                continue
+            scale = std / math.sqrt(2 * self.args.n_layer) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+            generator = torch.Generator(device=local.device).manual_seed(zlib.crc32(f"{seed}/{name}".encode()))
+            full = torch.empty(p.shape, device=local.device).normal_(0.0, scale, generator=generator)
+            if isinstance(p, DTensor):  # this rank's rows of the whole, no communication
+                full = distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None).to_local()
+            local.copy_(full)
         cos, sin = rope_cos_sin(self.args.head_dim, self.args.block_size, self.args.rope_base, self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
+
+    def materialize(self, device, seed):
+        """A model built on the meta device (no memory), given memory on device and initialised from
+        seed; under FSDP2, after sharding: each rank then allocates and draws only the rows it holds."""
+        self.to_empty(device=device)
+        self.init_weights(seed)
+        return self
 
     def forward(self, idx, targets=None, loss_reduction="mean", cache=None):
         """idx (B, T) token ids -> logits (B, T, padded_vocab), or the loss when targets are given.

@@ -28,10 +28,14 @@ from muon import row_range
 MODES = ("ddp", "fsdp", "hsdp")
 
 
-def wrap(raw_model, *, mode, device_type, local_rank, world_size, shard_size, compile, bf16, reshard_after_forward):
+def wrap(raw_model, *, mode, device, local_rank, world_size, shard_size, compile, bf16, reshard_after_forward, seed):
     """(the model to train, the process group whose ranks share Muon's work: None for the default).
-    raw_model is compiled and wrapped as the mode wants; under FSDP2 it is itself the sharded model."""
+    raw_model, built on the meta device, is given memory and initialised from seed (GPT.materialize):
+    whole under DDP, only this rank's shards under FSDP2, with the same values either way. Then it is
+    compiled and wrapped as the mode wants; under FSDP2 it is itself the sharded model."""
+    device_type = torch.device(device).type
     if mode == "ddp":
+        raw_model.materialize(device, seed)
         # compile first, then wrap in DDP: DDP then hooks the compiled graph's gradients, and the
         # checkpoints come from raw_model, so their keys never carry _orig_mod. or module. prefixes
         model = torch.compile(raw_model) if compile else raw_model
@@ -48,6 +52,7 @@ def wrap(raw_model, *, mode, device_type, local_rank, world_size, shard_size, co
             block.compile()
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(raw_model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    raw_model.materialize(device, seed)
     return raw_model, mesh.get_group("shard")
 
 

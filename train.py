@@ -270,15 +270,14 @@ try:
     model_args.check()
 except ValueError as e:
     fail(f"model config: {e}")
-torch.manual_seed(seed)
-with torch.device(device):  # initialise directly on the device: a CPU init of a large model is slow
+with torch.device("meta"):  # no memory yet: wrap gives each rank what it holds, initialised from the seed
     raw_model = GPT(model_args)
 raw_model.checkpoint_blocks = activation_checkpointing
 # compiled and wrapped for the mode (parallel.py). Evaluation runs raw_model as it is: a second
 # compiled graph (no grad) would cost more to compile than it saves every eval_interval steps.
-model, shard_group = wrap(raw_model, mode=data_parallel if distributed else "ddp", device_type=device_type,
+model, shard_group = wrap(raw_model, mode=data_parallel if distributed else "ddp", device=device,
                           local_rank=local_rank, world_size=world_size, shard_size=shard_size, compile=compile,
-                          bf16=dtype == "bfloat16", reshard_after_forward=reshard_after_forward)
+                          bf16=dtype == "bfloat16", reshard_after_forward=reshard_after_forward, seed=seed)
 optimizers, optimizer_summary = raw_model.configure_optimizers(  # after wrap: FSDP2 replaces the parameters
     learning_rate=learning_rate, weight_decay=weight_decay, betas=(beta1, beta2), use_muon=use_muon, muon_lr=muon_lr,
     muon_weight_decay=muon_weight_decay, muon_momentum=muon_momentum, muon_group=shard_group)

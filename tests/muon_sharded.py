@@ -21,8 +21,9 @@ def run(out_dir, mode):
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     torch.manual_seed(0)
     model = GPT(ModelArgs(vocab_size=128, block_size=16, n_layer=3, n_head=4, n_kv_head=2, n_embd=32))
-    _, group = wrap(model, mode=mode if dist.is_initialized() else "ddp", device_type="cpu", local_rank=0,
-                    world_size=world_size, shard_size=world_size, compile=False, bf16=False, reshard_after_forward=True)
+    _, group = wrap(model, mode=mode if dist.is_initialized() else "ddp", device="cpu", local_rank=0,
+                    world_size=world_size, shard_size=world_size, compile=False, bf16=False, reshard_after_forward=True,
+                    seed=0)
     hidden = [p for name, p in model.named_parameters() if name.startswith("layers.") and p.dim() == 2]
     optimizer = Muon(hidden, lr=0.01, weight_decay=0.1, ns_steps=5, group=group)
     for step in range(3):

@@ -1,6 +1,8 @@
 """Every on-disk format the project reads, damaged field by field (removed, wrong type, out of range,
-truncated): each damage is a one-line error that names the file, a non-zero exit, and the run's
-checkpoints untouched; resuming over a damaged newest checkpoint falls back to the one before."""
+truncated): its one reader raises an error that names the file and the field for each damage, and a
+command meeting one prints it in one line, exits non-zero and leaves the run's checkpoints untouched
+(checked once per format: each command catches the readers' errors the same way); resuming over a
+damaged newest checkpoint falls back to the one before."""
 import json
 import os
 import shutil
@@ -58,20 +60,23 @@ DATASET_META = [("no vocab_size", without("vocab_size"), "vocab_size"),
 
 
 def test_dataset_meta_damaged_field_by_field(finished, data, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(finished, run)
-    before = snapshot(run)
-    for what, change, field in DATASET_META:
-        damaged = tmp_path / "data"
+    from data import open_dataset
+    damaged = tmp_path / "data"
+    for what, change, field in DATASET_META:  # each damage: a ValueError naming the file and the field
         shutil.rmtree(damaged, ignore_errors=True)
         shutil.copytree(data, damaged)
         edited(damaged / "meta.json", change)
-        error = one_line_error(run_script("train.py", *TINY, f"--data_dir={damaged}", f"--out_dir={run}",
-                                          "--init_from=resume", "--max_iters=12", check=False))
-        assert f"{damaged / 'meta.json'} is corrupt" in error and field in error, what
+        with pytest.raises(ValueError) as error:
+            open_dataset(str(damaged), 64)
+        assert f"{damaged / 'meta.json'} is corrupt" in str(error.value) and field in str(error.value), what
     (damaged / "meta.json").write_text('{"vocab_size": 5')  # truncated
-    assert "meta.json is corrupt" in one_line_error(run_script(
-        "train.py", *TINY, f"--data_dir={damaged}", f"--out_dir={run}", "--init_from=resume", "--max_iters=12", check=False))
+    # and as train.py reports it, resuming a run over the damaged data: one line, the run untouched
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    before = snapshot(run)
+    error = one_line_error(run_script("train.py", *TINY, f"--data_dir={damaged}", f"--out_dir={run}",
+                                      "--init_from=resume", "--max_iters=12", check=False))
+    assert f"{damaged / 'meta.json'} is corrupt" in error
     assert snapshot(run) == before
 
 
@@ -119,13 +124,18 @@ CHECKPOINT_META = [("no model_args", without("model_args"), "model_args"),
 
 
 def test_checkpoint_meta_damaged_field_by_field(finished, tmp_path):
+    from checkpoint import load_checkpoint
+    damaged = tmp_path / "ckpt_0000008"
     for what, change, field in CHECKPOINT_META:
-        damaged = tmp_path / "ckpt_0000008"
         shutil.rmtree(damaged, ignore_errors=True)
         shutil.copytree(finished / "ckpt_0000008", damaged)
         edited(damaged / "meta.json", change)
-        error = one_line_error(run_script("export_hf.py", f"--ckpt={damaged}", f"--hf_dir={tmp_path}/hf", check=False))
-        assert f"{damaged} is corrupt" in error and field in error, (what, error)
+        with pytest.raises(ValueError) as error:
+            load_checkpoint(str(damaged))
+        assert f"{damaged} is corrupt" in str(error.value) and field in str(error.value), (what, error.value)
+    # as the tools report it: one line, nothing written
+    error = one_line_error(run_script("export_hf.py", f"--ckpt={damaged}", f"--hf_dir={tmp_path}/hf", check=False))
+    assert f"{damaged} is corrupt" in error and "format version" in error
     assert not (tmp_path / "hf").exists()
 
 
@@ -149,18 +159,20 @@ HF_CONFIG = [("no hidden_size", without("hidden_size"), "hidden_size"),
 
 
 def test_hf_config_damaged_field_by_field(finished, data, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(finished, run)
-    before = snapshot(run)
+    from checkpoint import open_checkpoint
+    damaged = tmp_path / "hf"
     for what, change, field in HF_CONFIG:
-        damaged = tmp_path / "hf"
         shutil.rmtree(damaged, ignore_errors=True)
         shutil.copytree(finished / "hf", damaged)
         edited(damaged / "config.json", change)
-        error = one_line_error(run_script("train.py", *TINY, f"--data_dir={data}", f"--out_dir={tmp_path}/out",
-                                          f"--init_from=hf:{damaged}", check=False))
-        assert str(damaged) in error and field in error, (what, error)
-    assert snapshot(run) == before
+        with pytest.raises(ValueError) as error:
+            open_checkpoint(f"hf:{damaged}")
+        assert str(damaged) in str(error.value) and field in str(error.value), (what, error.value)
+    # as train.py reports it, a run starting from it: one line, no run directory filled
+    error = one_line_error(run_script("train.py", *TINY, f"--data_dir={data}", f"--out_dir={tmp_path}/out",
+                                      f"--init_from=hf:{damaged}", check=False))
+    assert str(damaged) in error and "vocab_size" in error
+    assert not [p for p in os.listdir(tmp_path / "out") if p.startswith("ckpt_")]
 
 
 TASKS = [("not JSON", '{"context": "x", ', "not valid JSON"),
@@ -171,9 +183,12 @@ TASKS = [("not JSON", '{"context": "x", ', "not valid JSON"),
 
 
 def test_task_files_damaged_line_by_line(finished, tmp_path):
+    from evaluate import load_task
     good = '{"context": "x", "choices": ["a", "b"], "answer": 0}'
     for what, line, message in TASKS:
         (tmp_path / "task.jsonl").write_text(good + "\n" + line + "\n")
-        error = one_line_error(run_script("evaluate.py", f"--ckpt={finished}", f"--tasks={tmp_path}/task.jsonl",
-                                          check=False))
-        assert f"{tmp_path}/task.jsonl:2: " in error and message in error, (what, error)
+        with pytest.raises(ValueError) as error:
+            load_task(str(tmp_path / "task.jsonl"))
+        assert f"{tmp_path}/task.jsonl:2: " in str(error.value) and message in str(error.value), (what, error.value)
+    error = one_line_error(run_script("evaluate.py", f"--ckpt={finished}", f"--tasks={tmp_path}/task.jsonl", check=False))
+    assert f"{tmp_path}/task.jsonl:2: " in error and "must be strings" in error

@@ -137,3 +137,19 @@ def test_export_and_sample_from_an_fsdp_checkpoint(data, tmp_path):
                              "--max_new_tokens=8", "--temperature=0", "--device=cpu"], cwd=ROOT, capture_output=True,
                             text=True, check=True)
     assert result.stdout == "def " + expected + "\n"
+
+
+def test_every_mode_and_world_size_starts_from_the_same_weights(tmp_path):
+    # built on the meta device, each rank draws only the rows it holds, each parameter from its own
+    # generator seeded by (seed, name): the same values whole, sharded over 1 rank or 2, or replicated
+    from safetensors.torch import load_file
+    runs = {"one process": ("ddp", (sys.executable,)), "ddp on 2": ("ddp", TORCHRUN),
+            "fsdp on 1": ("fsdp", (*TORCHRUN[:-1], "--nproc_per_node=1")), "fsdp on 2": ("fsdp", TORCHRUN)}
+    weights = {}
+    for name, (mode, launcher) in runs.items():
+        run_script("tests/initial_weights.py", mode, str(tmp_path / f"{name}.safetensors"), launcher=launcher)
+        weights[name] = load_file(str(tmp_path / f"{name}.safetensors"))
+    reference = weights["one process"]
+    assert reference["layers.0.self_attn.q_proj.weight"].std().item() == pytest.approx(0.02, rel=0.1)
+    for name, tensors in weights.items():
+        assert tensors.keys() == reference.keys() and all(torch.equal(tensors[k], reference[k]) for k in tensors), name
