@@ -233,15 +233,16 @@ def sample_windows(datasets, weights, split, count, rng_key):
 
 
 def read_windows(datasets, split, windows, block_size, use_loss_mask):
-    """(inputs, targets) as int64 arrays of shape (len(windows), block_size); targets that are not
-    learned (outside a chat dataset's mask, when use_loss_mask; a None window) are NOT_LEARNED."""
+    """(inputs, targets) as int64 arrays of shape (len(windows), block_size) of windows (dataset,
+    shard, offset[, first learned target]); targets that are not learned (outside a chat dataset's
+    mask, when use_loss_mask; before the first learned one; a None window) are NOT_LEARNED."""
     tokens = np.zeros((len(windows), block_size + 1), dtype=np.int64)
     learned_mask = np.ones((len(windows), block_size), dtype=bool)
     for row, window in enumerate(windows):
         if window is None:  # padding (evaluation's equal shares per rank): nothing to learn
             learned_mask[row] = False
             continue
-        d, shard, offset = window
+        d, shard, offset, *scored = window  # scored: targets before this index are another window's
         tokens[row] = datasets[d]["tokens"][split][shard][offset:offset + block_size + 1]
         if tokens[row].max() >= datasets[d]["meta"]["vocab_size"]:  # a shard edited after prepare.py
             raise ValueError(f"{datasets[d]['tokens'][split][shard].filename} holds token id {tokens[row].max()} at "
@@ -250,6 +251,8 @@ def read_windows(datasets, split, windows, block_size, use_loss_mask):
         masks = datasets[d]["masks"][split]
         if use_loss_mask and masks is not None:
             learned_mask[row] = masks[shard][offset + 1:offset + block_size + 1] > 0
+        if scored:
+            learned_mask[row, :scored[0]] = False
     targets = np.where(learned_mask, tokens[:, 1:], NOT_LEARNED)
     return tokens[:, :-1], targets
 

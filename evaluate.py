@@ -2,9 +2,11 @@ r"""
 Evaluation: how good the model is, during training (train.py calls these) and after:
     python evaluate.py --ckpt=out/finetune-tiny --tasks="data/demo-tasks/*.jsonl"
     python evaluate.py --ckpt=hf:hf/my-model --tasks=tasks/hellaswag.jsonl --examples=1000
+    python evaluate.py --ckpt=out/pretrain-tiny --tasks= --val_data=data/demo   # a final val score
 
 1. Validation loss and bits per byte, per dataset, on the same held-out windows at every
-   evaluation. In chat datasets only the learned targets (the assistant's words) count. Bits per
+   evaluation: every val token once (the full pass: the same score at any seed and world size), or
+   a fixed set of random windows for a val split too large for the evaluation's budget. In chat datasets only the learned targets (the assistant's words) count. Bits per
    byte does not depend on the tokenizer: the loss in bits summed over the UTF-8 bytes the targets
    stand for (special tokens excluded).
 2. Downstream tasks. A task is a JSONL file of examples, with an optional <name>.json of options
@@ -36,7 +38,8 @@ import sys
 
 if __name__ == "__main__":
     ckpt = "out/run"                # a run directory (its newest checkpoint), one checkpoint (ckpt_<step>), or hf:<exported dir>
-    tasks = "data/demo-tasks/*.jsonl"  # task files: comma-separated paths or globs
+    tasks = "data/demo-tasks/*.jsonl"  # task files: comma-separated paths or globs; '': none
+    val_data = ""                   # datasets (comma-separated directories) to score the val split of, every token once
     examples = 0                    # the first this many examples of each task; 0: all
     micro_batch_size = 16           # sequences per forward pass when scoring multiple choice
     device = "auto"
@@ -52,19 +55,34 @@ from data import ceil_div, read_windows, sample_windows, to_device  # noqa: E402
 import tokenizer as tok  # noqa: E402
 
 
-def validation_windows(datasets, *, micro_batches, micro_batch_size, seed, rank, world_size):
-    """This rank's validation windows of each dataset, as micro-batches of windows: micro_batches x
-    micro_batch_size windows in all, the same set whatever the world size, split between ranks. A
-    share is padded with None windows (nothing learned) to whole micro-batches, the same number on
-    every rank: each runs the same forward passes (FSDP needs that). Drawn with the key
-    (seed, 2**32, d): a step number training never reaches, so never the windows of a training step."""
-    total = micro_batches * micro_batch_size
-    per_rank = ceil_div(total, world_size)
-    per_rank = ceil_div(per_rank, micro_batch_size) * micro_batch_size
+def full_pass_windows(dataset, d, block_size):
+    """Windows that make every val token of a dataset (but each shard's first) a target exactly once:
+    consecutive windows of block_size targets, the last of a shard shifted back to end at the shard's
+    end, with the targets an earlier window scored left out (the window's fourth element)."""
+    windows = []
+    for shard, tokens in enumerate(dataset["tokens"]["val"]):
+        for start in range(0, len(tokens) - 1, block_size):
+            offset = min(start, len(tokens) - block_size - 1)
+            windows.append((d, shard, offset, start - offset))
+    return windows
+
+
+def validation_windows(datasets, *, micro_batches, micro_batch_size, block_size, seed, rank, world_size, full_pass):
+    """This rank's validation windows of each dataset, as micro-batches of windows, the same set
+    whatever the world size, split between ranks. With full_pass, every val token once
+    (full_pass_windows): the same score at any seed. Otherwise micro_batches x micro_batch_size
+    random windows, drawn with the key (seed, 2**32, d): a step number training never reaches, so
+    never the windows of a training step. full_pass None: the full pass when it needs no more
+    windows than that. A share is padded with None windows (nothing learned) to whole
+    micro-batches, the same number on every rank: each runs the same forward passes (FSDP needs that)."""
     shares = []
-    for d in range(len(datasets)):
-        windows = sample_windows([datasets[d]], [1.0], "val", total, (seed, 2**32, d))
-        mine = [(d, shard, offset) for _, shard, offset in windows[rank * per_rank:(rank + 1) * per_rank]]
+    for d, dataset in enumerate(datasets):
+        windows = full_pass_windows(dataset, d, block_size)
+        if not (full_pass is True or (full_pass is None and len(windows) <= micro_batches * micro_batch_size)):
+            windows = sample_windows([dataset], [1.0], "val", micro_batches * micro_batch_size, (seed, 2**32, d))
+            windows = [(d, shard, offset) for _, shard, offset in windows]
+        per_rank = ceil_div(ceil_div(len(windows), world_size), micro_batch_size) * micro_batch_size
+        mine = windows[rank * per_rank:(rank + 1) * per_rank]
         mine += [None] * (per_rank - len(mine))
         shares.append([mine[k:k + micro_batch_size] for k in range(0, per_rank, micro_batch_size)])
     return shares
@@ -286,10 +304,16 @@ def task_paths(spec):
 if __name__ == "__main__":
     from checkpoint import load_checkpoint, model_from_checkpoint
     from model import resolve_device
+    from data import open_dataset
     try:
         device, device_type, dtype, autocast = resolve_device(device, dtype)
         checkpoint = load_checkpoint(ckpt)
-        loaded = [load_task(path, examples) for path in task_paths(tasks)]
+        loaded = [load_task(path, examples) for path in task_paths(tasks)] if tasks else []
+        block_size = checkpoint["model_args"]["block_size"]
+        val_sets = [open_dataset(d, block_size) for d in val_data.split(",") if d]
+        for dataset in val_sets:
+            if not tok.same_ids(tok.tokenizer_state(tok.load_tokenizer(dataset["directory"])), checkpoint["tokenizer"]):
+                raise ValueError(f"{dataset['directory']} is tokenized with another tokenizer than {checkpoint['path']}")
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"evaluate.py: error: {e}")
     model, encoder = model_from_checkpoint(checkpoint, device)
@@ -297,8 +321,18 @@ if __name__ == "__main__":
     scores = evaluate_tasks(model, encoder, loaded, block_size=model.args.block_size, micro_batch_size=micro_batch_size,
                             device=device, autocast=autocast)
     print(f"# {checkpoint['path']} (step {checkpoint['step']})")
+    if val_sets:
+        windows = validation_windows(val_sets, micro_batches=0, micro_batch_size=micro_batch_size, block_size=block_size,
+                                     seed=0, rank=0, world_size=1, full_pass=True)
+        token_bytes = torch.from_numpy(tok.token_byte_lengths(encoder)).to(device)
+        per_dataset, _ = validation(model, val_sets, windows, weights=np.full(len(val_sets), 1 / len(val_sets)),
+                                    block_size=block_size, token_bytes=token_bytes, device=device, autocast=autocast)
+        for name, (loss, bpb) in per_dataset.items():
+            print(f"{name:>24}  val loss {loss:.4f}  {bpb:.4f} bits per byte (every val token once)")
+        val_scores = {name: {"loss": loss, "bpb": bpb} for name, (loss, bpb) in per_dataset.items()}
     for name, metrics in scores.items():
         print(f"{name:>24}  " + "  ".join(f"{k} {v:.4f}" if k != "examples" else f"({v} examples)" for k, v in metrics.items()))
     if out_file:
         with open(out_file, "w") as f:
-            json.dump({"checkpoint": checkpoint["path"], "step": checkpoint["step"], "tasks": scores}, f, indent=1)
+            json.dump({"checkpoint": checkpoint["path"], "step": checkpoint["step"], "tasks": scores,
+                       **({"val": val_scores} if val_sets else {})}, f, indent=1)

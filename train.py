@@ -26,6 +26,9 @@ init_from = "scratch"           # 'scratch'; 'resume': the newest checkpoint in 
 init_from_unfinished = False    # let a handoff start from an earlier stage that stopped before its max_iters
 eval_interval = 250             # evaluate and checkpoint every this many steps (and at the end)
 eval_iters = 20                 # micro-batches per evaluation (split across ranks); 0: no evaluation
+val_full_pass = None            # True: validation scores every val token once (the same at any seed: compare recipes
+                                # with it); False: eval_iters micro-batches of random windows; None: the full pass
+                                # when it takes no more windows than those
 eval_tasks = {}                 # downstream tasks scored at every evaluation: {task .jsonl: examples (0: all)} (evaluate.py)
 log_interval = 10               # a log line and a metrics.jsonl record every this many steps
 keep_last_checkpoints = 3       # older checkpoints are deleted once a newer one is complete
@@ -139,6 +142,8 @@ def check_config():
             fail(f"config: {name} must be a finite number > 0, got {value}")
     if not 0 <= min_lr < math.inf:
         fail(f"config: min_lr must be a finite number >= 0, got {min_lr}")
+    if val_full_pass not in (True, False, None):
+        fail(f"config: val_full_pass must be True, False or None, got {val_full_pass!r}")
     if data_parallel not in MODES:
         fail(f"config: data_parallel must be one of {MODES}, got {data_parallel!r}")
     s = batch_size_schedule
@@ -305,8 +310,9 @@ if source is not None:  # each rank reads the rows it holds
 
 
 # ---- evaluation: the same validation windows at every evaluation, split between ranks -------------
-val_windows = validation_windows(datasets, micro_batches=eval_iters, micro_batch_size=micro_batch_size, seed=seed,
-                                 rank=rank, world_size=world_size)
+val_windows = validation_windows(datasets, micro_batches=eval_iters, micro_batch_size=micro_batch_size,
+                                 block_size=block_size, seed=seed, rank=rank, world_size=world_size,
+                                 full_pass=val_full_pass)
 token_bytes = torch.from_numpy(tok.token_byte_lengths(encoder)).to(device)
 try:
     tasks = [load_task(path, examples) for path, examples in eval_tasks.items()]

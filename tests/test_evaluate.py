@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
-from conftest import HANG_S
+from conftest import HANG_S, metric_records
 from conftest import run_script as run
 from data import read_shard
 from evaluate import evaluate_tasks, load_task, normalize, score_multiple_choice, with_shots
@@ -173,3 +173,39 @@ def test_convert_benchmarks_from_parquet(tmp_path):
     assert normalize(expected["gsm8k"]["answer"], "number") == "5"
     bad = run("convert_tasks.py", str(tmp_path / "arc.parquet"), "--benchmark=gsm8k", f"--out={tmp_path}/x.jsonl", check=False)
     assert bad.returncode != 0 and "a row is not gsm8k's" in bad.stderr
+
+
+def test_the_full_pass_scores_every_val_token_once_at_any_seed_and_world_size(data):
+    from data import open_dataset, read_windows
+    from evaluate import validation_windows
+    datasets = [open_dataset(data, 64), open_dataset(data + "-chat", 64)]
+
+    def windows(world_size, seed, **kwargs):
+        return [w for rank in range(world_size) for share in validation_windows(
+            datasets, micro_batches=3, micro_batch_size=4, block_size=64, seed=seed, rank=rank, world_size=world_size,
+            **kwargs) for micro_batch in share for w in micro_batch if w is not None]
+    full = windows(1, 1337, full_pass=True)
+    for d, dataset in enumerate(datasets):  # each target position of each val shard, once
+        for shard, tokens in enumerate(dataset["tokens"]["val"]):
+            mine = [w for w in full if w[:2] == (d, shard)]
+            scored = np.zeros(len(tokens), dtype=int)
+            _, targets = read_windows(datasets, "val", mine, 64, False)
+            for (_, _, offset, _), row in zip(mine, targets):
+                scored[offset + 1:offset + 65] += row >= 0
+            assert scored[0] == 0 and (scored[1:] == 1).all()
+    assert all(sorted(windows(n, seed, full_pass=True)) == sorted(full) for n in (2, 3) for seed in (1, 2))
+    # None: the full pass only when it fits the budget of micro_batches x micro_batch_size windows
+    assert windows(1, 1, full_pass=None) != windows(1, 2, full_pass=None) and len(windows(1, 1, full_pass=None)) == 24
+
+
+@pytest.mark.slow
+def test_the_evaluate_command_gives_train_py_s_full_pass_score(data, tmp_path):
+    args = ["tests/tiny_model.py", f"--data_dir={data}", f"--out_dir={tmp_path}/run", "--max_iters=4", "--eval_interval=4",
+            "--micro_batch_size=4", "--batch_size=4", "--eval_iters=1", "--log_interval=1", "--val_full_pass=True"]
+    run("train.py", *args)
+    logged = [r for r in metric_records(tmp_path / "run") if "val_loss" in r][-1]
+    result = run("evaluate.py", f"--ckpt={tmp_path}/run", "--tasks=", f"--val_data={data}", "--micro_batch_size=4",
+                 "--device=cpu", f"--out_file={tmp_path}/scores.json")
+    assert "(every val token once)" in result.stdout
+    scores = json.loads((tmp_path / "scores.json").read_text())["val"][data]
+    assert scores["loss"] == pytest.approx(logged["val_loss"], rel=1e-6) and scores["bpb"] == pytest.approx(logged["val_bpb"], rel=1e-6)
