@@ -103,7 +103,7 @@ def wait_for_checkpoint():
         raise error
 
 
-def _durable(path, data=None):
+def _write_and_sync(path, data=None):
     """Write data (bytes) to path, or take the file already there, and fsync it (a directory too)."""
     if data is not None:
         with open(path, "wb") as f:
@@ -129,9 +129,9 @@ def _write_checkpoint(out_dir, step, pieces, meta, rank, world_size, keep_last, 
             save_file({f"{name}:{row}": pieces[name][0].contiguous() for name, (row, *_) in rows.items()},
                       os.path.join(tmp, own + ".safetensors"))
             os.chmod(os.path.join(tmp, own + ".safetensors"), os.stat(out_dir).st_mode & 0o666)  # not safetensors' 0600
-            _durable(os.path.join(tmp, own + ".safetensors"))
+            _write_and_sync(os.path.join(tmp, own + ".safetensors"))
         # last: this rank's part is complete. Renamed into place, so rank 0 never reads it half-written
-        _durable(os.path.join(tmp, own + ".json.tmp"), json.dumps(rows).encode())
+        _write_and_sync(os.path.join(tmp, own + ".json.tmp"), json.dumps(rows).encode())
         os.replace(os.path.join(tmp, own + ".json.tmp"), os.path.join(tmp, own + ".json"))
         if rank != 0:
             return path
@@ -153,10 +153,10 @@ def _write_checkpoint(out_dir, step, pieces, meta, rank, world_size, keep_last, 
             for name, (first, last, shape, dtype) in part.items():
                 entry = tensors.setdefault(name, {"shape": shape, "dtype": dtype, "pieces": []})
                 entry["pieces"].append([f"rank-{r:05d}.safetensors", first, last])
-        _durable(os.path.join(tmp, "meta.json"), json.dumps({"format_version": FORMAT_VERSION, **meta, "tensors": tensors}).encode())
-        _durable(tmp)
+        _write_and_sync(os.path.join(tmp, "meta.json"), json.dumps({"format_version": FORMAT_VERSION, **meta, "tensors": tensors}).encode())
+        _write_and_sync(tmp)
         os.replace(tmp, path)
-        _durable(out_dir)  # the rename itself, durable
+        _write_and_sync(out_dir)  # the rename itself, durable
     except Exception as e:  # torch and safetensors report a failed write (disk full, file too large) their own ways
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)

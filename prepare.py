@@ -232,10 +232,16 @@ def check_splits():
         counts[split] += problem is None
         if counts["train"] and counts["val"]:
             return
-    total = counts["train"] + counts["val"]
-    empty = "val" if total else "train"
-    fail(f"no documents in the {empty} split ({total} in all): "
-         + ("the sources hold no text" if total == 0 else "use more documents or another --val_fraction"))
+    refuse_an_empty_split(counts)
+
+
+def refuse_an_empty_split(counts):
+    """Fail when a split ({split: documents}) has no documents: training needs both."""
+    total = sum(counts.values())
+    for split in ("train", "val"):
+        if counts[split] == 0:
+            fail(f"no documents in the {split} split ({total} in all): "
+                 + ("the sources hold no text" if total == 0 else "use more documents or another --val_fraction"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,10 +397,7 @@ def write_dataset(out, tmp):
         print(f"skipped {len(skipped)} documents (the first {min(len(skipped), 20)} named above)", file=sys.stderr)
     if replaced:
         print(f"replaced lone surrogates (valid in JSON, not in UTF-8) with U+FFFD in {replaced} documents", file=sys.stderr)
-    for split, writer in writers.items():
-        if writer.documents == 0:
-            fail(f"no documents in the {split} split ({progress.documents} in all): "
-                 + ("the sources hold no text" if progress.documents == 0 else "use more documents or another --val_fraction"))
+    refuse_an_empty_split({split: writer.documents for split, writer in writers.items()})
 
     meta = {
         "chat": bool(chat),

@@ -29,7 +29,8 @@ eval_iters = 20                 # micro-batches per evaluation (split across ran
 val_full_pass = None            # True: validation scores every val token once (the same at any seed: compare recipes
                                 # with it); False: eval_iters micro-batches of random windows; None: the full pass
                                 # when it takes no more windows than those
-eval_tasks = {}                 # downstream tasks scored at every evaluation: {task .jsonl: examples (0: all)} (evaluate.py)
+eval_tasks = {}                 # downstream tasks scored at every evaluation: {task .jsonl: examples (0: all)}
+                                # (evaluate.py)
 log_interval = 10               # a log line and a metrics.jsonl record every this many steps
 keep_last_checkpoints = 3       # older checkpoints are deleted once a newer one is complete
 keep_every_checkpoints = 0      # also keep every checkpoint whose step is a multiple of this, forever (0: none)
@@ -50,7 +51,8 @@ tie_embeddings = False
 # batch: sizes in sequences of block_size tokens
 micro_batch_size = 8            # sequences per forward/backward on each device
 batch_size = 64                 # sequences per optimizer step, over all devices and accumulation steps
-batch_size_schedule = None      # e.g. dict(strategy='doubling', start_batch_size=16, interval_steps=100, max_batch_size=64)
+batch_size_schedule = None      # e.g. dict(strategy='doubling', start_batch_size=16, interval_steps=100,
+                                #           max_batch_size=64)
 # optimizer: AdamW, weight decay on matrices only
 learning_rate = 6e-4            # peak
 min_lr = 6e-5                   # the schedules end here
@@ -76,9 +78,11 @@ device = "auto"                 # 'auto' (cuda if available, else cpu), 'cpu', '
 dtype = "auto"                  # 'auto' (bfloat16 autocast on cuda, float32 on cpu), 'bfloat16', 'float32'
 compile = None                  # torch.compile the model; None: on for cuda, off for cpu
 activation_checkpointing = False  # recompute each block in the backward pass: less memory, ~1/3 more compute
-data_parallel = "ddp"           # with torchrun: 'ddp', 'fsdp' (sharded: FSDP2) or 'hsdp' (sharded in groups); parallel.py
+data_parallel = "ddp"           # with torchrun: 'ddp', 'fsdp' (sharded: FSDP2) or 'hsdp' (sharded in groups);
+                                # parallel.py
 shard_size = 8                  # hsdp: ranks per sharded group (a node's GPUs); the groups replicate each other
-reshard_after_forward = True    # fsdp/hsdp: free a block's gathered weights after its forward (gathered again for backward)
+reshard_after_forward = True    # fsdp/hsdp: free a block's gathered weights after its forward (gathered again for
+                                # backward)
 peak_flops = 0.0                # device peak FLOP/s for MFU; 0: from model.PEAK_BF16_FLOPS (cuda only)
 seed = 1337
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
@@ -99,7 +103,9 @@ import tokenizer as tok
 
 # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; rank 0 logs and writes every file
 distributed = "RANK" in os.environ  # under torchrun, whichever the mode (DDP, FSDP2, HSDP)
-rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if distributed else (0, 0, 1)
+rank, local_rank, world_size = (0, 0, 1)
+if distributed:
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
 master = rank == 0
 
 
@@ -222,9 +228,10 @@ def batch_size_at(step):
 sequences_per_micro_step = micro_batch_size * world_size
 for size in sorted({batch_size_at(s) for s in range(0, max_iters + 1)}):
     if size <= 0 or size % sequences_per_micro_step:
-        multiples = [sequences_per_micro_step * k for k in (max(1, size // sequences_per_micro_step), size // sequences_per_micro_step + 1)]
-        fail(f"batch size {size} is not a multiple of micro_batch_size x world_size = {micro_batch_size} x {world_size} "
-             f"= {sequences_per_micro_step}; use e.g. {' or '.join(map(str, sorted(set(multiples))))}")
+        below = max(1, size // sequences_per_micro_step) * sequences_per_micro_step
+        above = (size // sequences_per_micro_step + 1) * sequences_per_micro_step
+        fail(f"batch size {size} is not a multiple of micro_batch_size x world_size = {micro_batch_size} x "
+             f"{world_size} = {sequences_per_micro_step}; use e.g. {' or '.join(map(str, sorted({below, above})))}")
 
 
 # ---- where to start from: resume, a stage handoff, or scratch (rundir.start_point has the rule) ----
@@ -263,11 +270,13 @@ for warning in val_split_warnings(datasets, eval_iters * micro_batch_size * worl
 
 # ---- the model and its optimizers -------------------------------------------------------------
 model_args = ModelArgs(**source["model_args"]) if source is not None else ModelArgs(
-    vocab_size=vocab_size or meta["vocab_size"], block_size=block_size, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head,
-    n_embd=n_embd, mlp_ratio=mlp_ratio, rope_base=rope_base, qk_norm=qk_norm, tie_embeddings=tie_embeddings)
+    vocab_size=vocab_size or meta["vocab_size"], block_size=block_size, n_layer=n_layer, n_head=n_head,
+    n_kv_head=n_kv_head, n_embd=n_embd, mlp_ratio=mlp_ratio, rope_base=rope_base, qk_norm=qk_norm,
+    tie_embeddings=tie_embeddings)
 if source is not None and not tok.same_ids(source["tokenizer"], encoder_state):
     fail(f"the tokenizer of {source['path']} (vocabulary {source['model_args']['vocab_size']}) differs from "
-         f"{data_dir}'s (vocabulary {meta['vocab_size']}): prepare the data with --tokenizer=<the earlier dataset's directory>")
+         f"{data_dir}'s (vocabulary {meta['vocab_size']}): prepare the data with "
+         f"--tokenizer=<the earlier dataset's directory>")
 if model_args.vocab_size < meta["vocab_size"]:
     fail(f"vocab_size={model_args.vocab_size} is smaller than the dataset's vocabulary ({meta['vocab_size']}); "
          f"use 0 to take it from the data")
@@ -280,12 +289,12 @@ with torch.device("meta"):  # no memory yet: wrap gives each rank what it holds,
 raw_model.checkpoint_blocks = activation_checkpointing
 # compiled and wrapped for the mode (parallel.py). Evaluation runs raw_model as it is: a second
 # compiled graph (no grad) would cost more to compile than it saves every eval_interval steps.
-model, shard_group = wrap(raw_model, mode=data_parallel if distributed else "ddp", device=device,
+model, muon_group = wrap(raw_model, mode=data_parallel if distributed else "ddp", device=device,
                           local_rank=local_rank, world_size=world_size, shard_size=shard_size, compile=compile,
                           bf16=dtype == "bfloat16", reshard_after_forward=reshard_after_forward, seed=seed)
 optimizers, optimizer_summary = raw_model.configure_optimizers(  # after wrap: FSDP2 replaces the parameters
     learning_rate=learning_rate, weight_decay=weight_decay, betas=(beta1, beta2), use_muon=use_muon, muon_lr=muon_lr,
-    muon_weight_decay=muon_weight_decay, muon_momentum=muon_momentum, muon_group=shard_group)
+    muon_weight_decay=muon_weight_decay, muon_momentum=muon_momentum, muon_group=muon_group)
 adamw, muon = optimizers[0], (optimizers[1] if use_muon else None)
 log(optimizer_summary)
 
@@ -299,7 +308,8 @@ if source is not None:  # each rank reads the rows it holds
     except ValueError as e:  # a weight that is not finite
         fail(str(e))
     if resuming:
-        step, tokens_seen, parent, good_checkpoint = source["step"], source["tokens_seen"], source["parent"], source["path"]
+        step, tokens_seen, parent = source["step"], source["tokens_seen"], source["parent"]
+        good_checkpoint = source["path"]
         log(f"resumed from {source['path']} at step {step}")
     else:
         parent = source["path"]
@@ -333,8 +343,9 @@ def write_checkpoint(step, tokens_seen, val_loss, good_checkpoint):
              + ("the weights are not finite" if not weights_finite else f"val loss {val_loss}")
              + f"; the newest good checkpoint is {good_checkpoint or 'none (nothing was written)'}: "
              f"resume from it with a lower learning rate")
-    meta = training_meta(step=step, tokens_seen=tokens_seen, batch_size=batch_size_at(step), model_args=asdict(model_args),
-                         config=config, tokenizer=encoder_state, data_dir=data_dir, parent=parent)
+    meta = training_meta(step=step, tokens_seen=tokens_seen, batch_size=batch_size_at(step),
+                         model_args=asdict(model_args), config=config, tokenizer=encoder_state, data_dir=data_dir,
+                         parent=parent)
     path, host_mb = save_training_state(out_dir, step, raw_model, optimizers, meta, rank=rank, world_size=world_size,
                                         keep_last=keep_last_checkpoints, keep_every=keep_every_checkpoints)
     log(f"checkpoint at step {step}: training paused {time.time() - started:.2f}s, {host_mb:,.1f} MiB of rank 0's "
@@ -350,7 +361,8 @@ catch_stop_signals(rank)
 # ---- logging: the full config into out_dir/config.py and metrics.jsonl, what differs from the defaults on the console
 flops_per_token = raw_model.flops_per_token()
 peak = peak_flops or device_peak_flops(device_type)
-log("config (the rest are train.py's defaults): " + ", ".join(f"{k}={shown(v)}" for k, v in config.items() if v != config_defaults[k]))
+changed = [f"{k}={shown(v)}" for k, v in config.items() if v != config_defaults[k]]
+log("config (the rest are train.py's defaults): " + ", ".join(changed))
 log(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs/token | data: "
     + ", ".join(f"{d['meta']['splits']['train']['tokens']:,} train tokens in {d['directory']}" for d in datasets)
     + f" | device {device}, {dtype}, world size {world_size}, compile={compile}, {type(model).__name__}")
@@ -403,16 +415,19 @@ while True:
                 per_dataset, (val_loss, val_bpb) = validation(
                     raw_model, datasets, val_windows, weights=mixture_weights, block_size=block_size,
                     token_bytes=token_bytes, device=device, autocast=autocast)
-                log(f"step {step}: val loss {val_loss:.4f}, val bpb {val_bpb:.4f}" + ("".join(
-                    f" | {name}: {loss:.4f}, {bpb:.4f} bpb" for name, (loss, bpb) in per_dataset.items()) if len(datasets) > 1 else ""))
+                by_dataset = {name: {"loss": loss, "bpb": bpb} for name, (loss, bpb) in per_dataset.items()}
+                each = [f" | {name}: {v['loss']:.4f}, {v['bpb']:.4f} bpb" for name, v in by_dataset.items()]
+                log(f"step {step}: val loss {val_loss:.4f}, val bpb {val_bpb:.4f}"
+                    + ("".join(each) if len(datasets) > 1 else ""))
                 record({"step": step, "val_loss": val_loss, "val_bpb": val_bpb, "tokens": tokens_seen,
-                        "val_by_dataset": {name: {"loss": loss, "bpb": bpb} for name, (loss, bpb) in per_dataset.items()}})
+                        "val_by_dataset": by_dataset})
             if tasks and not (tasks_scored and step == start_step):
                 scores = evaluate_tasks(raw_model, encoder, tasks, block_size=block_size,
                                         micro_batch_size=micro_batch_size, device=device, autocast=autocast,
                                         rank=rank, world_size=world_size)
                 log(f"step {step}: tasks ({time.time() - paused:.1f}s with validation) | " + " | ".join(
-                    f"{name} " + ", ".join(f"{k} {v:.3f}" for k, v in s.items() if k != "examples") for name, s in scores.items()))
+                    f"{name} " + ", ".join(f"{k} {v:.3f}" for k, v in s.items() if k != "examples")
+                    for name, s in scores.items()))
                 record({"step": step, "tokens": tokens_seen, "tasks": scores})
         reshard(raw_model)  # under FSDP2, the weights evaluation gathered back into shards (parallel.py)
         if step > start_step:
@@ -458,17 +473,18 @@ while True:
     if step % log_interval == 0 or step == max_iters:
         loss_value = mean_over_ranks(loss_sum)
         if bad_in_a_row.item() >= max_bad_steps:
-            fail(f"the loss or gradients were not finite for {bad_in_a_row.item()} steps in a row (to step {step}), and "
-                 f"none of those steps was applied; the newest good checkpoint is {good_checkpoint or 'none (nothing was written)'}: "
-                 f"resume from it with a lower learning rate")
+            fail(f"the loss or gradients were not finite for {bad_in_a_row.item()} steps in a row (to step {step}), "
+                 f"and none of those steps was applied; the newest good checkpoint is "
+                 f"{good_checkpoint or 'none (nothing was written)'}: resume from it with a lower learning rate")
         now = time.time()
         elapsed, steps_done = now - last_log_time, step - last_log_step
         eta = (now - run_started) / (step - start_step) * (max_iters - step)  # evaluations included
         tokens_per_s = (tokens_seen - last_log_tokens) / elapsed
         metrics = {"step": step, "loss": loss_value, "lr": lr, "batch_size": batch_size_at(step - 1),
                    "grad_accum": accum_steps, "grad_norm": grad_norm.item(), "skipped_steps": bad_total.item(),
-                   "tokens": tokens_seen, "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": tokens_per_s / world_size,
-                   "ms_per_step": 1000 * elapsed / steps_done, "peak_memory_mb": peak_memory_mb(device), "state_mb_per_rank": state_mb}
+                   "tokens": tokens_seen, "tokens_per_s": tokens_per_s,
+                   "tokens_per_s_per_device": tokens_per_s / world_size, "ms_per_step": 1000 * elapsed / steps_done,
+                   "peak_memory_mb": peak_memory_mb(device), "state_mb_per_rank": state_mb}
         if peak:
             metrics["mfu"] = flops_per_token * tokens_per_s / (peak * world_size)
         log(log_line(metrics, max_iters=max_iters, elapsed_s=now - run_started, eta_s=eta))

@@ -82,9 +82,9 @@ def test_rank_zero_never_reads_another_ranks_part_half_written(tmp_path, monkeyp
     import time
 
     import checkpoint
-    real_durable = checkpoint._durable
+    real_write = checkpoint._write_and_sync
 
-    def slow_durable(path, data=None):
+    def slow_write(path, data=None):
         if data is not None and "rank-00001" in path:
             with open(path, "wb") as f:
                 f.write(data[:len(data) // 2])
@@ -92,8 +92,8 @@ def test_rank_zero_never_reads_another_ranks_part_half_written(tmp_path, monkeyp
                 time.sleep(0.3)
                 f.write(data[len(data) // 2:])
             data = None
-        real_durable(path, data)
-    monkeypatch.setattr(checkpoint, "_durable", slow_durable)
+        real_write(path, data)
+    monkeypatch.setattr(checkpoint, "_write_and_sync", slow_write)
     model = GPT(ModelArgs(vocab_size=300, block_size=16, n_layer=1, n_head=2, n_kv_head=2, n_embd=16))
     errors = []
 
