@@ -168,3 +168,14 @@ def test_prepare_replaces_lone_surrogates_and_skips_files_that_are_not_text(tmp_
     shutil.copy(docs / "program.txt", tmp_path / "bins" / "a.txt")
     result = run("prepare.py", str(tmp_path / "bins"), f"--out={tmp_path}/none", check=False)
     assert result.returncode != 0 and "the sources hold no text" in result.stderr and not (tmp_path / "none").exists()
+
+
+def test_an_empty_split_is_named(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(3):
+        (docs / f"{i}.txt").write_text(f"Document {i}.\n")
+    for fraction, empty in (("0.999999", "train"), ("0.000001", "val")):  # every document in one split
+        error = one_line_error(run("prepare.py", str(docs), f"--out={tmp_path}/ds", "--tokenizer=bytes",
+                                   f"--val_fraction={fraction}", check=False))
+        assert f"no documents in the {empty} split (3 in all)" in error and not (tmp_path / "ds").exists()
