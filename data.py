@@ -142,16 +142,16 @@ def write_meta(directory, meta):
 
 
 def val_split_warnings(datasets, tokens_per_evaluation):
-    """Warnings on datasets whose val split is too small for the windows an evaluation reads (they
-    repeat, so the val loss is noise), and on conversations longer than a window (they are cut)."""
+    """Warnings on datasets whose val split is under half what an evaluation would read (a val loss
+    on so few tokens is noise), and on conversations longer than a window (they are cut)."""
     warnings = []
     for d in datasets:
         val_tokens = d["meta"]["splits"]["val"]["tokens"]
         if tokens_per_evaluation > 2 * val_tokens:
-            warnings.append(f"warning: the val split of {d['directory']} holds only {val_tokens:,} tokens, and each "
-                            f"evaluation reads {tokens_per_evaluation:,} (eval_iters x micro_batch_size x world size x "
-                            f"block_size): its windows repeat, so the val loss is noisy; prepare the data with a larger "
-                            f"--val_fraction, or lower eval_iters")
+            warnings.append(f"warning: the val split of {d['directory']} holds only {val_tokens:,} tokens, under half "
+                            f"the {tokens_per_evaluation:,} an evaluation could read (eval_iters x micro_batch_size x "
+                            f"world size x block_size): a val loss on so few is noisy; prepare the data with a larger "
+                            f"--val_fraction")
         if d["truncated"]:
             warnings.append(f"{d['directory']}: {d['truncated']} training conversations are longer than a window "
                             f"(block_size + 1 tokens) and will be cut")
