@@ -105,9 +105,11 @@ def test_settings_show_as_a_user_writes_them():
 def test_tiny_val_splits_are_warned_about(tmp_path):
     docs = tmp_path / "docs"
     docs.mkdir()
-    for i in range(20):  # about 15,000 tokens: whichever documents the split puts in val, under 10,000 there
+    for i in range(40):
         (docs / f"{i}.md").write_text(f"# Note {i}\n\n" + "Some words about the topic at hand. " * 20)
-    prepared = run("prepare.py", str(docs), f"--out={tmp_path}/notes", "--tokenizer=bytes", "--val_fraction=0.1")
+    # named docs/<i>.md (run from tmp_path): the split, a hash of the names, is the same on every run
+    prepared = run(os.path.join(ROOT, "prepare.py"), "docs", f"--out={tmp_path}/notes", "--tokenizer=bytes",
+                   "--val_fraction=0.1", cwd=tmp_path)
     assert "warning: the val split of" in prepared.stderr and "raise --val_fraction (now 0.1)" in prepared.stderr
     trained = run("train.py", *TINY, f"--data_dir={tmp_path}/notes", f"--out_dir={tmp_path}/out", "--max_iters=1",
                   "--eval_iters=200", "--block_size=64")  # 51,200 tokens an evaluation could read
