@@ -22,6 +22,21 @@ def data(tmp_path_factory):
     return out
 
 
+# train.py on the tests' model (tests/tiny_model.py), one evaluation window and a log line per step
+TINY_RUN = ["tests/tiny_model.py", "--eval_iters=1", "--log_interval=1", "--micro_batch_size=4", "--batch_size=4",
+            "--learning_rate=1e-2", "--warmup_iters=2"]
+
+
+@pytest.fixture(scope="session")
+def finished(data, tmp_path_factory):
+    """A finished run of TINY_RUN (max_iters=8, checkpoints at steps 4 and 8) and its Hugging Face
+    export in RUN/hf: copy it before changing anything in it."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    run_script("train.py", *TINY_RUN, f"--data_dir={data}", f"--out_dir={out}", "--max_iters=8", "--eval_interval=4")
+    run_script("export_hf.py", f"--ckpt={out}", f"--hf_dir={out}/hf")
+    return out
+
+
 @pytest.fixture(scope="session")
 def other_data(tmp_path_factory):
     """A small text dataset with another tokenizer than data's (a 600-token BPE)."""

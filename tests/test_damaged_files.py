@@ -10,19 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import one_line_error, run_script, snapshot
-
-TINY = ["tests/tiny_model.py", "--eval_iters=1", "--log_interval=1", "--micro_batch_size=4", "--batch_size=4",
-        "--learning_rate=1e-2", "--warmup_iters=2"]
-
-
-@pytest.fixture(scope="module")
-def finished(data, tmp_path_factory):
-    """A finished run (checkpoints at steps 4 and 8) and its Hugging Face export."""
-    out = tmp_path_factory.mktemp("damaged") / "run"
-    run_script("train.py", *TINY, f"--data_dir={data}", f"--out_dir={out}", "--max_iters=8", "--eval_interval=4")
-    run_script("export_hf.py", f"--ckpt={out}", f"--hf_dir={out}/hf")
-    return out
+from conftest import TINY_RUN as TINY, one_line_error, run_script, snapshot
 
 
 def edited(path, change):

@@ -14,11 +14,8 @@ import pytest
 import torch
 
 from checkpoint import checkpoint_paths, load_checkpoint
-from conftest import ROOT, metric_records, one_line_error
+from conftest import ROOT, TINY_RUN as TINY, metric_records, one_line_error
 from conftest import run_script as run
-
-TINY = ["tests/tiny_model.py", "--eval_iters=1", "--log_interval=1", "--micro_batch_size=4", "--batch_size=4",
-        "--learning_rate=1e-2", "--warmup_iters=2"]
 
 
 

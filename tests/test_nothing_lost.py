@@ -14,18 +14,7 @@ import pytest
 
 import checkpoint
 from checkpoint import checkpoint_paths, load_checkpoint
-from conftest import ROOT, one_line_error, run_script, snapshot
-
-TINY = ["tests/tiny_model.py", "--eval_iters=1", "--log_interval=1", "--micro_batch_size=4", "--batch_size=4",
-        "--learning_rate=1e-2", "--warmup_iters=2"]
-
-
-@pytest.fixture(scope="module")
-def finished(data, tmp_path_factory):
-    """A finished run: max_iters=8, checkpoints at steps 4 and 8."""
-    out = tmp_path_factory.mktemp("finished") / "run"
-    run_script("train.py", *TINY, f"--data_dir={data}", f"--out_dir={out}", "--max_iters=8", "--eval_interval=4")
-    return out
+from conftest import ROOT, TINY_RUN as TINY, one_line_error, run_script, snapshot
 
 
 def copy_of(run, tmp_path):
