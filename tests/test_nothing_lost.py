@@ -188,8 +188,9 @@ def test_ctrl_c_stops_the_pipeline_and_the_next_stage_never_starts(tmp_path):
                                 start_new_session=True)  # its own process group, as a terminal's foreground job
     metrics = tmp_path / "pretrain-tiny-slow_pipeline" / "metrics.jsonl"
     deadline = time.time() + 600
-    while time.time() < deadline and not (metrics.exists() and '"loss"' in metrics.read_text()):
+    while time.time() < deadline and pipeline.poll() is None and not (metrics.exists() and '"loss"' in metrics.read_text()):
         time.sleep(0.2)
+    assert pipeline.poll() is None, pipeline.communicate()[1][-3000:]  # still training, not ended on an error
     os.killpg(pipeline.pid, signal.SIGINT)  # Ctrl-C: the whole foreground group
     stdout, stderr = pipeline.communicate(timeout=300)
     assert pipeline.returncode == 130, stdout[-2000:] + stderr[-2000:]
