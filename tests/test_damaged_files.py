@@ -12,6 +12,8 @@ import pytest
 
 from conftest import TINY_RUN as TINY, one_line_error, run_script, snapshot
 
+pytestmark = pytest.mark.slow  # every test here trains a run first
+
 
 def edited(path, change):
     """Apply change to a JSON file's content (a dict or list), in place."""

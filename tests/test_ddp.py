@@ -41,6 +41,7 @@ def test_two_processes_match_one(data, tmp_path, variant):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_torchrun_wraps_in_ddp_even_one_rank(data, tmp_path):
     # the GPU check's DDP part runs one rank: the wrapper must be there for its cost to be measured
     one_rank = (*TORCHRUN[:-1], "--nproc_per_node=1")

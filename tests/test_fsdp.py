@@ -139,6 +139,7 @@ def test_export_and_sample_from_an_fsdp_checkpoint(data, tmp_path):
     assert result.stdout == "def " + expected + "\n"
 
 
+@pytest.mark.slow
 def test_every_mode_and_world_size_starts_from_the_same_weights(tmp_path):
     # built on the meta device, each rank draws only the rows it holds, each parameter from its own
     # generator seeded by (seed, name): the same values whole, sharded over 1 rank or 2, or replicated

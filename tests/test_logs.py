@@ -119,6 +119,7 @@ def test_tiny_val_splits_are_warned_about(tmp_path):
     assert "eval_tasks = {}" in printed.stdout
 
 
+@pytest.mark.slow
 def test_without_a_compiler_training_runs_uncompiled_and_says_so(data, tmp_path):
     # torch.compile builds C++ (CPU) or C (Triton, CUDA) at run time: a machine without a compiler
     # trains uncompiled with one warning, where it would die at the first step inside inductor

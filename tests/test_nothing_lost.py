@@ -34,6 +34,7 @@ def test_resuming_at_or_below_the_checkpoints_step_never_writes(finished, data, 
     assert "is finished" in result.stdout and snapshot(run) == before
 
 
+@pytest.mark.slow
 def test_prepare_and_export_never_replace_a_directory_they_did_not_write(finished, data, tmp_path):
     run = copy_of(finished, tmp_path)
     before = snapshot(run)
@@ -60,6 +61,7 @@ def test_prepare_and_export_never_replace_a_directory_they_did_not_write(finishe
     assert (tmp_path / "file").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_a_handoff_starts_only_from_a_finished_stage(finished, data, tmp_path):
     unfinished = tmp_path / "unfinished"  # a pretrain stopped at step 4 of its 8
     os.makedirs(unfinished)
@@ -74,6 +76,7 @@ def test_a_handoff_starts_only_from_a_finished_stage(finished, data, tmp_path):
     assert load_checkpoint(str(tmp_path / "mid2"))["parent"] == str(finished / "ckpt_0000008")
 
 
+@pytest.mark.slow
 def test_a_checkpoint_corrupt_again_is_set_aside_under_a_new_name_and_never_restarts_from_scratch(finished, data, tmp_path):
     run = copy_of(finished, tmp_path)
     shutil.copytree(run / "ckpt_0000008", run / "ckpt_0000008.corrupt")  # set aside by an earlier crash
@@ -97,6 +100,7 @@ def test_a_checkpoint_corrupt_again_is_set_aside_under_a_new_name_and_never_rest
             run_script("train.py", *args[:-2], f"--out_dir={run}", f"--init_from={init_from}", check=False))
 
 
+@pytest.mark.slow
 def test_a_checkpoint_with_non_finite_weights_is_corrupt(finished, data, tmp_path):
     run = copy_of(finished, tmp_path)
     meta = json.loads((run / "ckpt_0000008" / "meta.json").read_text())
@@ -115,6 +119,7 @@ def test_a_checkpoint_with_non_finite_weights_is_corrupt(finished, data, tmp_pat
     assert (run / "ckpt_0000008.corrupt").is_dir() and meta["step"] == 8
 
 
+@pytest.mark.slow
 def test_settings_that_cannot_build_a_model_are_one_line_errors(data, tmp_path):
     args = [*TINY, f"--data_dir={data}", f"--out_dir={tmp_path}/out", "--max_iters=2"]
     for setting, message in [("--n_head=0", "n_head must be at least 1"), ("--n_kv_head=0", "n_kv_head must be at least 1"),
@@ -129,6 +134,7 @@ def test_settings_that_cannot_build_a_model_are_one_line_errors(data, tmp_path):
     assert "taking over" not in run_script("train.py", *args, "--eval_interval=2").stdout
 
 
+@pytest.mark.slow
 def test_unusable_paths_and_config_files_are_one_line_errors(finished, data, tmp_path):
     (tmp_path / "a_file").write_text("mine")
     args = [*TINY, f"--data_dir={data}", "--max_iters=2"]
@@ -149,6 +155,7 @@ def test_unusable_paths_and_config_files_are_one_line_errors(finished, data, tmp
     assert f"{tmp_path}/task.jsonl:2: not valid JSON" in error
 
 
+@pytest.mark.slow
 def test_rotation_leaves_a_linked_checkpoint_alone(finished, data, tmp_path):
     elsewhere = tmp_path / "kept" / "ckpt_0000002"
     shutil.copytree(finished / "ckpt_0000004", elsewhere)
