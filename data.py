@@ -158,7 +158,7 @@ def val_split_warnings(datasets, tokens_per_evaluation):
     return warnings
 
 
-def open_dataset(directory, block_size):
+def open_dataset(directory, block_size, align_to_documents=False):
     """A prepared dataset, memory-mapped: {'directory', 'meta', 'tokens'[split], 'masks'[split] or None,
     'starts'[split]: cumulative count of possible window starts per shard, 'offsets'[split]: the
     start offsets of chat datasets (None for text), 'truncated': conversations longer than a window}."""
@@ -194,7 +194,7 @@ def open_dataset(directory, block_size):
             if shard.dtype.itemsize < 4 and meta["vocab_size"] > 256 ** shard.dtype.itemsize:
                 raise ValueError(f"{meta_path}: vocab_size {meta['vocab_size']} does not fit the "
                                  f"{shard.dtype.itemsize}-byte tokens of {name}: prepare the dataset again")
-        if chat:  # windows start at a conversation's first token and must fit in the shard
+        if chat or align_to_documents:  # windows start at a document's first token and must fit in the shard
             offsets = []
             for shard in tokens:
                 bos_positions = np.flatnonzero(np.asarray(shard) == meta["bos_id"])
@@ -267,14 +267,14 @@ def learned_targets(datasets, split, windows, block_size):
     return count
 
 
-def open_mixture(mixture, block_size):
+def open_mixture(mixture, block_size, align_to_documents=False):
     """(datasets, weights summing to 1, the tokenizer) of {dataset directory: weight}; a mixture's
     datasets must share one tokenizer. Problems raise ValueError or FileNotFoundError."""
     import tokenizer as tok
     if not isinstance(mixture, dict) or not mixture or not all(
             isinstance(w, (int, float)) and not isinstance(w, bool) and 0 < w < float("inf") for w in mixture.values()):
         raise ValueError(f"data_mixture must be a dict of dataset directory -> finite positive weight, got {mixture!r}")
-    datasets = [open_dataset(directory, block_size) for directory in mixture]
+    datasets = [open_dataset(directory, block_size, align_to_documents) for directory in mixture]
     encoders = [tok.load_tokenizer(d["directory"]) for d in datasets]
     for dataset, encoder in zip(datasets[1:], encoders[1:]):
         if not tok.same_ids(tok.tokenizer_state(encoder), tok.tokenizer_state(encoders[0])):

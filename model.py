@@ -97,6 +97,25 @@ class ModelArgs:
             raise ValueError("; ".join(problems))
 
 
+@dataclass
+class Init:
+    """The standard deviations the weights start from (GPT.init_weights): not part of the model's
+    shape, so checkpoints and exports do not record them."""
+    std: float = 0.02
+    embed_std: float = 0.02     # embed_tokens (the head too when tied)
+    head_std: float = 0.02      # lm_head
+    zero_projections: bool = False  # o_proj and down_proj start at zero
+
+    def std_of(self, name, n_layer):
+        if name == "embed_tokens.weight":
+            return self.embed_std
+        if name == "lm_head.weight":
+            return self.head_std
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            return 0.0 if self.zero_projections else self.std / math.sqrt(2 * n_layer)
+        return self.std
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -145,7 +164,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(args.head_dim, args.norm_eps)
         self.qk_norm = args.qk_norm
 
-    def forward(self, x, cos, sin, cache=None, layer=0):
+    def forward(self, x, cos, sin, cache=None, layer=0, mask=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -164,7 +183,10 @@ class Attention(nn.Module):
             assert start == 0 or T == 1, "the KV cache takes a prefill at position 0, then one token at a time"
             is_causal = start == 0
         gqa = {"enable_gqa": True} if self.n_kv_head != self.n_head else {}
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, **gqa)
+        if mask is not None:  # causal within each document (GPT.document_token)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, **gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -187,8 +209,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.n_embd, args.norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, cos, sin, cache=None, layer=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
+    def forward(self, x, cos, sin, cache=None, layer=0, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -211,19 +233,23 @@ class GPT(nn.Module):
         # input for the backward pass and recompute the rest, about a third more compute for a fraction
         # of the activation memory; for models whose micro-batch would not fit otherwise
         self.checkpoint_blocks = False
+        # document masking (a training setting): with a token id here, attention does not cross the
+        # documents that token starts (SDPA with a mask: not the flash kernel on CUDA)
+        self.document_token = None
+        self.init = Init()  # the initialisation's scales (a training setting: train.py sets it before materialize)
         self.init_weights()
 
     @torch.no_grad()
     def init_weights(self, seed=None):
-        """GPT-2's scheme: every matrix N(0, 0.02), and the two projections that write into the
-        residual stream (o_proj, down_proj) scaled by 1/sqrt(2 * n_layer): each block adds two such
-        terms, so the residual's variance stays O(1) however deep the model is. Each parameter is
-        drawn from a generator of its own, seeded by (seed, its name), so its values do not depend
-        on the device, the order, or the sharding that holds it: a sharded parameter (FSDP2's
-        DTensor) is drawn whole and keeps its rows. seed None: torch's initial seed."""
+        """GPT-2's scheme by default: every matrix N(0, 0.02), and the two projections that write into
+        the residual stream (o_proj, down_proj) scaled by 1/sqrt(2 * n_layer): each block adds two such
+        terms, so the residual's variance stays O(1) however deep the model is. self.init changes the
+        embedding's and the head's scales, or zeroes the two projections (each block then starts as
+        the identity). Each parameter is drawn from a generator of its own, seeded by (seed, its name),
+        so its values do not depend on the device, the order, or the sharding that holds it: a sharded
+        parameter (FSDP2's DTensor) is drawn whole and keeps its rows. seed None: torch's initial seed."""
         from torch.distributed.tensor import DTensor, distribute_tensor
         seed = torch.initial_seed() if seed is None else seed
-        std = 0.02
         for name, p in self.named_parameters():
             local = p.to_local() if isinstance(p, DTensor) else p
             if local.is_meta:  # built on the meta device: materialize() draws the values
@@ -231,7 +257,7 @@ class GPT(nn.Module):
             if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
                 local.fill_(1.0)
                 continue
-            scale = std / math.sqrt(2 * self.args.n_layer) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+            scale = self.init.std_of(name, self.args.n_layer)
             generator = torch.Generator(device=local.device).manual_seed(zlib.crc32(f"{seed}/{name}".encode()))
             full = torch.empty(p.shape, device=local.device).normal_(0.0, scale, generator=generator)
             if isinstance(p, DTensor):  # this rank's rows of the whole, no communication
@@ -255,12 +281,17 @@ class GPT(nn.Module):
         start = cache.length if cache is not None else 0
         assert start + T <= self.args.block_size, f"sequence of {start + T} exceeds block_size={self.args.block_size}"
         cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        mask = None
+        if self.document_token is not None and cache is None:
+            document = (idx == self.document_token).cumsum(dim=1)
+            causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+            mask = (document[:, None, :, None] == document[:, None, None, :]) & causal
         x = self.embed_tokens(idx)
         for i, layer in enumerate(self.layers):
             if self.checkpoint_blocks and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, None, i, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, cache, i)
+                x = layer(x, cos, sin, cache, i, mask)
         x = self.norm(x)
         if cache is not None:
             cache.length += T
@@ -271,29 +302,42 @@ class GPT(nn.Module):
                                ignore_index=NOT_LEARNED, reduction=loss_reduction)
         return loss.view(B, T) if loss_reduction == "none" else loss
 
-    def configure_optimizers(self, *, learning_rate, weight_decay, betas, use_muon=False, muon_lr=0.0,
-                             muon_weight_decay=0.0, muon_momentum=0.95, muon_group=None):
+    def configure_optimizers(self, *, learning_rate, weight_decay, betas, embed_lr=None, head_lr=None, norm_lr=None,
+                             decay_embed_head=True, use_muon=False, muon_lr=0.0, muon_weight_decay=0.0,
+                             muon_momentum=0.95, muon_orthogonalize="newton_schulz", muon_cautious_decay=False,
+                             muon_group=None):
         """[AdamW] or [AdamW, Muon], and a line saying which parameters went where.
-        AdamW decays matrices (and the embedding) only; 1-D norm gains are not decayed. With use_muon
-        the matrices inside the blocks (attention and MLP projections) go to Muon; the embedding and
-        the output head stay on AdamW. AdamW is fused, on CPU too: it can then skip a step on a
-        device-side flag (found_inf), which train.py's divergence guard relies on. muon_group: the
-        process group that shards or replicates the model (parallel.wrap)."""
-        hidden = [p for name, p in self.named_parameters() if name.startswith("layers.") and p.dim() == 2] if use_muon else []
-        hidden_ids = set(map(id, hidden))
-        matrices = [p for p in self.parameters() if p.dim() >= 2 and id(p) not in hidden_ids]
-        vectors = [p for p in self.parameters() if p.dim() < 2]
-        optimizers = [torch.optim.AdamW([{"params": matrices, "weight_decay": weight_decay},
-                                         {"params": vectors, "weight_decay": 0.0}],
-                                        lr=learning_rate, betas=betas, fused=True)]
+        AdamW decays matrices only (the embedding and the head too unless decay_embed_head is off);
+        1-D norm gains are not decayed. embed_lr, head_lr, norm_lr: those parameters' peak learning
+        rates (None: learning_rate); each group's "lr_scale" is its peak over learning_rate. With
+        use_muon the matrices inside the blocks (attention and MLP projections) go to Muon; the embedding and the output head stay on AdamW. AdamW is fused, on CPU too: it can then
+        skip a step on a device-side flag (found_inf), which train.py's divergence guard relies on.
+        muon_group: the process group that shards or replicates the model (parallel.wrap)."""
+        named = dict(self.named_parameters())  # a tied head appears once, as the embedding
+        embed = [named["embed_tokens.weight"]]
+        head = [named["lm_head.weight"]] if "lm_head.weight" in named else []
+        hidden = [p for name, p in named.items() if name.startswith("layers.") and p.dim() == 2]
+        muon_params = hidden if use_muon else []
+        matrices = [] if use_muon else hidden
+        vectors = [p for p in named.values() if p.dim() < 2]
+        embed_head_decay = weight_decay if decay_embed_head else 0.0
+        groups = [("embedding", embed, embed_lr, embed_head_decay), ("head", head, head_lr, embed_head_decay),
+                  ("matrices", matrices, None, weight_decay), ("norms", vectors, norm_lr, 0.0)]
+        adamw_groups = [{"params": ps, "lr": learning_rate if lr is None else lr, "weight_decay": wd, "name": name}
+                        for name, ps, lr, wd in groups if ps]
+        for group in adamw_groups:  # what train.py's schedule multiplies: 1.0 where the peak is learning_rate
+            group["lr_scale"] = group["lr"] / learning_rate
+        optimizers = [torch.optim.AdamW(adamw_groups, lr=learning_rate, betas=betas, fused=True)]
         if use_muon:
             from muon import Muon
-            optimizers.append(Muon(hidden, lr=muon_lr, weight_decay=muon_weight_decay, momentum=muon_momentum,
+            optimizers.append(Muon(muon_params, lr=muon_lr, weight_decay=muon_weight_decay, momentum=muon_momentum,
+                                   orthogonalize=muon_orthogonalize, cautious_decay=muon_cautious_decay,
                                    group=muon_group))
-        names = {id(p): re.sub(r"\.\d+\.", ".*.", name) for name, p in self.named_parameters()}
-        groups = [("AdamW, decayed", matrices), ("AdamW, not decayed", vectors), ("Muon", hidden)]
-        summary = "\n".join(f"{name}: {len(ps)} tensors, {sum(p.numel() for p in ps):,} parameters "
-                             f"({', '.join(sorted({names[id(p)] for p in ps}))})" for name, ps in groups if ps)
+        names = {id(p): re.sub(r"\.\d+\.", ".*.", name) for name, p in named.items()}
+        lines = [(f"AdamW {g['name']}, lr {g['lr']:g}, weight decay {g['weight_decay']:g}", g["params"])
+                 for g in adamw_groups] + [(f"Muon, lr {muon_lr:g}", muon_params)]
+        summary = "\n".join(f"{line}: {len(ps)} tensors, {sum(p.numel() for p in ps):,} parameters "
+                             f"({', '.join(sorted({names[id(p)] for p in ps}))})" for line, ps in lines if ps)
         return optimizers, summary
 
     def num_params(self):

@@ -43,18 +43,33 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_DTYPE = torch.bfloat16
 
 
-def newton_schulz(G, steps=5):
-    """Approximately orthogonalize the last two dims of G (a matrix or a batch of same-shape matrices), in NS_DTYPE."""
-    a, b, c = NS_COEFFICIENTS
+# Polar Express (Amsel, Persson, Musco, Gower 2025, arXiv:2505.16932; the coefficients as nanochat uses
+# them): a different quintic for each iteration, chosen to bring every singular value close to 1 in 5
+ORTHOGONALIZERS = {
+    "newton_schulz": [NS_COEFFICIENTS] * 5,
+    "polar_express": [(8.156554524902461, -22.48329292557795, 15.878769915207462),
+                      (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                      (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                      (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                      (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)],
+}
+
+
+def newton_schulz(G, steps=5, method="newton_schulz"):
+    """Approximately orthogonalize the last two dims of G (a matrix or a batch of same-shape matrices), in
+    NS_DTYPE, with steps iterations of method's quintics (ORTHOGONALIZERS)."""
+    coefficients = ORTHOGONALIZERS[method][:steps]
     X = G.to(NS_DTYPE)
     transposed = X.size(-2) > X.size(-1)
     if transposed:  # iterate on the wide orientation: X X^T is then the smaller Gram matrix
         X = X.mT
-    # Frobenius norm >= spectral norm, so this puts every singular value in [0, 1]
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    # Frobenius norm >= spectral norm, so this puts every singular value in [0, 1]; Polar Express's
+    # first steps are tuned for a spectral norm a little below 1, hence its 1% margin
+    margin = 1.01 if method == "polar_express" else 1.0
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * margin + 1e-7)
     batched = X.dim() == 3
     X = X if batched else X.unsqueeze(0)
-    for _ in range(steps):
+    for a, b, c in coefficients:
         # baddbmm folds the scalar multiples and the sum into the matmul: 3 kernels per iteration, not 8
         A = torch.bmm(X, X.mT)
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)
@@ -98,7 +113,10 @@ class Muon(torch.optim.Optimizer):
     group: the process group that replicates (DDP) or shards (FSDP2: its shard group) the matrices;
     None for the default group."""
 
-    def __init__(self, params, lr=6e-4, weight_decay=0.0, momentum=0.95, nesterov=True, ns_steps=5, group=None):
+    def __init__(self, params, lr=6e-4, weight_decay=0.0, momentum=0.95, nesterov=True, ns_steps=5,
+                 orthogonalize="newton_schulz", cautious_decay=False, group=None):
+        if orthogonalize not in ORTHOGONALIZERS:
+            raise ValueError(f"orthogonalize must be one of {sorted(ORTHOGONALIZERS)}, got {orthogonalize!r}")
         params = list(params)
         if any(p.dim() != 2 for p in params):
             raise ValueError("Muon takes 2-D parameters only; give the others to AdamW")
@@ -106,7 +124,7 @@ class Muon(torch.optim.Optimizer):
         shapes = sorted({tuple(p.shape) for p in params})
         groups = [{"params": [p for p in params if tuple(p.shape) == shape]} for shape in shapes]
         super().__init__(groups, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-                                      ns_steps=ns_steps))
+                                      ns_steps=ns_steps, orthogonalize=orthogonalize, cautious_decay=cautious_decay))
         self.group = group
 
     def momentum_rows(self, p):
@@ -140,7 +158,13 @@ class Muon(torch.optim.Optimizer):
         lr = group["lr"]
         scale = -lr * update_scale(group["params"][0].shape)
         updates = (updates * (scale if keep is None else keep * scale)).to(weights[0].dtype)
-        if group["weight_decay"]:  # decoupled, AdamW's
+        if group["weight_decay"] and group["cautious_decay"]:
+            # cautious: decay only the entries the update also moves towards zero (Chen et al. 2025)
+            decay = torch.where(updates * torch.stack(weights) < 0, lr * group["weight_decay"], 0.0)
+            if keep is not None:
+                decay = decay * keep
+            torch._foreach_mul_(weights, list((1 - decay).unbind(0)))
+        elif group["weight_decay"]:  # decoupled, AdamW's
             decay = 1 - lr * group["weight_decay"]
             torch._foreach_mul_(weights, decay if keep is None else torch.where(keep, decay, 1.0))
         torch._foreach_add_(weights, list(updates.unbind(0)))
@@ -171,7 +195,7 @@ class Muon(torch.optim.Optimizer):
         stacked[len(mine):].zero_()
         if mine:
             torch._foreach_copy_(list(stacked[:len(mine)].unbind(0)), self._momentum(group, mine, [p.grad for p in mine], keep))
-        orthogonal = newton_schulz(stacked, group["ns_steps"])
+        orthogonal = newton_schulz(stacked, group["ns_steps"], group["orthogonalize"])
         if world_size > 1:
             gathered = torch.empty((world_size * per_rank, *shape), device=orthogonal.device, dtype=orthogonal.dtype)
             all_gather(gathered, orthogonal.contiguous(), group=self.group)
@@ -200,7 +224,7 @@ class Muon(torch.optim.Optimizer):
                 whole[j, first:last] = received[offset:offset + size].view(last - first, cols)
                 offset += size
         # 2. orthogonalize the matrices this rank owns
-        orthogonal = newton_schulz(whole, group["ns_steps"])
+        orthogonal = newton_schulz(whole, group["ns_steps"], group["orthogonalize"])
         # 3. back: to each rank, its rows of every matrix owned here
         send = torch.cat([orthogonal[j, first:last].reshape(-1) for first, last in bounds for j in range(owned[rank])])
         received = torch.empty(len(params) * sizes[rank], device=send.device, dtype=NS_DTYPE)

@@ -20,6 +20,8 @@ out_dir = "out/run"
 data_dir = "data/demo"          # a directory written by prepare.py
 data_mixture = None             # or several, with weights: {'data/web': 0.7, 'data/chat': 0.3} (replaces data_dir)
 use_loss_mask = False           # learn only the targets a chat dataset marks (the assistant's words)
+align_windows = False           # text windows start at a document's first token, as a chat dataset's always do
+document_masking = False        # attention does not cross the documents inside a window (<|endoftext|> starts one)
 init_from = "scratch"           # 'scratch'; 'resume': the newest checkpoint in out_dir (scratch if there is none);
                                 # an earlier stage's out_dir or checkpoint file, or hf:<dir>: its weights only
                                 # (fresh optimizer, step and schedule; resumes instead once out_dir has checkpoints)
@@ -48,6 +50,10 @@ mlp_ratio = 8 / 3
 rope_base = 10000.0
 qk_norm = False
 tie_embeddings = False
+# initialisation (model.Init; not part of the model's shape: checkpoints and exports do not need it)
+init_embed_std = 0.02           # the embedding's standard deviation (the head's too when tied)
+init_head_std = 0.02            # the output head's
+init_zero_projections = False   # o_proj and down_proj start at zero, so each block starts as the identity
 # batch: sizes in sequences of block_size tokens
 micro_batch_size = 8            # sequences per forward/backward on each device
 batch_size = 64                 # sequences per optimizer step, over all devices and accumulation steps
@@ -59,6 +65,10 @@ min_lr = 6e-5                   # the schedules end here
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
+embed_lr = 0.0                  # the embedding's peak learning rate; 0: learning_rate (scaled by the same schedule)
+head_lr = 0.0                   # the output head's; 0: learning_rate
+norm_lr = 0.0                   # the norm gains'; 0: learning_rate
+decay_embed_head = True         # weight decay on the embedding and the head too (always on the other matrices)
 grad_clip = 1.0                 # max global grad norm; 0 disables clipping
 max_iters = 5000                # optimizer steps
 warmup_iters = 200              # linear warmup from 0, for every schedule
@@ -73,6 +83,9 @@ muon_weight_decay = 0.0
 muon_momentum = 0.95
 muon_momentum_warmup_steps = 300  # momentum rises linearly from muon_momentum_start to muon_momentum
 muon_momentum_start = 0.85
+muon_momentum_cooldown_steps = 0  # and falls linearly back to muon_momentum_start over the last this many steps
+muon_orthogonalize = "newton_schulz"  # or 'polar_express' (a tuned quintic per iteration)
+muon_cautious_decay = False     # decay only the weights the update also moves towards zero
 # system
 device = "auto"                 # 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...
 dtype = "auto"                  # 'auto' (bfloat16 autocast on cuda, float32 on cpu), 'bfloat16', 'float32'
@@ -94,7 +107,7 @@ import torch.distributed as dist
 from checkpoint import checkpoint_failure, load_state, save_training_state, training_meta, wait_for_checkpoint
 from data import micro_batches, open_mixture, val_split_warnings
 from evaluate import evaluate_tasks, load_task, validation, validation_windows
-from model import GPT, ModelArgs, device_name, device_peak_flops, peak_memory_mb, resolve_device
+from model import GPT, Init, ModelArgs, device_name, device_peak_flops, peak_memory_mb, resolve_device
 from parallel import (MODES, clip_grad_norm, compiler_problem, finite, mean_over_ranks, reshard, state_bytes,
                       sync_gradients, wrap)
 from rundir import (Finished, Refused, catch_stop_signals, lock_run_directory, log_line, open_run_log,
@@ -146,8 +159,11 @@ def check_config():
     for name, value in [("learning_rate", learning_rate), ("muon_lr", muon_lr if use_muon else 1.0)]:
         if not 0 < value < math.inf:
             fail(f"config: {name} must be a finite number > 0, got {value}")
-    if not 0 <= min_lr < math.inf:
-        fail(f"config: min_lr must be a finite number >= 0, got {min_lr}")
+    for name in ("min_lr", "embed_lr", "head_lr", "norm_lr", "init_embed_std", "init_head_std"):
+        if not 0 <= config[name] < math.inf:
+            fail(f"config: {name} must be a finite number >= 0, got {config[name]}")
+    if muon_orthogonalize not in ("newton_schulz", "polar_express"):
+        fail(f"config: muon_orthogonalize must be 'newton_schulz' or 'polar_express', got {muon_orthogonalize!r}")
     if val_full_pass not in (True, False, None):
         fail(f"config: val_full_pass must be True, False or None, got {val_full_pass!r}")
     if data_parallel not in MODES:
@@ -164,7 +180,7 @@ def check_config():
         if config[name] < 1:
             fail(f"config: {name} must be at least 1, got {config[name]}")
     for name in ("max_iters", "warmup_iters", "eval_iters", "keep_last_checkpoints", "keep_every_checkpoints",
-                 "muon_momentum_warmup_steps"):
+                 "muon_momentum_warmup_steps", "muon_momentum_cooldown_steps"):
         if config[name] < 0:
             fail(f"config: {name} must not be negative, got {config[name]}")
 
@@ -213,6 +229,8 @@ def lr_at(step):
 
 def muon_momentum_at(step):
     warmup = min(1.0, step / muon_momentum_warmup_steps) if muon_momentum_warmup_steps > 0 else 1.0
+    if muon_momentum_cooldown_steps > 0:
+        warmup = min(warmup, (max_iters - step) / muon_momentum_cooldown_steps)
     return muon_momentum_start + (muon_momentum - muon_momentum_start) * warmup
 
 
@@ -260,7 +278,7 @@ if source is not None:  # the model's shape is the checkpoint's: a later stage's
 
 # ---- data -------------------------------------------------------------------------------------
 try:
-    datasets, mixture_weights, encoder = open_mixture(data_mixture or {data_dir: 1.0}, block_size)
+    datasets, mixture_weights, encoder = open_mixture(data_mixture or {data_dir: 1.0}, block_size, align_windows)
 except (FileNotFoundError, ValueError) as e:
     fail(str(e))
 encoder_state, meta = tok.tokenizer_state(encoder), datasets[0]["meta"]  # checkpoints embed the tokenizer
@@ -287,14 +305,18 @@ except ValueError as e:
 with torch.device("meta"):  # no memory yet: wrap gives each rank what it holds, initialised from the seed
     raw_model = GPT(model_args)
 raw_model.checkpoint_blocks = activation_checkpointing
+raw_model.document_token = meta["bos_id"] if document_masking else None
+raw_model.init = Init(embed_std=init_embed_std, head_std=init_head_std, zero_projections=init_zero_projections)
 # compiled and wrapped for the mode (parallel.py). Evaluation runs raw_model as it is: a second
 # compiled graph (no grad) would cost more to compile than it saves every eval_interval steps.
 model, muon_group = wrap(raw_model, mode=data_parallel if distributed else "ddp", device=device,
                           local_rank=local_rank, world_size=world_size, shard_size=shard_size, compile=compile,
                           bf16=dtype == "bfloat16", reshard_after_forward=reshard_after_forward, seed=seed)
 optimizers, optimizer_summary = raw_model.configure_optimizers(  # after wrap: FSDP2 replaces the parameters
-    learning_rate=learning_rate, weight_decay=weight_decay, betas=(beta1, beta2), use_muon=use_muon, muon_lr=muon_lr,
-    muon_weight_decay=muon_weight_decay, muon_momentum=muon_momentum, muon_group=muon_group)
+    learning_rate=learning_rate, weight_decay=weight_decay, betas=(beta1, beta2), embed_lr=embed_lr or None,
+    head_lr=head_lr or None, norm_lr=norm_lr or None, decay_embed_head=decay_embed_head, use_muon=use_muon,
+    muon_lr=muon_lr, muon_weight_decay=muon_weight_decay, muon_momentum=muon_momentum,
+    muon_orthogonalize=muon_orthogonalize, muon_cautious_decay=muon_cautious_decay, muon_group=muon_group)
 adamw, muon = optimizers[0], (optimizers[1] if use_muon else None)
 log(optimizer_summary)
 
@@ -439,7 +461,7 @@ while True:
     # the step: set the schedules, accumulate gradients over the micro-batches, clip, update
     lr = lr_at(step)
     for group in adamw.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group["lr_scale"]
     if muon is not None:
         for group in muon.param_groups:
             group["lr"] = muon_lr * lr / learning_rate
