@@ -47,7 +47,8 @@ import torch  # noqa: E402  (after the config: --help answers without loading to
 from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E402
 
 from data import ceil_div  # noqa: E402
-from model import GPT, ModelArgs, device_peak_flops, resolve_device  # noqa: E402
+from device import device_peak_flops, resolve_device  # noqa: E402
+from model import GPT, ModelArgs  # noqa: E402
 from parallel import compiler_problem  # noqa: E402
 
 printed = subprocess.run([sys.executable, TRAIN, *train_args, "--print_config"], capture_output=True, text=True)

@@ -131,6 +131,19 @@ def meta_problem(meta):
     return None
 
 
+def read_json(path, *, fix):
+    """The object in a JSON file (a dataset's meta.json, a Hugging Face config.json); ValueError naming
+    the file, what is wrong with it, and fix, what to do about it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is corrupt ({type(e).__name__}: {e}): {fix}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} is corrupt (not a JSON object): {fix}")
+    return value
+
+
 def write_meta(directory, meta):
     """A dataset's meta.json (prepare.py's record of it), checked as open_dataset will check it."""
     meta = {"format_version": SHARD_VERSION, **meta}
@@ -165,11 +178,7 @@ def open_dataset(directory, block_size, align_to_documents=False):
     meta_path = os.path.join(directory, "meta.json")
     if not os.path.exists(meta_path):
         raise FileNotFoundError(f"no dataset at {directory} (no meta.json): run python prepare.py first")
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{meta_path} is corrupt ({type(e).__name__}: {e}): prepare the dataset again") from None
+    meta = read_json(meta_path, fix="prepare the dataset again")
     problem = meta_problem(meta)
     if problem:
         raise ValueError(f"{meta_path} is corrupt: {problem}; prepare the dataset again")

@@ -303,7 +303,7 @@ def task_paths(spec):
 
 if __name__ == "__main__":
     from checkpoint import load_checkpoint, model_from_checkpoint
-    from model import resolve_device
+    from device import resolve_device
     from data import open_dataset
     try:
         device, device_type, dtype, autocast = resolve_device(device, dtype)

@@ -4,9 +4,9 @@ checkpoint.open_checkpoint('hf:<dir>')): the Llama and Qwen3 layouts that export
 those of other models with the same shape (no biases, no sliding window, default RoPE, SiLU). The
 config.json is checked whole against the weights there before anything is read.
 """
-import json
 import os
 
+from data import read_json
 from model import ModelArgs, parameter_shapes
 import tokenizer as tok
 
@@ -18,13 +18,7 @@ def open_hf(directory):
     config_path = os.path.join(directory, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"no Hugging Face model at {directory} (no config.json)")
-    try:
-        with open(config_path) as f:
-            config = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config_path} is not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_path} must be a JSON object, got {type(config).__name__}")
+    config = read_json(config_path, fix="download or export the model again")
     for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"):
         if key not in config:
             raise ValueError(f"{config_path} lacks {key!r}")

@@ -30,7 +30,7 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator
 import torch  # after the config: --help answers without loading torch
 
 from checkpoint import load_checkpoint, model_from_checkpoint
-from model import resolve_device
+from device import resolve_device
 import tokenizer as tok
 
 torch.manual_seed(seed)

@@ -96,7 +96,7 @@ data_parallel = "ddp"           # with torchrun: 'ddp', 'fsdp' (sharded: FSDP2) 
 shard_size = 8                  # hsdp: ranks per sharded group (a node's GPUs); the groups replicate each other
 reshard_after_forward = True    # fsdp/hsdp: free a block's gathered weights after its forward (gathered again for
                                 # backward)
-peak_flops = 0.0                # device peak FLOP/s for MFU; 0: from model.PEAK_BF16_FLOPS (cuda only)
+peak_flops = 0.0                # device peak FLOP/s for MFU; 0: from device.PEAK_BF16_FLOPS (cuda only)
 seed = 1337
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 # ----------------------------------------------------------------------------------------------
@@ -107,11 +107,13 @@ import torch.distributed as dist
 from checkpoint import checkpoint_failure, load_state, save_training_state, training_meta, wait_for_checkpoint
 from data import micro_batches, open_mixture, val_split_warnings
 from evaluate import evaluate_tasks, load_task, validation, validation_windows
-from model import GPT, Init, ModelArgs, device_name, device_peak_flops, peak_memory_mb, resolve_device
+from device import device_name, device_peak_flops, peak_memory_mb, resolve_device
+from model import GPT, Init, ModelArgs
 from parallel import (MODES, clip_grad_norm, compiler_problem, finite, mean_over_ranks, reshard, state_bytes,
                       sync_gradients, wrap)
 from rundir import (Finished, Refused, catch_stop_signals, lock_run_directory, log_line, open_run_log,
                     release_run_directory, start_point, stop_signal)
+from settings import batch_size_problem, config_problem
 import tokenizer as tok
 
 # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; rank 0 logs and writes every file
@@ -150,42 +152,9 @@ def end_run():
     os._exit(0)
 
 
-# ---- the config, checked before anything starts: each mistake a one-line error ----------------
-def check_config():
-    if lr_schedule not in ("cosine", "linear", "wsd"):
-        fail(f"config: lr_schedule must be 'cosine', 'linear' or 'wsd', got {lr_schedule!r}")
-    if wsd_decay_shape not in ("linear", "cosine", "sqrt"):
-        fail(f"config: wsd_decay_shape must be 'linear', 'cosine' or 'sqrt', got {wsd_decay_shape!r}")
-    for name, value in [("learning_rate", learning_rate), ("muon_lr", muon_lr if use_muon else 1.0)]:
-        if not 0 < value < math.inf:
-            fail(f"config: {name} must be a finite number > 0, got {value}")
-    for name in ("min_lr", "embed_lr", "head_lr", "norm_lr", "init_embed_std", "init_head_std"):
-        if not 0 <= config[name] < math.inf:
-            fail(f"config: {name} must be a finite number >= 0, got {config[name]}")
-    if muon_orthogonalize not in ("newton_schulz", "polar_express"):
-        fail(f"config: muon_orthogonalize must be 'newton_schulz' or 'polar_express', got {muon_orthogonalize!r}")
-    if val_full_pass not in (True, False, None):
-        fail(f"config: val_full_pass must be True, False or None, got {val_full_pass!r}")
-    if data_parallel not in MODES:
-        fail(f"config: data_parallel must be one of {MODES}, got {data_parallel!r}")
-    s = batch_size_schedule
-    keys = {"strategy", "start_batch_size", "interval_steps", "max_batch_size"}
-    if s is not None and not (isinstance(s, dict) and set(s) == keys and s["strategy"] == "doubling"
-                              and s["interval_steps"] >= 1):
-        fail(f"config: batch_size_schedule must be dict(strategy='doubling', start_batch_size=..., interval_steps=..., "
-             f"max_batch_size=...), got {s!r}")
-    if data_parallel == "hsdp" and world_size % shard_size != 0:
-        fail(f"config: hsdp needs a world size ({world_size}) that is a multiple of shard_size ({shard_size})")
-    for name in ("micro_batch_size", "batch_size", "eval_interval", "log_interval", "max_bad_steps", "block_size"):
-        if config[name] < 1:
-            fail(f"config: {name} must be at least 1, got {config[name]}")
-    for name in ("max_iters", "warmup_iters", "eval_iters", "keep_last_checkpoints", "keep_every_checkpoints",
-                 "muon_momentum_warmup_steps", "muon_momentum_cooldown_steps"):
-        if config[name] < 0:
-            fail(f"config: {name} must not be negative, got {config[name]}")
-
-
-check_config()
+# ---- the config, checked before anything starts: each mistake a one-line error (settings.py) ------
+if problem := config_problem(config, world_size=world_size, modes=MODES):
+    fail(f"config: {problem}")
 try:
     device, device_type, dtype, autocast = resolve_device(device, dtype)
 except ValueError as e:
@@ -244,12 +213,9 @@ def batch_size_at(step):
 
 
 sequences_per_micro_step = micro_batch_size * world_size
-for size in sorted({batch_size_at(s) for s in range(0, max_iters + 1)}):
-    if size <= 0 or size % sequences_per_micro_step:
-        below = max(1, size // sequences_per_micro_step) * sequences_per_micro_step
-        above = (size // sequences_per_micro_step + 1) * sequences_per_micro_step
-        fail(f"batch size {size} is not a multiple of micro_batch_size x world_size = {micro_batch_size} x "
-             f"{world_size} = {sequences_per_micro_step}; use e.g. {' or '.join(map(str, sorted({below, above})))}")
+batch_sizes = {batch_size_at(s) for s in range(0, max_iters + 1)}
+if problem := batch_size_problem(batch_sizes, micro_batch_size=micro_batch_size, world_size=world_size):
+    fail(problem)
 
 
 # ---- where to start from: resume, a stage handoff, or scratch (rundir.start_point has the rule) ----

@@ -24,6 +24,16 @@ def edited(path, change):
         json.dump(value, f)
 
 
+def damaged_copies(original, damaged, filename, cases):
+    """For each case (what, change, field): a fresh copy of original at damaged, its filename edited by
+    change; yields (what, field)."""
+    for what, change, field in cases:
+        shutil.rmtree(damaged, ignore_errors=True)
+        shutil.copytree(original, damaged)
+        edited(damaged / filename, change)
+        yield what, field
+
+
 def without(key):
     return lambda d: {k: v for k, v in d.items() if k != key}
 
@@ -52,10 +62,8 @@ DATASET_META = [("no vocab_size", without("vocab_size"), "vocab_size"),
 def test_dataset_meta_damaged_field_by_field(finished, data, tmp_path):
     from data import open_dataset
     damaged = tmp_path / "data"
-    for what, change, field in DATASET_META:  # each damage: a ValueError naming the file and the field
-        shutil.rmtree(damaged, ignore_errors=True)
-        shutil.copytree(data, damaged)
-        edited(damaged / "meta.json", change)
+    # each damage: a ValueError naming the file and the field
+    for what, field in damaged_copies(data, damaged, "meta.json", DATASET_META):
         with pytest.raises(ValueError) as error:
             open_dataset(str(damaged), 64)
         assert f"{damaged / 'meta.json'} is corrupt" in str(error.value) and field in str(error.value), what
@@ -116,10 +124,7 @@ CHECKPOINT_META = [("no model_args", without("model_args"), "model_args"),
 def test_checkpoint_meta_damaged_field_by_field(finished, tmp_path):
     from checkpoint import load_checkpoint
     damaged = tmp_path / "ckpt_0000008"
-    for what, change, field in CHECKPOINT_META:
-        shutil.rmtree(damaged, ignore_errors=True)
-        shutil.copytree(finished / "ckpt_0000008", damaged)
-        edited(damaged / "meta.json", change)
+    for what, field in damaged_copies(finished / "ckpt_0000008", damaged, "meta.json", CHECKPOINT_META):
         with pytest.raises(ValueError) as error:
             load_checkpoint(str(damaged))
         assert f"{damaged} is corrupt" in str(error.value) and field in str(error.value), (what, error.value)
@@ -151,10 +156,7 @@ HF_CONFIG = [("no hidden_size", without("hidden_size"), "hidden_size"),
 def test_hf_config_damaged_field_by_field(finished, data, tmp_path):
     from checkpoint import open_checkpoint
     damaged = tmp_path / "hf"
-    for what, change, field in HF_CONFIG:
-        shutil.rmtree(damaged, ignore_errors=True)
-        shutil.copytree(finished / "hf", damaged)
-        edited(damaged / "config.json", change)
+    for what, field in damaged_copies(finished / "hf", damaged, "config.json", HF_CONFIG):
         with pytest.raises(ValueError) as error:
             open_checkpoint(f"hf:{damaged}")
         assert str(damaged) in str(error.value) and field in str(error.value), (what, error.value)
