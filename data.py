@@ -14,6 +14,7 @@ only a conversation longer than the window is cut (prepare.py and train.py repor
 A mixture draws each window's dataset by weight. Every draw is a function of a seed tuple alone
 (train.py uses (seed, step)), which is what makes resuming, and changing the world size, exact.
 """
+from dataclasses import dataclass, field
 import json
 import os
 import struct
@@ -48,6 +49,21 @@ def write_shard(path, tokens):
     with open(path, "wb") as f:
         f.write(SHARD_HEADER.pack(SHARD_MAGIC, SHARD_VERSION, tokens.dtype.itemsize, len(tokens), 0))
         f.write(tokens.astype(tokens.dtype.newbyteorder("<"), copy=False).tobytes())
+
+
+@dataclass
+class Dataset:
+    """A prepared dataset, memory-mapped (open_dataset). tokens, masks, starts and offsets hold, per
+    split ('train', 'val'), a list with one entry per shard: the shard's tokens; its loss mask (masks
+    is None for a text dataset); the cumulative count of the windows that can start in the shards up
+    to it; and the offsets windows start at, or None for anywhere (offsets is None then)."""
+    directory: str
+    meta: dict
+    tokens: dict = field(default_factory=dict)
+    masks: dict = field(default_factory=dict)
+    starts: dict = field(default_factory=dict)
+    offsets: dict = field(default_factory=dict)
+    truncated: int = 0  # training conversations longer than a window (cut to it)
 
 
 def read_shard(path):
@@ -159,22 +175,21 @@ def val_split_warnings(datasets, tokens_per_evaluation):
     on so few tokens is noise), and on conversations longer than a window (they are cut)."""
     warnings = []
     for d in datasets:
-        val_tokens = d["meta"]["splits"]["val"]["tokens"]
+        val_tokens = d.meta["splits"]["val"]["tokens"]
         if tokens_per_evaluation > 2 * val_tokens:
-            warnings.append(f"warning: the val split of {d['directory']} holds only {val_tokens:,} tokens, under half "
+            warnings.append(f"warning: the val split of {d.directory} holds only {val_tokens:,} tokens, under half "
                             f"the {tokens_per_evaluation:,} an evaluation could read (eval_iters x micro_batch_size x "
                             f"world size x block_size): a val loss on so few is noisy; prepare the data with a larger "
                             f"--val_fraction")
-        if d["truncated"]:
-            warnings.append(f"{d['directory']}: {d['truncated']} training conversations are longer than a window "
+        if d.truncated:
+            warnings.append(f"{d.directory}: {d.truncated} training conversations are longer than a window "
                             f"(block_size + 1 tokens) and will be cut")
     return warnings
 
 
 def open_dataset(directory, block_size, align_to_documents=False):
-    """A prepared dataset, memory-mapped: {'directory', 'meta', 'tokens'[split], 'masks'[split] or None,
-    'starts'[split]: cumulative count of possible window starts per shard, 'offsets'[split]: the
-    start offsets of chat datasets (None for text), 'truncated': conversations longer than a window}."""
+    """The prepared dataset in directory, memory-mapped, its meta.json and shards checked. Its windows
+    start at a document's first token in a chat dataset, and in a text dataset when align_to_documents."""
     meta_path = os.path.join(directory, "meta.json")
     if not os.path.exists(meta_path):
         raise FileNotFoundError(f"no dataset at {directory} (no meta.json): run python prepare.py first")
@@ -182,7 +197,7 @@ def open_dataset(directory, block_size, align_to_documents=False):
     problem = meta_problem(meta)
     if problem:
         raise ValueError(f"{meta_path} is corrupt: {problem}; prepare the dataset again")
-    dataset = {"directory": directory, "meta": meta, "tokens": {}, "masks": {}, "starts": {}, "offsets": {}, "truncated": 0}
+    dataset = Dataset(directory, meta)
     chat = bool(meta.get("chat"))
     for split in ("train", "val"):
         info = meta["splits"][split]
@@ -193,9 +208,9 @@ def open_dataset(directory, block_size, align_to_documents=False):
             if max_id >= meta["vocab_size"]:
                 raise ValueError(f"{os.path.join(directory, name)} holds token id {max_id}, outside the vocabulary of "
                                  f"{meta['vocab_size']} in {meta_path}: prepare the dataset again")
-        dataset["tokens"][split] = tokens
-        dataset["masks"][split] = [read_shard(os.path.join(directory, name)) for name in info["masks"]] if chat else None
-        for name, shard, mask in zip(info["shards"], tokens, dataset["masks"][split] or []):
+        dataset.tokens[split] = tokens
+        dataset.masks[split] = [read_shard(os.path.join(directory, name)) for name in info["masks"]] if chat else None
+        for name, shard, mask in zip(info["shards"], tokens, dataset.masks[split] or []):
             if len(mask) != len(shard):
                 raise ValueError(f"{os.path.join(directory, name)} holds {len(shard):,} tokens but its mask "
                                  f"{mask.filename} {len(mask):,}: prepare the dataset again")
@@ -209,17 +224,17 @@ def open_dataset(directory, block_size, align_to_documents=False):
                 bos_positions = np.flatnonzero(np.asarray(shard) == meta["bos_id"])
                 lengths = np.diff(np.append(bos_positions, len(shard)))
                 if split == "train":
-                    dataset["truncated"] += int((lengths > block_size + 1).sum())
+                    dataset.truncated += int((lengths > block_size + 1).sum())
                 offsets.append(bos_positions[bos_positions + block_size + 1 <= len(shard)])
-            dataset["offsets"][split] = offsets
+            dataset.offsets[split] = offsets
             counts = np.array([len(o) for o in offsets], dtype=np.int64)
         else:
-            dataset["offsets"][split] = None
+            dataset.offsets[split] = None
             counts = np.array([max(0, len(s) - block_size) for s in tokens], dtype=np.int64)
         if counts.sum() == 0:
             raise ValueError(f"the {split} split of {directory} has no shard longer than block_size={block_size} "
                              f"tokens: use a smaller block_size or more data")
-        dataset["starts"][split] = np.cumsum(counts)
+        dataset.starts[split] = np.cumsum(counts)
     return dataset
 
 
@@ -231,12 +246,12 @@ def sample_windows(datasets, weights, split, count, rng_key):
     windows = [None] * count
     for d, dataset in enumerate(datasets):
         picked = np.flatnonzero(choice == d)
-        starts = dataset["starts"][split]
+        starts = dataset.starts[split]
         positions = rng.integers(0, starts[-1], size=len(picked))
         shard_ids = np.searchsorted(starts, positions, side="right")
         within = positions - np.concatenate(([0], starts))[shard_ids]
         for i, shard, k in zip(picked.tolist(), shard_ids.tolist(), within.tolist()):
-            offsets = dataset["offsets"][split]
+            offsets = dataset.offsets[split]
             windows[i] = (d, shard, int(offsets[shard][k]) if offsets is not None else k)
     return windows
 
@@ -252,12 +267,12 @@ def read_windows(datasets, split, windows, block_size, use_loss_mask):
             learned_mask[row] = False
             continue
         d, shard, offset, *scored = window  # scored: targets before this index are another window's
-        tokens[row] = datasets[d]["tokens"][split][shard][offset:offset + block_size + 1]
-        if tokens[row].max() >= datasets[d]["meta"]["vocab_size"]:  # a shard edited after prepare.py
-            raise ValueError(f"{datasets[d]['tokens'][split][shard].filename} holds token id {tokens[row].max()} at "
+        tokens[row] = datasets[d].tokens[split][shard][offset:offset + block_size + 1]
+        if tokens[row].max() >= datasets[d].meta["vocab_size"]:  # a shard edited after prepare.py
+            raise ValueError(f"{datasets[d].tokens[split][shard].filename} holds token id {tokens[row].max()} at "
                              f"offset {offset + int(tokens[row].argmax())}, outside the vocabulary of "
-                             f"{datasets[d]['meta']['vocab_size']}: prepare the dataset again")
-        masks = datasets[d]["masks"][split]
+                             f"{datasets[d].meta['vocab_size']}: prepare the dataset again")
+        masks = datasets[d].masks[split]
         if use_loss_mask and masks is not None:
             learned_mask[row] = masks[shard][offset + 1:offset + block_size + 1] > 0
         if scored:
@@ -271,7 +286,7 @@ def learned_targets(datasets, split, windows, block_size):
     dataset's mask marks, every target of a text dataset. Reads only the masks."""
     count = 0
     for d, shard, offset in windows:
-        masks = datasets[d]["masks"][split]
+        masks = datasets[d].masks[split]
         count += block_size if masks is None else int(np.count_nonzero(masks[shard][offset + 1:offset + block_size + 1]))
     return count
 
@@ -284,10 +299,10 @@ def open_mixture(mixture, block_size, align_to_documents=False):
             isinstance(w, (int, float)) and not isinstance(w, bool) and 0 < w < float("inf") for w in mixture.values()):
         raise ValueError(f"data_mixture must be a dict of dataset directory -> finite positive weight, got {mixture!r}")
     datasets = [open_dataset(directory, block_size, align_to_documents) for directory in mixture]
-    encoders = [tok.load_tokenizer(d["directory"]) for d in datasets]
+    encoders = [tok.load_tokenizer(d.directory) for d in datasets]
     for dataset, encoder in zip(datasets[1:], encoders[1:]):
         if not tok.same_ids(tok.tokenizer_state(encoder), tok.tokenizer_state(encoders[0])):
-            raise ValueError(f"{dataset['directory']} and {datasets[0]['directory']} use different tokenizers: a mixture "
+            raise ValueError(f"{dataset.directory} and {datasets[0].directory} use different tokenizers: a mixture "
                              f"needs one (prepare with --tokenizer=<the first dataset's directory>)")
     return datasets, np.array(list(mixture.values()), dtype=np.float64) / sum(mixture.values()), encoders[0]
 

@@ -60,7 +60,7 @@ def full_pass_windows(dataset, d, block_size):
     consecutive windows of block_size targets, the last of a shard shifted back to end at the shard's
     end, with the targets an earlier window scored left out (the window's fourth element)."""
     windows = []
-    for shard, tokens in enumerate(dataset["tokens"]["val"]):
+    for shard, tokens in enumerate(dataset.tokens["val"]):
         for start in range(0, len(tokens) - 1, block_size):
             offset = min(start, len(tokens) - block_size - 1)
             windows.append((d, shard, offset, start - offset))
@@ -108,7 +108,7 @@ def validation(model, datasets, windows, *, weights, block_size, token_bytes, de
         if dist.is_initialized():
             dist.all_reduce(totals)
         loss_sum, target_count, byte_loss_sum, byte_count = totals.tolist()
-        results[dataset["directory"]] = (loss_sum / max(target_count, 1), byte_loss_sum / (math.log(2) * max(byte_count, 1)))
+        results[dataset.directory] = (loss_sum / max(target_count, 1), byte_loss_sum / (math.log(2) * max(byte_count, 1)))
     model.train()
     mean = tuple(float(np.dot(weights, [r[i] for r in results.values()])) for i in range(2))
     return results, mean
@@ -312,8 +312,8 @@ if __name__ == "__main__":
         block_size = checkpoint["model_args"]["block_size"]
         val_sets = [open_dataset(d, block_size) for d in val_data.split(",") if d]
         for dataset in val_sets:
-            if not tok.same_ids(tok.tokenizer_state(tok.load_tokenizer(dataset["directory"])), checkpoint["tokenizer"]):
-                raise ValueError(f"{dataset['directory']} is tokenized with another tokenizer than {checkpoint['path']}")
+            if not tok.same_ids(tok.tokenizer_state(tok.load_tokenizer(dataset.directory)), checkpoint["tokenizer"]):
+                raise ValueError(f"{dataset.directory} is tokenized with another tokenizer than {checkpoint['path']}")
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"evaluate.py: error: {e}")
     model, encoder = model_from_checkpoint(checkpoint, device)

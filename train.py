@@ -247,7 +247,7 @@ try:
     datasets, mixture_weights, encoder = open_mixture(data_mixture or {data_dir: 1.0}, block_size, align_windows)
 except (FileNotFoundError, ValueError) as e:
     fail(str(e))
-encoder_state, meta = tok.tokenizer_state(encoder), datasets[0]["meta"]  # checkpoints embed the tokenizer
+encoder_state, meta = tok.tokenizer_state(encoder), datasets[0].meta  # checkpoints embed the tokenizer
 for warning in val_split_warnings(datasets, eval_iters * micro_batch_size * world_size * block_size):
     log(warning)
 
@@ -352,7 +352,7 @@ peak = peak_flops or device_peak_flops(device_type)
 changed = [f"{k}={shown(v)}" for k, v in config.items() if v != config_defaults[k]]
 log("config (the rest are train.py's defaults): " + ", ".join(changed))
 log(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs/token | data: "
-    + ", ".join(f"{d['meta']['splits']['train']['tokens']:,} train tokens in {d['directory']}" for d in datasets)
+    + ", ".join(f"{d.meta['splits']['train']['tokens']:,} train tokens in {d.directory}" for d in datasets)
     + f" | device {device}, {dtype}, world size {world_size}, compile={compile}, {type(model).__name__}")
 
 

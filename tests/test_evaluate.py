@@ -186,7 +186,7 @@ def test_the_full_pass_scores_every_val_token_once_at_any_seed_and_world_size(da
             **kwargs) for micro_batch in share for w in micro_batch if w is not None]
     full = windows(1, 1337, full_pass=True)
     for d, dataset in enumerate(datasets):  # each target position of each val shard, once
-        for shard, tokens in enumerate(dataset["tokens"]["val"]):
+        for shard, tokens in enumerate(dataset.tokens["val"]):
             mine = [w for w in full if w[:2] == (d, shard)]
             scored = np.zeros(len(tokens), dtype=int)
             _, targets = read_windows(datasets, "val", mine, 64, False)

@@ -66,7 +66,7 @@ def test_mixture_follows_the_weights_and_is_deterministic(data):
     assert windows != sample_windows(datasets, [0.7, 0.3], "train", 20000, (1337, 6))
     # chat windows start at a conversation's first token
     x, y = read_windows(datasets, "train", [w for w in windows if w[0] == 1][:16], 64, True)
-    assert (x[:, 0] == datasets[1]["meta"]["bos_id"]).all() and (y == -1).any() and (y >= 0).any()
+    assert (x[:, 0] == datasets[1].meta["bos_id"]).all() and (y == -1).any() and (y >= 0).any()
     # train.py's count of a step's learned targets, from the masks alone, over text and chat windows
     x, y = read_windows(datasets, "train", windows[:64], 64, True)
     assert learned_targets(datasets, "train", windows[:64], 64) == int((y >= 0).sum()) < 64 * 64

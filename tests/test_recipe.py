@@ -102,7 +102,7 @@ def test_aligned_windows_start_at_a_document(data):
     meta = json.load(open(os.path.join(data, "meta.json")))
     dataset = open_dataset(data, 64, align_to_documents=True)
     windows = sample_windows([dataset], [1.0], "train", 50, (1, 2))
-    tokens = dataset["tokens"]["train"]
+    tokens = dataset.tokens["train"]
     assert all(tokens[shard][offset] == meta["bos_id"] for _, shard, offset in windows)
     anywhere = sample_windows([open_dataset(data, 64)], [1.0], "train", 50, (1, 2))
     assert np.mean([tokens[shard][offset] == meta["bos_id"] for _, shard, offset in anywhere]) < 0.5
