@@ -36,7 +36,7 @@ import torch
 
 from import_hf import open_hf
 from model import GPT, ModelArgs, parameter_shapes
-from parallel import local, replica, share_to_write
+from parallel import replica, rows_held, share_to_write
 import tokenizer as tok
 
 FORMAT_VERSION = 2
@@ -208,7 +208,7 @@ def state_pieces(raw_model, optimizers, rank, world_size):
                 if kind == "adamw":
                     add(f"adamw/{name}/{key}", value)
                 elif not replica(p):
-                    pieces[f"muon/{name}/{key}"] = (value, local(p)[1], tuple(p.shape))  # the rows it keeps, plain
+                    pieces[f"muon/{name}/{key}"] = (value, rows_held(p)[1], tuple(p.shape))  # the rows it keeps, plain
     return pieces
 
 
@@ -217,11 +217,11 @@ def load_state(read, tensors, raw_model, optimizers, device):
     """Set raw_model's weights and, when given, the optimizers' state from a checkpoint opened with
     open_checkpoint (read, and its list of tensor names): each rank reads the rows it holds."""
     def rows(name, like):
-        part, first = local(like)
+        part, first = rows_held(like)
         return read(name) if like.dim() == 0 else read(name, first, first + part.shape[0])
 
     for name, p in raw_model.named_parameters():
-        local(p)[0].copy_(rows(f"model/{name}", p))
+        rows_held(p)[0].copy_(rows(f"model/{name}", p))
         for kind, opt in zip(("adamw", "muon"), optimizers):
             keys = [t.rsplit("/", 1)[1] for t in tensors if t.startswith(f"{kind}/{name}/")]
             if kind == "muon" and keys:  # the rows of the matrices this rank keeps the momentum of
@@ -232,7 +232,7 @@ def load_state(read, tensors, raw_model, optimizers, device):
                 state = {}
                 for key in keys:
                     like = torch.zeros((), dtype=torch.float32, device=device) if key == "step" else torch.zeros_like(p)
-                    local(like)[0].copy_(rows(f"{kind}/{name}/{key}", like))
+                    rows_held(like)[0].copy_(rows(f"{kind}/{name}/{key}", like))
                     state[key] = like
                 opt.state[p] = state
 

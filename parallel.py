@@ -103,7 +103,7 @@ def reshard(model):
             module.reshard()
 
 
-def local(tensor):
+def rows_held(tensor):
     """(the part of tensor this rank holds, its first row): a DTensor's shard (FSDP2 splits the first
     dimension as torch.chunk does), a plain tensor whole."""
     if not isinstance(tensor, DTensor):
@@ -124,14 +124,14 @@ def share_to_write(tensor, rank, world_size):
     if replica(tensor) or (tensor.dim() == 0 and rank != 0):
         return None
     if isinstance(tensor, DTensor) or tensor.dim() == 0:
-        return local(tensor)
+        return rows_held(tensor)
     first, last = row_range(tensor.shape[0], rank, world_size)
     return tensor[first:last], first
 
 
 def finite(raw_model):
     """Whether every weight on every rank is finite (a host sync, and a collective with several ranks)."""
-    flag = torch.stack([torch.isfinite(local(p)[0]).all() for p in raw_model.parameters()]).all().float()
+    flag = torch.stack([torch.isfinite(rows_held(p)[0]).all() for p in raw_model.parameters()]).all().float()
     if dist.is_initialized():
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag)
@@ -150,4 +150,4 @@ def state_bytes(raw_model, optimizers):
     """The bytes of this rank's parameters, gradients and optimizer state (the local shards under FSDP2)."""
     tensors = [t for p in raw_model.parameters() for t in (p, p.grad) if t is not None]
     tensors += [t for opt in optimizers for state in opt.state.values() for t in state.values() if torch.is_tensor(t)]
-    return sum(local(t)[0].numel() * t.element_size() for t in tensors)
+    return sum(rows_held(t)[0].numel() * t.element_size() for t in tensors)

@@ -225,7 +225,7 @@ if master:  # one run per directory: a second is refused, naming the first's PID
     except RuntimeError as e:
         fail(str(e))
 try:
-    source, read, resuming = start_point(out_dir, init_from, max_iters=max_iters, use_muon=use_muon,
+    start_ckpt, read_tensor, resuming = start_point(out_dir, init_from, max_iters=max_iters, use_muon=use_muon,
                                          init_from_unfinished=init_from_unfinished, master=master,
                                          barrier=dist.barrier if distributed else lambda: None)
 except Refused as e:
@@ -233,13 +233,13 @@ except Refused as e:
 except Finished as e:
     log(str(e))
     end_run()
-if source is not None:  # the model's shape is the checkpoint's: a later stage's config need not repeat it
-    differences = {k: v for k, v in source["model_args"].items() if k in config and config[k] != v
+if start_ckpt is not None:  # the model's shape is the checkpoint's: a later stage's config need not repeat it
+    differences = {k: v for k, v in start_ckpt["model_args"].items() if k in config and config[k] != v
                    and not (k == "vocab_size" and config[k] == 0)}
     if differences:
-        log(f"model shape from {source['path']}, not the config: {differences}")
+        log(f"model shape from {start_ckpt['path']}, not the config: {differences}")
     config.update(differences)  # what the checkpoints and metrics.jsonl record
-    block_size = source["model_args"]["block_size"]
+    block_size = start_ckpt["model_args"]["block_size"]
 
 
 # ---- data -------------------------------------------------------------------------------------
@@ -253,12 +253,12 @@ for warning in val_split_warnings(datasets, eval_iters * micro_batch_size * worl
 
 
 # ---- the model and its optimizers -------------------------------------------------------------
-model_args = ModelArgs(**source["model_args"]) if source is not None else ModelArgs(
+model_args = ModelArgs(**start_ckpt["model_args"]) if start_ckpt is not None else ModelArgs(
     vocab_size=vocab_size or meta["vocab_size"], block_size=block_size, n_layer=n_layer, n_head=n_head,
     n_kv_head=n_kv_head, n_embd=n_embd, mlp_ratio=mlp_ratio, rope_base=rope_base, qk_norm=qk_norm,
     tie_embeddings=tie_embeddings)
-if source is not None and not tok.same_ids(source["tokenizer"], encoder_state):
-    fail(f"the tokenizer of {source['path']} (vocabulary {source['model_args']['vocab_size']}) differs from "
+if start_ckpt is not None and not tok.same_ids(start_ckpt["tokenizer"], encoder_state):
+    fail(f"the tokenizer of {start_ckpt['path']} (vocabulary {start_ckpt['model_args']['vocab_size']}) differs from "
          f"{data_dir}'s (vocabulary {meta['vocab_size']}): prepare the data with "
          f"--tokenizer=<the earlier dataset's directory>")
 if model_args.vocab_size < meta["vocab_size"]:
@@ -269,16 +269,17 @@ try:
 except ValueError as e:
     fail(f"model config: {e}")
 with torch.device("meta"):  # no memory yet: wrap gives each rank what it holds, initialised from the seed
-    raw_model = GPT(model_args)
-raw_model.checkpoint_blocks = activation_checkpointing
-raw_model.document_token = meta["bos_id"] if document_masking else None
-raw_model.init = Init(embed_std=init_embed_std, head_std=init_head_std, zero_projections=init_zero_projections)
-# compiled and wrapped for the mode (parallel.py). Evaluation runs raw_model as it is: a second
+    gpt = GPT(model_args)
+gpt.checkpoint_blocks = activation_checkpointing
+gpt.document_token = meta["bos_id"] if document_masking else None
+gpt.init = Init(embed_std=init_embed_std, head_std=init_head_std, zero_projections=init_zero_projections)
+# gpt is the GPT module itself (its parameters sharded in place under FSDP2); model is what the training
+# step calls, compiled and wrapped for the mode (parallel.py). Evaluation runs gpt uncompiled: a second
 # compiled graph (no grad) would cost more to compile than it saves every eval_interval steps.
-model, muon_group = wrap(raw_model, mode=data_parallel if distributed else "ddp", device=device,
-                          local_rank=local_rank, world_size=world_size, shard_size=shard_size, compile=compile,
-                          bf16=dtype == "bfloat16", reshard_after_forward=reshard_after_forward, seed=seed)
-optimizers, optimizer_summary = raw_model.configure_optimizers(  # after wrap: FSDP2 replaces the parameters
+model, muon_group = wrap(gpt, mode=data_parallel if distributed else "ddp", device=device, local_rank=local_rank,
+                         world_size=world_size, shard_size=shard_size, compile=compile, bf16=dtype == "bfloat16",
+                         reshard_after_forward=reshard_after_forward, seed=seed)
+optimizers, optimizer_summary = gpt.configure_optimizers(  # after wrap: FSDP2 replaces the parameters
     learning_rate=learning_rate, weight_decay=weight_decay, betas=(beta1, beta2), embed_lr=embed_lr or None,
     head_lr=head_lr or None, norm_lr=norm_lr or None, decay_embed_head=decay_embed_head, use_muon=use_muon,
     muon_lr=muon_lr, muon_weight_decay=muon_weight_decay, muon_momentum=muon_momentum,
@@ -290,21 +291,21 @@ log(optimizer_summary)
 # initialisation above (no dropout), and the windows of step s come from default_rng((seed, s)).
 step, tokens_seen, parent, tasks_scored = 0, 0, None, False  # parent: the checkpoint this run's weights started from
 good_checkpoint = None  # the newest checkpoint of this run known to hold finite weights and evaluation
-if source is not None:  # each rank reads the rows it holds
+if start_ckpt is not None:  # each rank reads the rows it holds
     try:
-        load_state(read, source["tensors"], raw_model, optimizers if resuming else [], device)
+        load_state(read_tensor, start_ckpt["tensors"], gpt, optimizers if resuming else [], device)
     except ValueError as e:  # a weight that is not finite
         fail(str(e))
     if resuming:
-        step, tokens_seen, parent = source["step"], source["tokens_seen"], source["parent"]
-        good_checkpoint = source["path"]
-        log(f"resumed from {source['path']} at step {step}")
+        step, tokens_seen, parent = start_ckpt["step"], start_ckpt["tokens_seen"], start_ckpt["parent"]
+        good_checkpoint = start_ckpt["path"]
+        log(f"resumed from {start_ckpt['path']} at step {step}")
     else:
-        parent = source["path"]
-        log(f"weights from {parent} (step {source['step']}); fresh optimizer, step count and schedule")
+        parent = start_ckpt["path"]
+        log(f"weights from {parent} (step {start_ckpt['step']}); fresh optimizer, step count and schedule")
     # the stage before scored these weights on these tasks at its end: no need to again at step 0
-    tasks_scored = not resuming and source.get("config", {}).get("eval_tasks") == eval_tasks
-    del source, read
+    tasks_scored = not resuming and start_ckpt.get("config", {}).get("eval_tasks") == eval_tasks
+    del start_ckpt, read_tensor
 
 
 # ---- evaluation: the same validation windows at every evaluation, split between ranks -------------
@@ -325,7 +326,7 @@ def write_checkpoint(step, tokens_seen, val_loss, good_checkpoint):
     run stops instead, naming the newest good checkpoint, so rotation never replaces a good
     checkpoint with a poisoned one."""
     started = time.time()
-    weights_finite = finite(raw_model)  # a host sync (and a collective), here only
+    weights_finite = finite(gpt)  # a host sync (and a collective), here only
     if not weights_finite or (val_loss is not None and not math.isfinite(val_loss)):
         fail(f"checkpoint at step {step} refused: "
              + ("the weights are not finite" if not weights_finite else f"val loss {val_loss}")
@@ -334,7 +335,7 @@ def write_checkpoint(step, tokens_seen, val_loss, good_checkpoint):
     meta = training_meta(step=step, tokens_seen=tokens_seen, batch_size=batch_size_at(step),
                          model_args=asdict(model_args), config=config, tokenizer=encoder_state, data_dir=data_dir,
                          parent=parent)
-    path, host_mb = save_training_state(out_dir, step, raw_model, optimizers, meta, rank=rank, world_size=world_size,
+    path, host_mb = save_training_state(out_dir, step, gpt, optimizers, meta, rank=rank, world_size=world_size,
                                         keep_last=keep_last_checkpoints, keep_every=keep_every_checkpoints)
     log(f"checkpoint at step {step}: training paused {time.time() - started:.2f}s, {host_mb:,.1f} MiB of rank 0's "
         f"state in host memory (written in the background)")
@@ -347,16 +348,16 @@ catch_stop_signals(rank)
 
 
 # ---- logging: the full config into out_dir/config.py and metrics.jsonl, what differs from the defaults on the console
-flops_per_token = raw_model.flops_per_token()
+flops_per_token = gpt.flops_per_token()
 peak = peak_flops or device_peak_flops(device_type)
 changed = [f"{k}={shown(v)}" for k, v in config.items() if v != config_defaults[k]]
 log("config (the rest are train.py's defaults): " + ", ".join(changed))
-log(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs/token | data: "
+log(f"model: {gpt.num_params() / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs/token | data: "
     + ", ".join(f"{d.meta['splits']['train']['tokens']:,} train tokens in {d.directory}" for d in datasets)
     + f" | device {device}, {dtype}, world size {world_size}, compile={compile}, {type(model).__name__}")
 
 
-run_info = {"step": step, "parent": parent, "params": raw_model.num_params(), "world_size": world_size,
+run_info = {"step": step, "parent": parent, "params": gpt.num_params(), "world_size": world_size,
             "device": device_name(device_type), "dtype": dtype, "compile": compile, "torch": torch.__version__}
 append_record = open_run_log(out_dir, config, run_info, wandb_project=wandb_project,
                              wandb_run_name=wandb_run_name) if master else None
@@ -401,7 +402,7 @@ while True:
         with torch.compiler.set_stance("force_eager"):  # uncompiled, FSDP2's blocks too (compiled in place)
             if eval_iters > 0:
                 per_dataset, (val_loss, val_bpb) = validation(
-                    raw_model, datasets, val_windows, weights=mixture_weights, block_size=block_size,
+                    gpt, datasets, val_windows, weights=mixture_weights, block_size=block_size,
                     token_bytes=token_bytes, device=device, autocast=autocast)
                 by_dataset = {name: {"loss": loss, "bpb": bpb} for name, (loss, bpb) in per_dataset.items()}
                 each = [f" | {name}: {v['loss']:.4f}, {v['bpb']:.4f} bpb" for name, v in by_dataset.items()]
@@ -410,14 +411,14 @@ while True:
                 record({"step": step, "val_loss": val_loss, "val_bpb": val_bpb, "tokens": tokens_seen,
                         "val_by_dataset": by_dataset})
             if tasks and not (tasks_scored and step == start_step):
-                scores = evaluate_tasks(raw_model, encoder, tasks, block_size=block_size,
+                scores = evaluate_tasks(gpt, encoder, tasks, block_size=block_size,
                                         micro_batch_size=micro_batch_size, device=device, autocast=autocast,
                                         rank=rank, world_size=world_size)
                 log(f"step {step}: tasks ({time.time() - paused:.1f}s with validation) | " + " | ".join(
                     f"{name} " + ", ".join(f"{k} {v:.3f}" for k, v in s.items() if k != "examples")
                     for name, s in scores.items()))
                 record({"step": step, "tokens": tokens_seen, "tasks": scores})
-        reshard(raw_model)  # under FSDP2, the weights evaluation gathered back into shards (parallel.py)
+        reshard(gpt)  # under FSDP2, the weights evaluation gathered back into shards (parallel.py)
         if step > start_step:
             good_checkpoint = write_checkpoint(step, tokens_seen, val_loss, good_checkpoint)
         last_log_time += time.time() - paused  # the time evaluating and checkpointing is not training time
@@ -442,7 +443,7 @@ while True:
         x, y, loss_scale = next_batch()  # the next batch is prepared while the device works on this one
         loss.backward()
         loss_sum += loss.detach()
-    grad_norm = clip_grad_norm(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    grad_norm = clip_grad_norm(gpt.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     # a non-finite loss gives non-finite (all-reduced, so the same on every rank) gradients: then
     # every optimizer skips the step on this flag, with no host sync
     bad = ~torch.isfinite(grad_norm)
@@ -450,8 +451,8 @@ while True:
         opt.found_inf = bad.float()
         opt.step()
     if step == start_step:  # with the gradients and the optimizer state all there: what each rank holds
-        state_mb = state_bytes(raw_model, optimizers) / 2**20
-    raw_model.zero_grad(set_to_none=True)
+        state_mb = state_bytes(gpt, optimizers) / 2**20
+    gpt.zero_grad(set_to_none=True)
     bad_in_a_row = (bad_in_a_row + 1) * bad
     bad_total += bad
     tokens_seen += batch_size_at(step) * block_size
@@ -473,6 +474,8 @@ while True:
                    "tokens": tokens_seen, "tokens_per_s": tokens_per_s,
                    "tokens_per_s_per_device": tokens_per_s / world_size, "ms_per_step": 1000 * elapsed / steps_done,
                    "peak_memory_mb": peak_memory_mb(device), "state_mb_per_rank": state_mb}
+        if muon is not None:
+            metrics["muon_momentum"] = muon.param_groups[0]["momentum"]
         if peak:
             metrics["mfu"] = flops_per_token * tokens_per_s / (peak * world_size)
         log(log_line(metrics, max_iters=max_iters, elapsed_s=now - run_started, eta_s=eta))

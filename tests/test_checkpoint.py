@@ -11,7 +11,7 @@ from model import GPT, ModelArgs
 import tokenizer as tok
 
 
-def write(directory, step, keep_last=3):
+def write(directory, step, keep_last=3, keep_every=0):
     """A checkpoint of a small model, its AdamW state after one step, as train.py writes it (one rank)."""
     torch.manual_seed(step)
     model = GPT(ModelArgs(vocab_size=300, block_size=16, n_layer=1, n_head=2, n_kv_head=2, n_embd=16))
@@ -21,7 +21,8 @@ def write(directory, step, keep_last=3):
     enc = tok.train_bpe(iter(["some text to train a tokenizer on"] * 10), 300)
     meta = {"step": step, "tokens_seen": step * 100, "model_args": vars(model.args), "config": {"lr": 1e-3, "schedule": None},
             "tokenizer": tok.tokenizer_state(enc), "data_dir": "data/x", "parent": None}
-    return save_checkpoint(str(directory), step, state_pieces(model, optimizers, 0, 1), meta, keep_last=keep_last), model, optimizers
+    return save_checkpoint(str(directory), step, state_pieces(model, optimizers, 0, 1), meta, keep_last=keep_last,
+                           keep_every=keep_every), model, optimizers
 
 
 def test_round_trip_rotation_and_model(tmp_path):
@@ -37,6 +38,10 @@ def test_round_trip_rotation_and_model(tmp_path):
     for name, p in model.named_parameters():  # the optimizer state by parameter name, exactly
         for key, value in optimizers[0].state[p].items():
             assert torch.equal(checkpoint["optimizers"]["adamw"][name][key], value)
+    for step in (50, 60, 70, 80, 90):  # and keep_every keeps the multiples of its step, however old
+        write(tmp_path, step, keep_last=1, keep_every=40)
+    assert [os.path.basename(p) for p in checkpoint_paths(str(tmp_path))] == ["ckpt_0000040", "ckpt_0000080",
+                                                                              "ckpt_0000090"]
     # only tensors and JSON: the files say what they hold
     files = sorted(os.listdir(tmp_path / "ckpt_0000040"))
     assert files == ["meta.json", "rank-00000.json", "rank-00000.safetensors"]

@@ -139,3 +139,18 @@ def test_a_batch_the_micro_batches_cannot_fill_is_named():
     assert batch_size_problem({32, 64}, micro_batch_size=8, world_size=2) is None
     assert batch_size_problem({32, 40}, micro_batch_size=8, world_size=2) == (
         "batch size 40 is not a multiple of micro_batch_size x world_size = 8 x 2 = 16; use e.g. 32 or 48")
+
+
+def test_wsd_decay_shape_and_muon_momentum_schedule(data, tmp_path):
+    from conftest import TINY_RUN, records, train
+    train(*TINY_RUN, f"--data_dir={data}", f"--out_dir={tmp_path}", "--max_iters=10", "--eval_iters=0",
+          "--lr_schedule=wsd", "--wsd_decay_frac=0.5", "--wsd_decay_shape=sqrt", "--min_lr=1e-3", "--use_muon=True",
+          "--muon_momentum_warmup_steps=4", "--muon_momentum_cooldown_steps=2")
+    # a record at step n holds the values of the step just taken, n - 1
+    lr = {step - 1: value for step, value in records(tmp_path, "lr").items()}
+    momentum = {step - 1: value for step, value in records(tmp_path, "muon_momentum").items()}
+    peak, low = 1e-2, 1e-3
+    assert lr[0] == pytest.approx(peak / 2) and lr[4] == pytest.approx(peak)  # warmup, then stable to step 5
+    assert lr[7] == pytest.approx(low + (peak - low) * (1 - (2 / 5) ** 0.5))  # decay over steps 5..10, sqrt-shaped
+    assert momentum[0] == pytest.approx(0.85) and momentum[2] == pytest.approx(0.90)
+    assert momentum[5] == pytest.approx(0.95) and momentum[9] == pytest.approx(0.85 + 0.1 / 2)  # cool-down
