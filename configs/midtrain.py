@@ -6,6 +6,7 @@
 #   python prepare.py HuggingFaceTB/smoltalk --hf_config=all --chat --tokenizer=data/fineweb-edu --out=data/smoltalk
 out_dir = "out/midtrain"
 init_from = "out/pretrain"
+# a handoff starts a fresh AdamW (step 0, new schedule) from the weights, Muon-trained or not
 data_mixture = {"data/fineweb-edu": 0.7, "data/smoltalk": 0.3}
 use_loss_mask = False
 micro_batch_size = 8
