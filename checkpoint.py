@@ -26,6 +26,7 @@ read for being finite. The data position is the step: the windows of a step are 
 """
 import glob
 import json
+import math
 import os
 import re
 import shutil
@@ -36,7 +37,7 @@ import torch
 
 from import_hf import open_hf
 from model import GPT, ModelArgs, parameter_shapes
-from parallel import replica, rows_held, share_to_write
+from parallel import finite, replica, rows_held, share_to_write
 import tokenizer as tok
 
 FORMAT_VERSION = 2
@@ -180,13 +181,49 @@ def training_meta(*, step, tokens_seen, batch_size, model_args, config, tokenize
             "config": config, "tokenizer": tokenizer, "data_dir": data_dir, "parent": parent}
 
 
-def save_training_state(out_dir, step, raw_model, optimizers, meta, *, rank, world_size, keep_last, keep_every):
+def save_training_state(gpt, optimizers, meta, *, out_dir, val_loss, good_checkpoint, rank, world_size, keep_last,
+                        keep_every):
     """Every rank's share of the training state written in the background (save_checkpoint), meta on
-    rank 0: returns the checkpoint's path and the MiB of this rank's share now held in host memory."""
-    pieces = state_pieces(raw_model, optimizers, rank, world_size)
+    rank 0; returns the checkpoint's path. Weights or an evaluation that are not finite are refused
+    (ValueError, naming good_checkpoint), so rotation never replaces a good checkpoint with a poisoned one."""
+    started, step = time.time(), meta["step"]
+    weights_finite = finite(gpt)  # a host sync (and a collective), here only
+    if not weights_finite or (val_loss is not None and not math.isfinite(val_loss)):
+        raise ValueError(f"checkpoint at step {step} refused: "
+                         + ("the weights are not finite" if not weights_finite else f"val loss {val_loss}")
+                         + f"; the newest good checkpoint is {good_checkpoint or 'none (nothing was written)'}: "
+                         "resume from it with a lower learning rate")
+    pieces = state_pieces(gpt, optimizers, rank, world_size)
     save_checkpoint(out_dir, step, pieces, meta if rank == 0 else None, rank=rank, world_size=world_size,
                     keep_last=keep_last, keep_every=keep_every, background=True)
-    return checkpoint_path(out_dir, step), sum(t.numel() * t.element_size() for t, _, _ in pieces.values()) / 2**20
+    if rank == 0:
+        host_mb = sum(t.numel() * t.element_size() for t, _, _ in pieces.values()) / 2**20
+        print(f"checkpoint at step {step}: training paused {time.time() - started:.2f}s, {host_mb:,.1f} MiB of "
+              f"rank 0's state in host memory (written in the background)", flush=True)
+    return checkpoint_path(out_dir, step)
+
+
+def model_args_for(start, settings, *, tokenizer, data_vocab, data_dir):
+    """The model's shape: the start checkpoint's when there is one (a later stage's config need not
+    repeat it), else settings' (train.py's config; vocab_size 0 is the data's). ValueError for a start
+    checkpoint whose tokenizer is not the data's, or a vocabulary smaller than the data's."""
+    if start is None:
+        shape = {k: settings[k] for k in ModelArgs.__dataclass_fields__ if k in settings}
+        args = ModelArgs(**{**shape, "vocab_size": shape["vocab_size"] or data_vocab})
+    else:
+        args = ModelArgs(**start["model_args"])
+        if not tok.same_ids(start["tokenizer"], tokenizer):
+            raise ValueError(f"the tokenizer of {start['path']} (vocabulary {args.vocab_size}) differs from "
+                             f"{data_dir}'s (vocabulary {data_vocab}): prepare the data with "
+                             "--tokenizer=<the earlier dataset's directory>")
+    if args.vocab_size < data_vocab:
+        raise ValueError(f"vocab_size={args.vocab_size} is smaller than the dataset's vocabulary ({data_vocab}); "
+                         "use 0 to take it from the data")
+    try:
+        args.check()
+    except ValueError as e:
+        raise ValueError(f"model config: {e}") from None
+    return args
 
 
 # ---- the training state, by tensor name ---------------------------------------------------------

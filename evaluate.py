@@ -292,6 +292,18 @@ def evaluate_tasks(model, encoder, tasks, *, block_size, micro_batch_size, devic
     return results
 
 
+def validation_line(val_loss, val_bpb, by_dataset):
+    """'val loss L, val bpb B', and each dataset's when there are several."""
+    each = "".join(f" | {name}: {v['loss']:.4f}, {v['bpb']:.4f} bpb" for name, v in by_dataset.items())
+    return f"val loss {val_loss:.4f}, val bpb {val_bpb:.4f}" + (each if len(by_dataset) > 1 else "")
+
+
+def scores_line(scores):
+    """evaluate_tasks' scores on one line: 'name metric value, ... | name ...'."""
+    return " | ".join(f"{name} " + ", ".join(f"{k} {v:.3f}" for k, v in s.items() if k != "examples")
+                      for name, s in scores.items())
+
+
 def task_paths(spec):
     """Task files from a comma-separated list of paths and globs."""
     paths = [p for part in spec.split(",") if part for p in (sorted(glob.glob(part)) or [part])]

@@ -5,6 +5,7 @@ The run directory, and the files around it that must never be lost or half-writt
     open_run_log           out_dir/config.py, metrics.jsonl (lines appended whole or not at all), wandb;
                            log_line, the console's line of the same metrics
     catch_stop_signals     SIGTERM / SIGUSR1 / Ctrl-C recorded, so train.py stops with a checkpoint
+    log, fail, end_run     rank 0's console; how a run ends: one line and exit 1, or its last checkpoint and exit 0
     replace_directory      a finished dataset or export swapped in for an older one, and only over a
                            directory that holds nothing but what the same tool writes
 """
@@ -21,8 +22,8 @@ _lock_file = None  # held open (and locked) for the whole run
 def lock_run_directory(out_dir):
     """Take out_dir for this process: an exclusive lock on out_dir/.lock. The kernel drops it when the
     process ends however it ends, so a lock left by a killed run is simply taken over; every exit
-    through Python empties it too (no PID left behind). Raises RuntimeError naming the PID of a run
-    that holds it, or saying why out_dir cannot be used."""
+    through Python empties it too (no PID left behind). Refuses, naming the PID of a run
+    that holds it, or saying why out_dir cannot be used (Refused)."""
     global _lock_file
     import fcntl
     path = os.path.join(out_dir, ".lock")
@@ -30,14 +31,14 @@ def lock_run_directory(out_dir):
         os.makedirs(out_dir, exist_ok=True)
         lock_file = open(path, "a+")
     except OSError as e:
-        raise RuntimeError(f"cannot use {out_dir} as the run directory ({e.strerror}): choose a writable --out_dir") from None
+        raise Refused(f"cannot use {out_dir} as the run directory ({e.strerror}): choose a writable --out_dir") from None
     try:
         fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock_file.seek(0)
         holder = lock_file.read().strip() or "unknown"
         lock_file.close()
-        raise RuntimeError(f"{out_dir} is in use by another run (PID {holder}): wait for it to end, or choose "
+        raise Refused(f"{out_dir} is in use by another run (PID {holder}): wait for it to end, or choose "
                            f"another --out_dir") from None
     lock_file.seek(0)
     previous = lock_file.read().strip()
@@ -133,7 +134,8 @@ class Refused(Exception):
 
 def start_point(out_dir, init_from, *, max_iters, use_muon, init_from_unfinished, master, barrier):
     """Where training starts: (source, read, resuming), source and read as checkpoint.open_checkpoint
-    gives them, or None, None for a fresh model. Rank 0 has locked out_dir. The rule:
+    gives them, or None, None for a fresh model. Rank 0 first locks out_dir: one run per directory, a
+    second is refused, naming the first's PID. The rule:
     - a run directory that holds checkpoints is resumed, never overwritten: by 'resume', and by a
       stage handoff too (so rerunning a pipeline resumes each stage); 'scratch' over it is refused;
       resuming, rank 0 first finds the newest checkpoint that loads with finite weights, setting
@@ -146,6 +148,7 @@ def start_point(out_dir, init_from, *, max_iters, use_muon, init_from_unfinished
     # here, not at the top: prepare.py uses this file and never needs torch
     from checkpoint import checkpoint_paths, open_checkpoint, remove_stale_writes, set_aside_paths
     if master:
+        lock_run_directory(out_dir)
         remove_stale_writes(out_dir)
     resuming = bool(checkpoint_paths(out_dir))
     if not resuming and set_aside_paths(out_dir):
@@ -202,23 +205,62 @@ def log_line(metrics, *, max_iters, elapsed_s, eta_s):
             + f" | {timedelta(seconds=round(elapsed_s))} elapsed, ETA {timedelta(seconds=round(eta_s))}")
 
 
-def open_run_log(out_dir, config, run, *, wandb_project="", wandb_run_name=""):
+def open_run_log(out_dir, config, run, *, master, wandb_project="", wandb_run_name=""):
     """On rank 0: out_dir/config.py (the full config, which runs again as python train.py
     out_dir/config.py), metrics.jsonl's first record ({"config", "run"}) and wandb. Returns
-    record(metrics): a metrics.jsonl line with the wall-clock time, written whole or not at all
-    (OSError when the disk is full), and the same to wandb."""
+    record(metrics), a no-op on the other ranks: a metrics.jsonl line with the wall-clock time,
+    written whole or not at all, and the same to wandb. A full disk stops the run (fail)."""
     import json
     import time
+    if not master:
+        return lambda metrics: None
     wandb = None
     if wandb_project:
         import wandb
         wandb.init(project=wandb_project, name=wandb_run_name or None, config=config)
 
     def record(metrics):
-        append_line(os.path.join(out_dir, "metrics.jsonl"), json.dumps({**metrics, "time": round(time.time(), 3)}))
+        try:
+            append_line(os.path.join(out_dir, "metrics.jsonl"), json.dumps({**metrics, "time": round(time.time(), 3)}))
+        except OSError as e:
+            fail(str(e))
         if wandb is not None and "step" in metrics:
             wandb.log(metrics, step=metrics["step"])
     record({"config": config, "run": run})
     with open(os.path.join(out_dir, "config.py"), "w") as f:
         f.write("".join(f"{k} = {v!r}\n" for k, v in config.items()))
     return record
+
+
+# ---- how a run speaks and ends -----------------------------------------------------------------
+def log(*args):
+    """Print on rank 0 only (torchrun's RANK): the other ranks' lines would repeat it."""
+    if os.environ.get("RANK", "0") == "0":
+        print(*args, flush=True)
+
+
+def fail(message):
+    """One line on stderr naming the rank, and exit 1 (the lock is released on the way out)."""
+    print(f"error (rank {os.environ.get('RANK', '0')}): {message}", file=sys.stderr, flush=True)
+    import torch.distributed as dist  # here: prepare.py uses this file and never needs torch
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(1)
+
+
+def end_run():
+    """The end: the last checkpoint written, the lock released, every rank leaving together, exit 0."""
+    from checkpoint import wait_for_checkpoint
+    import torch.distributed as dist
+    try:
+        wait_for_checkpoint()
+    except OSError as e:
+        fail(str(e))
+    release_run_directory()
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # a rank that tears down while another still works can abort the group
+        dist.destroy_process_group()
+    # Without Python's exit: gloo's C++ teardown at interpreter exit can abort a process (SIGABRT,
+    # "terminate called without an active exception") once all the work is done.
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)

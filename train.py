@@ -10,7 +10,6 @@ from dataclasses import asdict
 from datetime import timedelta
 import math
 import os
-import sys
 import time
 
 # ----------------------------------------------------------------------------------------------
@@ -22,17 +21,14 @@ data_mixture = None             # or several, with weights: {'data/web': 0.7, 'd
 use_loss_mask = False           # learn only the targets a chat dataset marks (the assistant's words)
 align_windows = False           # text windows start at a document's first token, as a chat dataset's always do
 document_masking = False        # attention does not cross the documents inside a window (<|endoftext|> starts one)
-init_from = "scratch"           # 'scratch'; 'resume': the newest checkpoint in out_dir (scratch if there is none);
-                                # an earlier stage's out_dir or checkpoint file, or hf:<dir>: its weights only
-                                # (fresh optimizer, step and schedule; resumes instead once out_dir has checkpoints)
+init_from = "scratch"           # 'scratch', 'resume' (out_dir's newest checkpoint), or an earlier stage's out_dir,
+                                # checkpoint or hf:<dir> for its weights only (README: "Checkpoints")
 init_from_unfinished = False    # let a handoff start from an earlier stage that stopped before its max_iters
 eval_interval = 250             # evaluate and checkpoint every this many steps (and at the end)
 eval_iters = 20                 # micro-batches per evaluation (split across ranks); 0: no evaluation
-val_full_pass = None            # True: validation scores every val token once (the same at any seed: compare recipes
-                                # with it); False: eval_iters micro-batches of random windows; None: the full pass
-                                # when it takes no more windows than those
+val_full_pass = None            # True: every val token once (seed-independent: compare recipes with it); False:
+                                # eval_iters micro-batches of random windows; None: the full pass if no larger
 eval_tasks = {}                 # downstream tasks scored at every evaluation: {task .jsonl: examples (0: all)}
-                                # (evaluate.py)
 log_interval = 10               # a log line and a metrics.jsonl record every this many steps
 keep_last_checkpoints = 3       # older checkpoints are deleted once a newer one is complete
 keep_every_checkpoints = 0      # also keep every checkpoint whose step is a multiple of this, forever (0: none)
@@ -91,11 +87,9 @@ device = "auto"                 # 'auto' (cuda if available, else cpu), 'cpu', '
 dtype = "auto"                  # 'auto' (bfloat16 autocast on cuda, float32 on cpu), 'bfloat16', 'float32'
 compile = None                  # torch.compile the model; None: on for cuda, off for cpu
 activation_checkpointing = False  # recompute each block in the backward pass: less memory, ~1/3 more compute
-data_parallel = "ddp"           # with torchrun: 'ddp', 'fsdp' (sharded: FSDP2) or 'hsdp' (sharded in groups);
-                                # parallel.py
+data_parallel = "ddp"           # with torchrun: 'ddp', 'fsdp' (sharded: FSDP2) or 'hsdp' (sharded in groups)
 shard_size = 8                  # hsdp: ranks per sharded group (a node's GPUs); the groups replicate each other
-reshard_after_forward = True    # fsdp/hsdp: free a block's gathered weights after its forward (gathered again for
-                                # backward)
+reshard_after_forward = True    # fsdp/hsdp: free a block's gathered weights after its forward (gathered again)
 peak_flops = 0.0                # device peak FLOP/s for MFU; 0: from device.PEAK_BF16_FLOPS (cuda only)
 seed = 1337
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
@@ -104,15 +98,14 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator
 import torch  # after the config: --help answers without loading torch
 import torch.distributed as dist
 
-from checkpoint import checkpoint_failure, load_state, save_training_state, training_meta, wait_for_checkpoint
+from checkpoint import checkpoint_failure, load_state, model_args_for, save_training_state, training_meta
 from data import micro_batches, open_mixture, val_split_warnings
-from evaluate import evaluate_tasks, load_task, validation, validation_windows
+from evaluate import evaluate_tasks, load_task, scores_line, validation, validation_line, validation_windows
 from device import device_name, device_peak_flops, peak_memory_mb, resolve_device
-from model import GPT, Init, ModelArgs
-from parallel import (MODES, clip_grad_norm, compiler_problem, finite, mean_over_ranks, reshard, state_bytes,
-                      sync_gradients, wrap)
-from rundir import (Finished, Refused, catch_stop_signals, lock_run_directory, log_line, open_run_log,
-                    release_run_directory, start_point, stop_signal)
+from model import GPT, Init
+from parallel import MODES, clip_grad_norm, compiler_problem, mean_over_ranks, reshard, state_bytes, sync_gradients, wrap
+from rundir import (Finished, Refused, catch_stop_signals, end_run, fail, log, log_line, open_run_log, start_point,
+                    stop_signal)
 from settings import batch_size_problem, config_problem
 import tokenizer as tok
 
@@ -122,34 +115,6 @@ rank, local_rank, world_size = (0, 0, 1)
 if distributed:
     rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
 master = rank == 0
-
-
-def log(*args):
-    if master:
-        print(*args, flush=True)
-
-
-def fail(message):
-    print(f"error (rank {rank}): {message}", file=sys.stderr, flush=True)
-    if distributed and dist.is_initialized():
-        dist.destroy_process_group()
-    sys.exit(1)  # the run directory's lock is released on the way out (rundir.py)
-
-
-def end_run():
-    """The end: the last checkpoint written, the lock released, every rank leaving together."""
-    try:
-        wait_for_checkpoint()
-    except OSError as e:
-        fail(str(e))
-    release_run_directory()
-    if distributed:
-        dist.barrier()  # a rank that tears down while another still works can abort the group
-        dist.destroy_process_group()
-    # and without Python's exit: gloo's C++ teardown at interpreter exit can abort a process
-    # (SIGABRT, "terminate called without an active exception") when all the work is done
-    sys.stdout.flush(), sys.stderr.flush()
-    os._exit(0)
 
 
 # ---- the config, checked before anything starts: each mistake a one-line error (settings.py) ------
@@ -219,11 +184,6 @@ if problem := batch_size_problem(batch_sizes, micro_batch_size=micro_batch_size,
 
 
 # ---- where to start from: resume, a stage handoff, or scratch (rundir.start_point has the rule) ----
-if master:  # one run per directory: a second is refused, naming the first's PID
-    try:
-        lock_run_directory(out_dir)
-    except RuntimeError as e:
-        fail(str(e))
 try:
     start_ckpt, read_tensor, resuming = start_point(out_dir, init_from, max_iters=max_iters, use_muon=use_muon,
                                          init_from_unfinished=init_from_unfinished, master=master,
@@ -233,6 +193,7 @@ except Refused as e:
 except Finished as e:
     log(str(e))
     end_run()
+step, tokens_seen, parent, good_checkpoint = 0, 0, None, None  # parent: the checkpoint this run's weights started from
 if start_ckpt is not None:  # the model's shape is the checkpoint's: a later stage's config need not repeat it
     differences = {k: v for k, v in start_ckpt["model_args"].items() if k in config and config[k] != v
                    and not (k == "vocab_size" and config[k] == 0)}
@@ -240,9 +201,14 @@ if start_ckpt is not None:  # the model's shape is the checkpoint's: a later sta
         log(f"model shape from {start_ckpt['path']}, not the config: {differences}")
     config.update(differences)  # what the checkpoints and metrics.jsonl record
     block_size = start_ckpt["model_args"]["block_size"]
+    parent = start_ckpt["path"]
+    if resuming:  # good_checkpoint: the newest of this run known to hold finite weights and evaluation
+        step, tokens_seen, parent, good_checkpoint = (start_ckpt[k] for k in ("step", "tokens_seen", "parent", "path"))
+# the stage before scored these weights on these tasks at its end: no need to again at step 0
+tasks_scored = start_ckpt is not None and not resuming and start_ckpt.get("config", {}).get("eval_tasks") == eval_tasks
 
 
-# ---- data -------------------------------------------------------------------------------------
+# ---- data: the windows of step s come from default_rng((seed, s)) -----------------------------------
 try:
     datasets, mixture_weights, encoder = open_mixture(data_mixture or {data_dir: 1.0}, block_size, align_windows)
 except (FileNotFoundError, ValueError) as e:
@@ -250,24 +216,24 @@ except (FileNotFoundError, ValueError) as e:
 encoder_state, meta = tok.tokenizer_state(encoder), datasets[0].meta  # checkpoints embed the tokenizer
 for warning in val_split_warnings(datasets, eval_iters * micro_batch_size * world_size * block_size):
     log(warning)
+batches = micro_batches(datasets, mixture_weights, start_step=step, batch_size_at=batch_size_at,
+                        micro_batch_size=micro_batch_size, rank=rank, world_size=world_size, block_size=block_size,
+                        use_loss_mask=use_loss_mask, seed=seed, device=device)
+
+
+def next_batch():
+    try:
+        return next(batches)
+    except ValueError as e:  # a token id past the vocabulary: a shard edited after prepare.py
+        fail(str(e))
 
 
 # ---- the model and its optimizers -------------------------------------------------------------
-model_args = ModelArgs(**start_ckpt["model_args"]) if start_ckpt is not None else ModelArgs(
-    vocab_size=vocab_size or meta["vocab_size"], block_size=block_size, n_layer=n_layer, n_head=n_head,
-    n_kv_head=n_kv_head, n_embd=n_embd, mlp_ratio=mlp_ratio, rope_base=rope_base, qk_norm=qk_norm,
-    tie_embeddings=tie_embeddings)
-if start_ckpt is not None and not tok.same_ids(start_ckpt["tokenizer"], encoder_state):
-    fail(f"the tokenizer of {start_ckpt['path']} (vocabulary {start_ckpt['model_args']['vocab_size']}) differs from "
-         f"{data_dir}'s (vocabulary {meta['vocab_size']}): prepare the data with "
-         f"--tokenizer=<the earlier dataset's directory>")
-if model_args.vocab_size < meta["vocab_size"]:
-    fail(f"vocab_size={model_args.vocab_size} is smaller than the dataset's vocabulary ({meta['vocab_size']}); "
-         f"use 0 to take it from the data")
 try:
-    model_args.check()
+    model_args = model_args_for(start_ckpt, config, tokenizer=encoder_state, data_vocab=meta["vocab_size"],
+                                data_dir=data_dir)
 except ValueError as e:
-    fail(f"model config: {e}")
+    fail(str(e))
 with torch.device("meta"):  # no memory yet: wrap gives each rank what it holds, initialised from the seed
     gpt = GPT(model_args)
 gpt.checkpoint_blocks = activation_checkpointing
@@ -286,25 +252,15 @@ optimizers, optimizer_summary = gpt.configure_optimizers(  # after wrap: FSDP2 r
     muon_orthogonalize=muon_orthogonalize, muon_cautious_decay=muon_cautious_decay, muon_group=muon_group)
 adamw, muon = optimizers[0], (optimizers[1] if use_muon else None)
 log(optimizer_summary)
-
 # Resuming is exact without saving any random generator's state: nothing draws from one after the
-# initialisation above (no dropout), and the windows of step s come from default_rng((seed, s)).
-step, tokens_seen, parent, tasks_scored = 0, 0, None, False  # parent: the checkpoint this run's weights started from
-good_checkpoint = None  # the newest checkpoint of this run known to hold finite weights and evaluation
+# initialisation above (no dropout), and the data is a function of the step.
 if start_ckpt is not None:  # each rank reads the rows it holds
     try:
         load_state(read_tensor, start_ckpt["tensors"], gpt, optimizers if resuming else [], device)
     except ValueError as e:  # a weight that is not finite
         fail(str(e))
-    if resuming:
-        step, tokens_seen, parent = start_ckpt["step"], start_ckpt["tokens_seen"], start_ckpt["parent"]
-        good_checkpoint = start_ckpt["path"]
-        log(f"resumed from {start_ckpt['path']} at step {step}")
-    else:
-        parent = start_ckpt["path"]
-        log(f"weights from {parent} (step {start_ckpt['step']}); fresh optimizer, step count and schedule")
-    # the stage before scored these weights on these tasks at its end: no need to again at step 0
-    tasks_scored = not resuming and start_ckpt.get("config", {}).get("eval_tasks") == eval_tasks
+    log(f"resumed from {good_checkpoint} at step {step}" if resuming else
+        f"weights from {parent} (step {start_ckpt['step']}); fresh optimizer, step count and schedule")
     del start_ckpt, read_tensor
 
 
@@ -319,73 +275,36 @@ except (OSError, ValueError) as e:
     fail(f"eval_tasks: {e}")
 
 
-# ---- checkpoints, and stopping on a signal ----------------------------------------------------
+# ---- the run's records: checkpoints, config.py, metrics.jsonl, the console -------------------------
 def write_checkpoint(step, tokens_seen, val_loss, good_checkpoint):
-    """All ranks call this, each writing its share (in the background) while training goes on; returns
-    the new checkpoint's path. Never from weights, or after an evaluation, that are not finite: the
-    run stops instead, naming the newest good checkpoint, so rotation never replaces a good
-    checkpoint with a poisoned one."""
-    started = time.time()
-    weights_finite = finite(gpt)  # a host sync (and a collective), here only
-    if not weights_finite or (val_loss is not None and not math.isfinite(val_loss)):
-        fail(f"checkpoint at step {step} refused: "
-             + ("the weights are not finite" if not weights_finite else f"val loss {val_loss}")
-             + f"; the newest good checkpoint is {good_checkpoint or 'none (nothing was written)'}: "
-             f"resume from it with a lower learning rate")
+    """All ranks write their share in the background while training goes on (a failed write stops the
+    run at the next step); returns the new checkpoint's path (checkpoint.save_training_state)."""
     meta = training_meta(step=step, tokens_seen=tokens_seen, batch_size=batch_size_at(step),
                          model_args=asdict(model_args), config=config, tokenizer=encoder_state, data_dir=data_dir,
                          parent=parent)
-    path, host_mb = save_training_state(out_dir, step, gpt, optimizers, meta, rank=rank, world_size=world_size,
-                                        keep_last=keep_last_checkpoints, keep_every=keep_every_checkpoints)
-    log(f"checkpoint at step {step}: training paused {time.time() - started:.2f}s, {host_mb:,.1f} MiB of rank 0's "
-        f"state in host memory (written in the background)")
-    return path  # a failed write stops the run at the next step
+    try:
+        return save_training_state(gpt, optimizers, meta, out_dir=out_dir, val_loss=val_loss,
+                                   good_checkpoint=good_checkpoint, rank=rank, world_size=world_size,
+                                   keep_last=keep_last_checkpoints, keep_every=keep_every_checkpoints)
+    except ValueError as e:  # weights or an evaluation that are not finite
+        fail(str(e))
 
 
-# SIGTERM / SIGUSR1 (what SLURM and cloud schedulers send before they kill) and Ctrl-C: finish the
-# step, checkpoint, exit 0 (rundir.catch_stop_signals)
-catch_stop_signals(rank)
-
-
-# ---- logging: the full config into out_dir/config.py and metrics.jsonl, what differs from the defaults on the console
-flops_per_token = gpt.flops_per_token()
-peak = peak_flops or device_peak_flops(device_type)
-changed = [f"{k}={shown(v)}" for k, v in config.items() if v != config_defaults[k]]
-log("config (the rest are train.py's defaults): " + ", ".join(changed))
+catch_stop_signals(rank)  # SIGTERM / SIGUSR1 / Ctrl-C from here on: finish the step, checkpoint, exit 0
+flops_per_token, peak = gpt.flops_per_token(), peak_flops or device_peak_flops(device_type)
+log("config (the rest are train.py's defaults): "
+    + ", ".join(f"{k}={shown(v)}" for k, v in config.items() if v != config_defaults[k]))
 log(f"model: {gpt.num_params() / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs/token | data: "
     + ", ".join(f"{d.meta['splits']['train']['tokens']:,} train tokens in {d.directory}" for d in datasets)
     + f" | device {device}, {dtype}, world size {world_size}, compile={compile}, {type(model).__name__}")
-
-
 run_info = {"step": step, "parent": parent, "params": gpt.num_params(), "world_size": world_size,
             "device": device_name(device_type), "dtype": dtype, "compile": compile, "torch": torch.__version__}
-append_record = open_run_log(out_dir, config, run_info, wandb_project=wandb_project,
-                             wandb_run_name=wandb_run_name) if master else None
-
-
-def record(metrics):
-    """A metrics.jsonl record (rank 0); a full disk stops the run."""
-    try:
-        if master:
-            append_record(metrics)
-    except OSError as e:
-        fail(str(e))
+record = open_run_log(out_dir, config, run_info, master=master, wandb_project=wandb_project,
+                      wandb_run_name=wandb_run_name)  # a metrics.jsonl line (rank 0); a full disk stops the run
 
 
 # ---- the loop ---------------------------------------------------------------------------------
 start_step = step
-batches = micro_batches(datasets, mixture_weights, start_step=step, batch_size_at=batch_size_at,
-                        micro_batch_size=micro_batch_size, rank=rank, world_size=world_size, block_size=block_size,
-                        use_loss_mask=use_loss_mask, seed=seed, device=device)
-
-
-def next_batch():
-    try:
-        return next(batches)
-    except ValueError as e:  # a token id past the vocabulary: a shard edited after prepare.py
-        fail(str(e))
-
-
 x, y, loss_scale = next_batch()
 # divergence guard, on the device: the count of non-finite steps in a row and in all
 bad_in_a_row = torch.zeros((), device=device, dtype=torch.int64)
@@ -405,18 +324,14 @@ while True:
                     gpt, datasets, val_windows, weights=mixture_weights, block_size=block_size,
                     token_bytes=token_bytes, device=device, autocast=autocast)
                 by_dataset = {name: {"loss": loss, "bpb": bpb} for name, (loss, bpb) in per_dataset.items()}
-                each = [f" | {name}: {v['loss']:.4f}, {v['bpb']:.4f} bpb" for name, v in by_dataset.items()]
-                log(f"step {step}: val loss {val_loss:.4f}, val bpb {val_bpb:.4f}"
-                    + ("".join(each) if len(datasets) > 1 else ""))
+                log(f"step {step}: {validation_line(val_loss, val_bpb, by_dataset)}")
                 record({"step": step, "val_loss": val_loss, "val_bpb": val_bpb, "tokens": tokens_seen,
                         "val_by_dataset": by_dataset})
             if tasks and not (tasks_scored and step == start_step):
                 scores = evaluate_tasks(gpt, encoder, tasks, block_size=block_size,
                                         micro_batch_size=micro_batch_size, device=device, autocast=autocast,
                                         rank=rank, world_size=world_size)
-                log(f"step {step}: tasks ({time.time() - paused:.1f}s with validation) | " + " | ".join(
-                    f"{name} " + ", ".join(f"{k} {v:.3f}" for k, v in s.items() if k != "examples")
-                    for name, s in scores.items()))
+                log(f"step {step}: tasks ({time.time() - paused:.1f}s with validation) | {scores_line(scores)}")
                 record({"step": step, "tokens": tokens_seen, "tasks": scores})
         reshard(gpt)  # under FSDP2, the weights evaluation gathered back into shards (parallel.py)
         if step > start_step:
