@@ -37,7 +37,9 @@ profile = False                 # profile train.py's 8th to 10th steps instead o
 profile_dir = "out/profile"     # where --profile=True writes
 memory_cap_gb = 0.0             # cap this process's GPU memory (an H200 answering for an 80 GB H100); 0: none
 # ----------------------------------------------------------------------------------------------
-_own = tuple(f"--{name}=" for name in ("warmup_steps", "bench_steps", "full_step", "profile", "profile_dir", "memory_cap_gb"))
+_own = tuple(
+    f"--{name}=" for name in ("warmup_steps", "bench_steps", "full_step", "profile", "profile_dir", "memory_cap_gb")
+)
 _train_args = [a for a in sys.argv[1:] if not a.startswith(_own) and a not in ("--help", "-h", "--print_config")]
 sys.argv = [sys.argv[0]] + [a for a in sys.argv[1:] if a not in _train_args]
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
@@ -74,12 +76,21 @@ def write_profile(profiler):
         return event is not None
 
     events = profiler.events()
-    summary = {"steps": [8, 9, 10],
-               "item_calls": sum(e.name == "aten::_local_scalar_dense" and not inside_fused_adamw(e) for e in events),
-               "cuda_syncs": sum(e.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize") for e in events),
-               # the attention kernels the model really ran (flash, cuDNN, memory-efficient or math)
-               "attention_ops": sorted({e.name for e in events if e.name.startswith(
-                   ("aten::_scaled_dot_product", "aten::_flash", "aten::_efficient", "aten::_cudnn"))})}
+    summary = {
+        "steps": [8, 9, 10],
+        "item_calls": sum(e.name == "aten::_local_scalar_dense" and not inside_fused_adamw(e) for e in events),
+        "cuda_syncs": sum(
+            e.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize") for e in events
+        ),
+        # the attention kernels the model really ran (flash, cuDNN, memory-efficient or math)
+        "attention_ops": sorted(
+            {
+                e.name
+                for e in events
+                if e.name.startswith(("aten::_scaled_dot_product", "aten::_flash", "aten::_efficient", "aten::_cudnn"))
+            }
+        ),
+    }
     with open(os.path.join(profile_dir, "summary.json"), "w") as f:
         json.dump(summary, f)
     print(f"profile of steps 8-10 in {profile_dir}: {summary['item_calls']} .item() calls, "
@@ -92,10 +103,15 @@ class ProfileDone(Exception):
 
 
 if profile:
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else []
+    )
     # a profiler step ends at each AdamW step (every config has one): skip 5, warm up over 2, record 3
-    profiler = torch.profiler.profile(activities=activities, on_trace_ready=write_profile,
-                                      schedule=torch.profiler.schedule(skip_first=5, wait=0, warmup=2, active=3, repeat=1))
+    profiler = torch.profiler.profile(
+        activities=activities,
+        on_trace_ready=write_profile,
+        schedule=torch.profiler.schedule(skip_first=5, wait=0, warmup=2, active=3, repeat=1),
+    )
     register_optimizer_step_post_hook(
         lambda optimizer, args, kwargs: profiler.step() if isinstance(optimizer, torch.optim.AdamW) else None)
     with tempfile.TemporaryDirectory() as out:
@@ -117,14 +133,21 @@ if compile and (problem := compiler_problem(device_type)):
     compile = False
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
-vocab_size, micro_batch_size, batch_size, block_size = c["vocab_size"], c["micro_batch_size"], c["batch_size"], c["block_size"]
+vocab_size, micro_batch_size, batch_size, block_size = (
+    c["vocab_size"],
+    c["micro_batch_size"],
+    c["batch_size"],
+    c["block_size"],
+)
 if vocab_size == 0:
     with open(os.path.join(c["data_dir"], "meta.json")) as f:
         vocab_size = json.load(f)["vocab_size"]
 grad_accum = batch_size // micro_batch_size  # one device; the batch-size schedule is not benchmarked
 
 if memory_cap_gb and device_type == "cuda":  # allocations past the cap fail as they would on the smaller card
-    torch.cuda.set_per_process_memory_fraction(min(1.0, memory_cap_gb * 2**30 / torch.cuda.get_device_properties(device).total_memory))
+    torch.cuda.set_per_process_memory_fraction(
+        min(1.0, memory_cap_gb * 2**30 / torch.cuda.get_device_properties(device).total_memory)
+    )
 torch.manual_seed(c["seed"])
 with torch.device(device):
     raw_model = GPT(ModelArgs(vocab_size=vocab_size, block_size=block_size, n_layer=c["n_layer"], n_head=c["n_head"],
@@ -198,16 +221,24 @@ flops_per_token = raw_model.flops_per_token()
 peak = c["peak_flops"] or device_peak_flops(device_type)
 result = {
     "device": torch.cuda.get_device_name() if device_type == "cuda" else "cpu",
-    "dtype": dtype, "compile": compile, "activation_checkpointing": c["activation_checkpointing"],
-    "params": raw_model.num_params(), "tokens_per_step": tokens_per_step,
-    "ms_per_step": bare_ms, "tokens_per_s": tokens_per_step / bare_ms * 1000,
+    "dtype": dtype,
+    "compile": compile,
+    "activation_checkpointing": c["activation_checkpointing"],
+    "params": raw_model.num_params(),
+    "tokens_per_step": tokens_per_step,
+    "ms_per_step": bare_ms,
+    "tokens_per_s": tokens_per_step / bare_ms * 1000,
     "model_flops_per_s": flops_per_token * tokens_per_step / bare_ms * 1000,
     "mfu": flops_per_token * tokens_per_step / bare_ms * 1000 / peak if peak else None,
     # the convention of nanoGPT, nanochat and PaLM: causal attention counted whole (12 * L * H * d * T)
-    "mfu_full_attention": raw_model.flops_per_token(full_attention=True) * tokens_per_step / bare_ms * 1000 / peak if peak else None,
-    "first_step_ms": first_step_ms, "compile_s": (first_step_ms - bare_ms) / 1000 if compile else 0.0,
+    "mfu_full_attention": raw_model.flops_per_token(full_attention=True) * tokens_per_step / bare_ms * 1000 / peak
+    if peak
+    else None,
+    "first_step_ms": first_step_ms,
+    "compile_s": (first_step_ms - bare_ms) / 1000 if compile else 0.0,
     "peak_memory_mb": peak_memory_mb,
-    "adamw_step_ms": optimizer_ms[0], "muon_step_ms": optimizer_ms[1] if c["use_muon"] else None,
+    "adamw_step_ms": optimizer_ms[0],
+    "muon_step_ms": optimizer_ms[1] if c["use_muon"] else None,
     "optimizer_share": sum(optimizer_ms) / bare_ms,
     "forward_backward_ms_per_micro_batch": (bare_ms - sum(optimizer_ms)) / grad_accum,
 }
@@ -219,9 +250,16 @@ if full_step:
     # run; its warmup rounded up to whole log intervals, so its last record times exactly the bench_steps
     train_warmup = ceil_div(warmup_steps, bench_steps) * bench_steps
     with tempfile.TemporaryDirectory() as out:
-        overrides = [f"--out_dir={out}/run", f"--max_iters={train_warmup + bench_steps}", f"--log_interval={bench_steps}",
-                     f"--eval_interval={10 * (train_warmup + bench_steps)}", "--eval_iters=0", "--init_from=scratch",
-                     "--batch_size_schedule=None", f"--warmup_iters={min(c['warmup_iters'], train_warmup + bench_steps)}"]
+        overrides = [
+            f"--out_dir={out}/run",
+            f"--max_iters={train_warmup + bench_steps}",
+            f"--log_interval={bench_steps}",
+            f"--eval_interval={10 * (train_warmup + bench_steps)}",
+            "--eval_iters=0",
+            "--init_from=scratch",
+            "--batch_size_schedule=None",
+            f"--warmup_iters={min(c['warmup_iters'], train_warmup + bench_steps)}",
+        ]
         run = subprocess.run([sys.executable, TRAIN, *train_args, *overrides], capture_output=True, text=True)
         if run.returncode != 0:
             sys.exit(f"bench.py: train.py failed:\n{run.stderr[-3000:]}")
@@ -252,9 +290,14 @@ if c["use_muon"]:
     rows.append(("Muon step", f"{optimizer_ms[1]:.2f} ms"))
 rows.append(("optimizer share", f"{100 * result['optimizer_share']:.1f}% of the bare step"))
 if "data_share" in result:
-    rows.append(("data loader", f"{result['data_ms_per_step']:.2f} ms/step on the host ({100 * result['data_share']:.1f}%)"))
+    rows.append(
+        ("data loader", f"{result['data_ms_per_step']:.2f} ms/step on the host ({100 * result['data_share']:.1f}%)")
+    )
 if full_step:
-    rows += [("train.py step", f"{result['full_ms_per_step']:.1f} ms"), ("loop overhead", f"{100 * result['loop_overhead']:+.1f}%")]
+    rows += [
+        ("train.py step", f"{result['full_ms_per_step']:.1f} ms"),
+        ("loop overhead", f"{100 * result['loop_overhead']:+.1f}%"),
+    ]
 for name, value in rows:
     print(f"{name:>16}  {value}")
 print(json.dumps(result))

@@ -74,7 +74,9 @@ def save_checkpoint(out_dir, step, pieces, meta=None, *, rank=0, world_size=1, k
     keep_every). With background=True that happens in a thread while training goes on: its failure
     is then reported by checkpoint_failure() (train.py asks after every step) or wait_for_checkpoint()."""
     wait_for_checkpoint()
-    pieces = {name: (tensor.detach().to("cpu", copy=True), row, list(shape)) for name, (tensor, row, shape) in pieces.items()}
+    pieces = {
+        name: (tensor.detach().to("cpu", copy=True), row, list(shape)) for name, (tensor, row, shape) in pieces.items()
+    }
     args = (out_dir, step, pieces, meta, rank, world_size, keep_last, keep_every)
     if not background:
         return _write_checkpoint(*args)
@@ -154,7 +156,10 @@ def _write_checkpoint(out_dir, step, pieces, meta, rank, world_size, keep_last, 
             for name, (first, last, shape, dtype) in part.items():
                 entry = tensors.setdefault(name, {"shape": shape, "dtype": dtype, "pieces": []})
                 entry["pieces"].append([f"rank-{r:05d}.safetensors", first, last])
-        _write_and_sync(os.path.join(tmp, "meta.json"), json.dumps({"format_version": FORMAT_VERSION, **meta, "tensors": tensors}).encode())
+        _write_and_sync(
+            os.path.join(tmp, "meta.json"),
+            json.dumps({"format_version": FORMAT_VERSION, **meta, "tensors": tensors}).encode(),
+        )
         _write_and_sync(tmp)
         os.replace(tmp, path)
         _write_and_sync(out_dir)  # the rename itself, durable
@@ -162,8 +167,10 @@ def _write_checkpoint(out_dir, step, pieces, meta, rank, world_size, keep_last, 
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         free = shutil.disk_usage(out_dir).free / 2**20 if os.path.isdir(out_dir) else 0
-        raise OSError(f"checkpoint at step {step} not written: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]} "
-                      f"(disk full? {free:,.0f} MiB free in {out_dir})") from e
+        raise OSError(
+            f"checkpoint at step {step} not written: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]} "
+            f"(disk full? {free:,.0f} MiB free in {out_dir})"
+        ) from e
     if keep_last > 0:  # only loadable checkpoints are here: one that failed to load was set aside
         for old in checkpoint_paths(out_dir)[:-keep_last]:
             if os.path.islink(old):  # a checkpoint linked in from elsewhere is the user's, never deleted
@@ -386,16 +393,23 @@ def _open_directory(path):
     except ValueError as e:
         raise ValueError(f"{path} is corrupt: {e}") from None
     except Exception as e:
-        raise ValueError(f"{path} is incomplete or corrupt ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from None
+        raise ValueError(
+            f"{path} is incomplete or corrupt ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})"
+        ) from None
 
     def read(name, first=None, last=None):
         entry = meta["tensors"][name]
         if not entry["shape"]:
             return files[entry["pieces"][0][0]].get_tensor(f"{name}:0")
         first, last = first or 0, entry["shape"][0] if last is None else last
-        parts = [files[file].get_slice(f"{name}:{start}")[max(first, start) - start:min(last, end) - start]
-                 for file, start, end in sorted(entry["pieces"], key=lambda piece: piece[1]) if start < last and end > first]
-        return torch.cat(parts) if parts else torch.empty((0, *entry["shape"][1:]), dtype=getattr(torch, entry["dtype"]))
+        parts = [
+            files[file].get_slice(f"{name}:{start}")[max(first, start) - start : min(last, end) - start]
+            for file, start, end in sorted(entry["pieces"], key=lambda piece: piece[1])
+            if start < last and end > first
+        ]
+        return (
+            torch.cat(parts) if parts else torch.empty((0, *entry["shape"][1:]), dtype=getattr(torch, entry["dtype"]))
+        )
     return {**{k: v for k, v in meta.items() if k != "tensors"}, "path": path, "tensors": list(meta["tensors"])}, \
         _checked_read(path, read)
 

@@ -79,7 +79,9 @@ def run_script(script, *args, launcher=(sys.executable,), env=None, check=True, 
     result = subprocess.run([*launcher, script, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     if check:
-        assert result.returncode == 0, f"{script} exited {result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+        assert result.returncode == 0, (
+            f"{script} exited {result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+        )
     return result
 
 

@@ -1,6 +1,7 @@
 """
 Common benchmarks, from the Hugging Face datasets' parquet files on disk, to evaluate.py's tasks:
-    python convert_tasks.py hellaswag/validation-00000-of-00001.parquet --benchmark=hellaswag --out=tasks/hellaswag.jsonl
+    python convert_tasks.py hellaswag/validation-00000-of-00001.parquet --benchmark=hellaswag \
+        --out=tasks/hellaswag.jsonl
     python convert_tasks.py "mmlu/all/test-*.parquet" --benchmark=mmlu --out=tasks/mmlu.jsonl
     python evaluate.py --ckpt=out/pretrain --tasks=tasks/hellaswag.jsonl
 benchmark: hellaswag (Rowan/hellaswag), arc (allenai/ai2_arc, ARC-Easy or ARC-Challenge), mmlu
@@ -41,8 +42,12 @@ def arc(row):
 def mmlu(row):
     subject = row["subject"].replace("_", " ")
     letters = "".join(f"\n{letter}. {choice}" for letter, choice in zip("ABCD", row["choices"]))
-    return {"context": f"The following are multiple choice questions (with answers) about {subject}.\n\n"
-                       f"{row['question'].strip()}{letters}\nAnswer:", "choices": ["A", "B", "C", "D"], "answer": int(row["answer"])}
+    return {
+        "context": f"The following are multiple choice questions (with answers) about {subject}.\n\n"
+        f"{row['question'].strip()}{letters}\nAnswer:",
+        "choices": ["A", "B", "C", "D"],
+        "answer": int(row["answer"]),
+    }
 
 
 def gsm8k(row):
@@ -50,8 +55,13 @@ def gsm8k(row):
 
 
 BENCHMARKS = {  # the conversion of a row, and the task's options
-    "hellaswag": (hellaswag, {}), "arc": (arc, {}), "mmlu": (mmlu, {}),
-    "gsm8k": (gsm8k, {"shots": 5, "stop": ["Question:", "</s>", "<|im_end|>"], "max_new_tokens": 256, "normalize": "number"}),
+    "hellaswag": (hellaswag, {}),
+    "arc": (arc, {}),
+    "mmlu": (mmlu, {}),
+    "gsm8k": (
+        gsm8k,
+        {"shots": 5, "stop": ["Question:", "</s>", "<|im_end|>"], "max_new_tokens": 256, "normalize": "number"},
+    ),
 }
 
 if __name__ == "__main__":

@@ -287,7 +287,9 @@ def learned_targets(datasets, split, windows, block_size):
     count = 0
     for d, shard, offset in windows:
         masks = datasets[d].masks[split]
-        count += block_size if masks is None else int(np.count_nonzero(masks[shard][offset + 1:offset + block_size + 1]))
+        count += (
+            block_size if masks is None else int(np.count_nonzero(masks[shard][offset + 1 : offset + block_size + 1]))
+        )
     return count
 
 
@@ -319,7 +321,9 @@ def micro_batches(datasets, weights, *, start_step, batch_size_at, micro_batch_s
     while True:
         global_windows = sample_windows(datasets, weights, "train", batch_size_at(step), (seed, step))
         per_rank = len(global_windows) // world_size
-        x, y = read_windows(datasets, "train", global_windows[rank * per_rank:(rank + 1) * per_rank], block_size, use_loss_mask)
+        x, y = read_windows(
+            datasets, "train", global_windows[rank * per_rank : (rank + 1) * per_rank], block_size, use_loss_mask
+        )
         # the whole step's learned targets, counted on the host from the masks: no device sync
         n_learned = learned_targets(datasets, "train", global_windows, block_size) if use_loss_mask \
             else len(global_windows) * block_size

@@ -96,7 +96,11 @@ def demo_train_text(val_fraction):
     """The demo corpus's training text as it is, with its whitespace collapsed (as answers are), and
     the training answers."""
     text = "\n".join(text for name, text, _ in demo_documents() if split_of(name, val_fraction) == "train")
-    return text, " ".join(text.split()), {a for document, _, a in demo_answers() if split_of(document, val_fraction) == "train"}
+    return (
+        text,
+        " ".join(text.split()),
+        {a for document, _, a in demo_answers() if split_of(document, val_fraction) == "train"},
+    )
 
 
 def held_out_answer(answer, val_fraction):
@@ -160,9 +164,14 @@ def demo_tasks(val_fraction, count=200):
         rng.shuffle(choices)
         question = DEMO_QUESTIONS[zlib.crc32(qualified.encode()) % len(DEMO_QUESTIONS)].format(name=qualified)
         docstring.append({"context": question, "choices": choices, "answer": choices.index(answer)})
-    return {"next_line": ({"target_delimiter": "\n"}, next_line),
-            "identifier": ({"target_delimiter": "", "stop": ["\n"], "max_new_tokens": 8, "normalize": "identifier"}, identifier),
-            "docstring": ({"chat": True}, docstring)}
+    return {
+        "next_line": ({"target_delimiter": "\n"}, next_line),
+        "identifier": (
+            {"target_delimiter": "", "stop": ["\n"], "max_new_tokens": 8, "normalize": "identifier"},
+            identifier,
+        ),
+        "docstring": ({"chat": True}, docstring),
+    }
 
 
 def write_demo_tasks(out, val_fraction):

@@ -6,7 +6,8 @@ Evaluation: how good the model is, during training (train.py calls these) and af
 
 1. Validation loss and bits per byte, per dataset, on the same held-out windows at every
    evaluation: every val token once (the full pass: the same score at any seed and world size), or
-   a fixed set of random windows for a val split too large for the evaluation's budget. In chat datasets only the learned targets (the assistant's words) count. Bits per
+   a fixed set of random windows for a val split too large for the evaluation's budget. In chat
+   datasets only the learned targets (the assistant's words) count. Bits per
    byte does not depend on the tokenizer: the loss in bits summed over the UTF-8 bytes the targets
    stand for (special tokens excluded).
 2. Downstream tasks. A task is a JSONL file of examples, with an optional <name>.json of options
@@ -37,7 +38,7 @@ import re
 import sys
 
 if __name__ == "__main__":
-    ckpt = "out/run"                # a run directory (its newest checkpoint), one checkpoint (ckpt_<step>), or hf:<exported dir>
+    ckpt = "out/run"                # a run directory (its newest checkpoint), a checkpoint (ckpt_<step>) or hf:<dir>
     tasks = "data/demo-tasks/*.jsonl"  # task files: comma-separated paths or globs; '': none
     val_data = ""                   # datasets (comma-separated directories) to score the val split of, every token once
     examples = 0                    # the first this many examples of each task; 0: all
@@ -108,7 +109,10 @@ def validation(model, datasets, windows, *, weights, block_size, token_bytes, de
         if dist.is_initialized():
             dist.all_reduce(totals)
         loss_sum, target_count, byte_loss_sum, byte_count = totals.tolist()
-        results[dataset.directory] = (loss_sum / max(target_count, 1), byte_loss_sum / (math.log(2) * max(byte_count, 1)))
+        results[dataset.directory] = (
+            loss_sum / max(target_count, 1),
+            byte_loss_sum / (math.log(2) * max(byte_count, 1)),
+        )
     model.train()
     mean = tuple(float(np.dot(weights, [r[i] for r in results.values()])) for i in range(2))
     return results, mean
@@ -250,7 +254,9 @@ def generate_answers(model, encoder, task, indices, steps, block_size, device, a
         with autocast:
             for token in model.generate(torch.tensor([ids], device=device), o["max_new_tokens"], temperature=0):
                 generated.append(int(token))
-                if not lockstep and (generated[-1] == stop_token or any(s in encoder.decode(generated) for s in o["stop"])):
+                if not lockstep and (
+                    generated[-1] == stop_token or any(s in encoder.decode(generated) for s in o["stop"])
+                ):
                     break
         text = encoder.decode(generated[:generated.index(stop_token)] if stop_token in generated else generated)
         for s in o["stop"]:
@@ -267,10 +273,14 @@ def evaluate_tasks(model, encoder, tasks, *, block_size, micro_batch_size, devic
     for task in tasks:
         indices, largest = my_share(len(task["examples"]), rank, world_size)
         if task["kind"] == "multiple_choice":
-            rows_per_rank = [sum(len(task["examples"][i]["choices"]) for i in my_share(len(task["examples"]), r, world_size)[0])
-                             for r in range(world_size)]
+            rows_per_rank = [
+                sum(len(task["examples"][i]["choices"]) for i in my_share(len(task["examples"]), r, world_size)[0])
+                for r in range(world_size)
+            ]
             batches = ceil_div(max(rows_per_rank), micro_batch_size)
-            scores = score_multiple_choice(model, encoder, task, indices, block_size, micro_batch_size, batches, device, autocast)
+            scores = score_multiple_choice(
+                model, encoder, task, indices, block_size, micro_batch_size, batches, device, autocast
+            )
             sums = [0.0, 0.0, 0.0, sum(1 / len(task["examples"][i]["choices"]) for i in scores)]
             for i, lls in scores.items():
                 item = task["examples"][i]
@@ -280,9 +290,15 @@ def evaluate_tasks(model, encoder, tasks, *, block_size, micro_batch_size, devic
                 sums = [s + (p == item["answer"]) for s, p in zip(sums, picks)] + sums[3:]
             names = ["acc", "acc_norm", "acc_bytes", "chance"]
         else:
-            outputs = generate_answers(model, encoder, task, indices, largest, block_size, device, autocast, world_size > 1)
+            outputs = generate_answers(
+                model, encoder, task, indices, largest, block_size, device, autocast, world_size > 1
+            )
             how = task["options"]["normalize"]
-            sums = [sum(normalize(text, how) == normalize(task["examples"][i]["answer"], how) for i, text in outputs.items())]
+            sums = [
+                sum(
+                    normalize(text, how) == normalize(task["examples"][i]["answer"], how) for i, text in outputs.items()
+                )
+            ]
             names = ["exact_match"]
         totals = torch.tensor(sums + [len(indices)], dtype=torch.float64, device=device)
         if world_size > 1:
@@ -334,8 +350,16 @@ if __name__ == "__main__":
                             device=device, autocast=autocast)
     print(f"# {checkpoint['path']} (step {checkpoint['step']})")
     if val_sets:
-        windows = validation_windows(val_sets, micro_batches=0, micro_batch_size=micro_batch_size, block_size=block_size,
-                                     seed=0, rank=0, world_size=1, full_pass=True)
+        windows = validation_windows(
+            val_sets,
+            micro_batches=0,
+            micro_batch_size=micro_batch_size,
+            block_size=block_size,
+            seed=0,
+            rank=0,
+            world_size=1,
+            full_pass=True,
+        )
         token_bytes = torch.from_numpy(tok.token_byte_lengths(encoder)).to(device)
         per_dataset, _ = validation(model, val_sets, windows, weights=np.full(len(val_sets), 1 / len(val_sets)),
                                     block_size=block_size, token_bytes=token_bytes, device=device, autocast=autocast)
@@ -343,7 +367,10 @@ if __name__ == "__main__":
             print(f"{name:>24}  val loss {loss:.4f}  {bpb:.4f} bits per byte (every val token once)")
         val_scores = {name: {"loss": loss, "bpb": bpb} for name, (loss, bpb) in per_dataset.items()}
     for name, metrics in scores.items():
-        print(f"{name:>24}  " + "  ".join(f"{k} {v:.4f}" if k != "examples" else f"({v} examples)" for k, v in metrics.items()))
+        print(
+            f"{name:>24}  "
+            + "  ".join(f"{k} {v:.4f}" if k != "examples" else f"({v} examples)" for k, v in metrics.items())
+        )
     if out_file:
         with open(out_file, "w") as f:
             json.dump({"checkpoint": checkpoint["path"], "step": checkpoint["step"], "tasks": scores,

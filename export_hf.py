@@ -102,24 +102,54 @@ def tokenizer_json(enc):
     text = lambda token: "".join(to_unicode[b] for b in token)  # noqa: E731
     ranks = enc._mergeable_ranks
     return {
-        "version": "1.0", "truncation": None, "padding": None,
-        "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-                          "normalized": False, "special": True} for t, i in sorted(enc._special_tokens.items(), key=lambda x: x[1])],
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [
+            {
+                "id": i,
+                "content": t,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
+            for t, i in sorted(enc._special_tokens.items(), key=lambda x: x[1])
+        ],
         "normalizer": None,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": enc._pat_str}, "behavior": "Isolated", "invert": False},
-            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+        "pre_tokenizer": {
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": enc._pat_str}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+            ],
+        },
         # every document the model saw began with <|endoftext|>: tokenizer(text) adds it, as Llama's tokenizers add <s>
-        "post_processor": {"type": "TemplateProcessing",
-                           "single": [{"SpecialToken": {"id": tok.BOS, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-                           "pair": [{"SpecialToken": {"id": tok.BOS, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                                    {"SpecialToken": {"id": tok.BOS, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-                           "special_tokens": {tok.BOS: {"id": tok.BOS, "ids": [tok.bos_id(enc)], "tokens": [tok.BOS]}}},
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": tok.BOS, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [
+                {"SpecialToken": {"id": tok.BOS, "type_id": 0}},
+                {"Sequence": {"id": "A", "type_id": 0}},
+                {"SpecialToken": {"id": tok.BOS, "type_id": 1}},
+                {"Sequence": {"id": "B", "type_id": 1}},
+            ],
+            "special_tokens": {tok.BOS: {"id": tok.BOS, "ids": [tok.bos_id(enc)], "tokens": [tok.BOS]}},
+        },
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
-                  "vocab": {text(token): rank for token, rank in ranks.items()},
-                  "merges": [[text(a), text(b)] for a, b in recover_merges(ranks)]},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": True,
+            "vocab": {text(token): rank for token, rank in ranks.items()},
+            "merges": [[text(a), text(b)] for a, b in recover_merges(ranks)],
+        },
     }
 
 
@@ -161,7 +191,10 @@ def export(checkpoint, hf_dir, dtype_name="bfloat16", max_shard_size_mb=5000):
             save_file(shard, os.path.join(tmp, file), metadata={"format": "pt"})
             weight_map.update({name: file for name in shard})
         total = sum(t.numel() * t.element_size() for t in tensors.values())
-        write_json(os.path.join(tmp, "model.safetensors.index.json"), {"metadata": {"total_size": total}, "weight_map": weight_map})
+        write_json(
+            os.path.join(tmp, "model.safetensors.index.json"),
+            {"metadata": {"total_size": total}, "weight_map": weight_map},
+        )
     write_json(os.path.join(tmp, "config.json"), config)
     specials = enc._special_tokens
     # the embedding rows past the tokenizer's vocabulary are padding: never generate them
@@ -197,4 +230,5 @@ if __name__ == "__main__":
         sys.exit(f"export_hf.py: error: cannot write {hf_dir}: {e.strerror or e} ({e.filename or hf_dir})")
     except ValueError as e:
         sys.exit(f"export_hf.py: error: {e}")
-    print(f"exported {checkpoint['path']} (step {checkpoint['step']}) to {hf_dir} as {config['architectures'][0]}, {dtype}")
+    print(f"exported {checkpoint['path']} (step {checkpoint['step']}) to {hf_dir} as "
+          f"{config['architectures'][0]}, {dtype}")

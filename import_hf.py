@@ -27,16 +27,27 @@ def open_hf(directory):
     model_type = config.get("model_type")
     if model_type not in ("llama", "qwen3"):
         raise ValueError(f"{directory}: model_type {model_type!r} is not supported (llama or qwen3 only)")
-    unsupported = [key for key, ok in [
-        ("rope_scaling", not config.get("rope_scaling") and (config.get("rope_parameters") or {}).get("rope_type", "default") == "default"),
-        ("attention_bias", not config.get("attention_bias", False)),
-        ("mlp_bias", not config.get("mlp_bias", False)),
-        ("hidden_act", config.get("hidden_act", "silu") == "silu"),
-        ("sliding_window", not config.get("use_sliding_window", False)),
-        ("head_dim", config.get("head_dim", config["hidden_size"] // config["num_attention_heads"])
-         == config["hidden_size"] // config["num_attention_heads"]),
-        ("vocab_size", config["vocab_size"] % 128 == 0),
-    ] if not ok]
+    unsupported = [
+        key
+        for key, ok in [
+            (
+                "rope_scaling",
+                not config.get("rope_scaling")
+                and (config.get("rope_parameters") or {}).get("rope_type", "default") == "default",
+            ),
+            ("attention_bias", not config.get("attention_bias", False)),
+            ("mlp_bias", not config.get("mlp_bias", False)),
+            ("hidden_act", config.get("hidden_act", "silu") == "silu"),
+            ("sliding_window", not config.get("use_sliding_window", False)),
+            (
+                "head_dim",
+                config.get("head_dim", config["hidden_size"] // config["num_attention_heads"])
+                == config["hidden_size"] // config["num_attention_heads"],
+            ),
+            ("vocab_size", config["vocab_size"] % 128 == 0),
+        ]
+        if not ok
+    ]
     if unsupported:
         raise ValueError(f"{directory}: unsupported settings {unsupported}")
     rope_base = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)
@@ -69,15 +80,19 @@ def open_hf(directory):
     expected = {f"model/{name}": shape for name, shape in parameter_shapes(ModelArgs(**model_args)).items()}
     for name, shape in expected.items():  # the weights there are the model config.json describes
         if name not in where:
-            raise ValueError(f"{directory}: the weight {name.removeprefix('model/')} is missing (does num_hidden_layers="
-                             f"{config['num_hidden_layers']} in {config_path} match the weights?)")
+            raise ValueError(
+                f"{directory}: the weight {name.removeprefix('model/')} is missing (does num_hidden_layers="
+                f"{config['num_hidden_layers']} in {config_path} match the weights?)"
+            )
         stored = list(where[name][0].get_slice(where[name][1]).get_shape())
         if stored != shape:
             raise ValueError(f"{directory}: {where[name][1]} has shape {stored}, {config_path} says {shape}")
     extra = sorted(set(where) - set(expected))
     if extra:
-        raise ValueError(f"{directory}: weights {config_path} does not describe, e.g. {extra[0].removeprefix('model/')} "
-                         f"(does num_hidden_layers={config['num_hidden_layers']} match the weights?)")
+        raise ValueError(
+            f"{directory}: weights {config_path} does not describe, e.g. {extra[0].removeprefix('model/')} "
+            f"(does num_hidden_layers={config['num_hidden_layers']} match the weights?)"
+        )
 
     def read(name, first=None, last=None):
         handle, key = where[name]

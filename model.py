@@ -310,7 +310,8 @@ class GPT(nn.Module):
         AdamW decays matrices only (the embedding and the head too unless decay_embed_head is off);
         1-D norm gains are not decayed. embed_lr, head_lr, norm_lr: those parameters' peak learning
         rates (None: learning_rate); each group's "lr_scale" is its peak over learning_rate. With
-        use_muon the matrices inside the blocks (attention and MLP projections) go to Muon; the embedding and the output head stay on AdamW. AdamW is fused, on CPU too: it can then
+        use_muon the matrices inside the blocks (attention and MLP projections) go to Muon; the
+        embedding and the output head stay on AdamW. AdamW is fused, on CPU too: it can then
         skip a step on a device-side flag (found_inf), which train.py's divergence guard relies on.
         muon_group: the process group that shards or replicates the model (parallel.wrap)."""
         named = dict(self.named_parameters())  # a tied head appears once, as the embedding
@@ -354,7 +355,7 @@ class GPT(nn.Module):
         if a.tie_embeddings:  # the shared matrix is used as lm_head, so it counts once
             matmul_params += self.lm_head.weight.numel()
         matmul_params -= sum(p.numel() for n, p in self.named_parameters() if p.dim() == 1)
-        attention = (12 if full_attention else 6) * a.n_layer * a.n_head * a.head_dim * seq_len  # 12 * L * H * d * T (/ 2)
+        attention = (12 if full_attention else 6) * a.n_layer * a.n_head * a.head_dim * seq_len
         return 6 * matmul_params + attention
 
     @torch.no_grad()

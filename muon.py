@@ -94,7 +94,7 @@ def world(group=None):
 
 
 def row_range(rows, rank, world_size):
-    """The rows [first, last) of a matrix that FSDP2 gives a rank (it splits the first dimension as torch.chunk does)."""
+    """The rows [first, last) of a matrix that FSDP2 gives a rank (it splits rows as torch.chunk does)."""
     chunk = ceil_div(rows, world_size)
     return min(rank * chunk, rows), min((rank + 1) * chunk, rows)
 
@@ -194,7 +194,9 @@ class Muon(torch.optim.Optimizer):
         stacked = torch.empty((per_rank, *shape), device=params[0].device, dtype=NS_DTYPE)
         stacked[len(mine):].zero_()
         if mine:
-            torch._foreach_copy_(list(stacked[:len(mine)].unbind(0)), self._momentum(group, mine, [p.grad for p in mine], keep))
+            torch._foreach_copy_(
+                list(stacked[: len(mine)].unbind(0)), self._momentum(group, mine, [p.grad for p in mine], keep)
+            )
         orthogonal = newton_schulz(stacked, group["ns_steps"], group["orthogonalize"])
         if world_size > 1:
             gathered = torch.empty((world_size * per_rank, *shape), device=orthogonal.device, dtype=orthogonal.dtype)
@@ -216,7 +218,9 @@ class Muon(torch.optim.Optimizer):
         # 1. to the owners: matrix i is owned by rank i // per_rank, so the matrices go in order, owner by owner
         send = torch.cat([u.reshape(-1) for u in updates]).to(NS_DTYPE)
         received = torch.empty(owned[rank] * sum(sizes), device=send.device, dtype=NS_DTYPE)
-        dist.all_to_all_single(received, send, [owned[rank] * s for s in sizes], [n * sizes[rank] for n in owned], group=self.group)
+        dist.all_to_all_single(
+            received, send, [owned[rank] * s for s in sizes], [n * sizes[rank] for n in owned], group=self.group
+        )
         whole = torch.zeros((per_rank, rows, cols), device=send.device, dtype=NS_DTYPE)
         offset = 0
         for (first, last), size in zip(bounds, sizes):  # from each rank: its rows of every matrix this rank owns
@@ -228,5 +232,7 @@ class Muon(torch.optim.Optimizer):
         # 3. back: to each rank, its rows of every matrix owned here
         send = torch.cat([orthogonal[j, first:last].reshape(-1) for first, last in bounds for j in range(owned[rank])])
         received = torch.empty(len(params) * sizes[rank], device=send.device, dtype=NS_DTYPE)
-        dist.all_to_all_single(received, send, [n * sizes[rank] for n in owned], [owned[rank] * s for s in sizes], group=self.group)
+        dist.all_to_all_single(
+            received, send, [n * sizes[rank] for n in owned], [owned[rank] * s for s in sizes], group=self.group
+        )
         self._apply(group, weights, received.view(len(params), *weights[0].shape), keep)

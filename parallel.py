@@ -44,9 +44,16 @@ def wrap(raw_model, *, mode, device, local_rank, world_size, shard_size, compile
                 else model), None
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    shape, names = ((world_size,), ("shard",)) if mode == "fsdp" else ((world_size // shard_size, shard_size), ("replicate", "shard"))
+
+    shape, names = (
+        ((world_size,), ("shard",))
+        if mode == "fsdp"
+        else ((world_size // shard_size, shard_size), ("replicate", "shard"))
+    )
     mesh = init_device_mesh(device_type, shape, mesh_dim_names=names)
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    )
     for block in raw_model.layers:
         if compile:
             block.compile()
@@ -109,7 +116,9 @@ def rows_held(tensor):
     if not isinstance(tensor, DTensor):
         return tensor, 0
     mesh = tensor.device_mesh
-    return tensor.to_local(), row_range(tensor.shape[0], mesh.get_local_rank(mesh.ndim - 1), mesh.size(mesh.ndim - 1))[0]
+    return tensor.to_local(), row_range(tensor.shape[0], mesh.get_local_rank(mesh.ndim - 1), mesh.size(mesh.ndim - 1))[
+        0
+    ]
 
 
 def replica(tensor):

@@ -47,7 +47,7 @@ vocab_size = 4096               # vocabulary of a trained BPE, special tokens in
 tokenizer_train_chars = 2_000_000_000  # train the BPE on at most this many characters
 val_fraction = 0.0              # fraction of documents held out for validation; 0: 0.05 for the demo, else 0.005
 text_field = "text"             # the field (.jsonl) or column (.parquet, datasets) holding the text
-text_document_chars = 10_000    # a .txt/.md file longer than this is cut, at blank lines, into documents of about this size
+text_document_chars = 10_000    # a longer .txt/.md file is cut, at blank lines, into documents of about this size
 max_docs = 0                    # stop after this many documents (0: all)
 shard_tokens = 100_000_000      # tokens per shard file
 workers = 0                     # tokenizer processes; 0: one per CPU core
@@ -163,7 +163,8 @@ def hf_documents(name):
         if chat:  # conversations in a "messages" column, checked like a .jsonl line
             messages = record.get("messages")
             problem = tok.chat_problem(messages)
-            yield f"{name}:{row}", None if problem else [{"role": m["role"], "content": m["content"]} for m in messages], problem
+            kept = None if problem else [{"role": m["role"], "content": m["content"]} for m in messages]
+            yield f"{name}:{row}", kept, problem
         else:
             yield f"{name}:{row}", record[text_field], None
 
@@ -258,7 +259,8 @@ def _init_worker(tokenizer_dir):
 def _encode(content):
     """(bytes, tokens, loss mask or None) of a text or a conversation."""
     if isinstance(content, str):
-        return len(content.encode("utf-8")), [tok.bos_id(_worker_encoder)] + _worker_encoder.encode_ordinary(content), None
+        ids = [tok.bos_id(_worker_encoder)] + _worker_encoder.encode_ordinary(content)
+        return len(content.encode("utf-8")), ids, None
     ids, mask = tok.encode_chat(_worker_encoder, content)
     return sum(len(m["content"].encode("utf-8")) for m in content), ids, mask
 
@@ -293,9 +295,11 @@ class Progress:
         if final or now - self.last > (0.5 if self.tty else progress_seconds):
             self.last = now
             rate = self.bytes / max(now - self.start, 1e-9) / 1e6
-            line = (f"{self.what}: {self.documents:,} documents, " + (f"{self.tokens:,} tokens, " if self.tokens else "")
-                    + f"{self.bytes / 1e6:,.1f} MB in {now - self.start:,.0f}s ({rate:.1f} MB/s)")
-            print(("\r" if self.tty else "") + line, end="\n" if final or not self.tty else "", file=sys.stderr, flush=True)
+            tokens = f"{self.tokens:,} tokens, " if self.tokens else ""
+            line = (f"{self.what}: {self.documents:,} documents, {tokens}{self.bytes / 1e6:,.1f} MB in "
+                    f"{now - self.start:,.0f}s ({rate:.1f} MB/s)")
+            print(("\r" if self.tty else "") + line, end="\n" if final or not self.tty else "", file=sys.stderr,
+                  flush=True)
 
 
 def build_tokenizer(spec):
@@ -396,7 +400,8 @@ def write_dataset(out, tmp):
     if skipped:
         print(f"skipped {len(skipped)} documents (the first {min(len(skipped), 20)} named above)", file=sys.stderr)
     if replaced:
-        print(f"replaced lone surrogates (valid in JSON, not in UTF-8) with U+FFFD in {replaced} documents", file=sys.stderr)
+        print(f"replaced lone surrogates (valid in JSON, not in UTF-8) with U+FFFD in {replaced} documents",
+              file=sys.stderr)
     refuse_an_empty_split({split: writer.documents for split, writer in writers.items()})
 
     meta = {

@@ -17,9 +17,26 @@ out = ""                        # where report.md and the plots go; '': <run dir
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 # ----------------------------------------------------------------------------------------------
 
-SHOWN = ["n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "batch_size", "micro_batch_size", "max_iters",
-         "learning_rate", "min_lr", "lr_schedule", "warmup_iters", "use_muon", "data_dir", "data_mixture", "use_loss_mask",
-         "init_from", "eval_tasks"]
+SHOWN = [
+    "n_layer",
+    "n_head",
+    "n_kv_head",
+    "n_embd",
+    "block_size",
+    "batch_size",
+    "micro_batch_size",
+    "max_iters",
+    "learning_rate",
+    "min_lr",
+    "lr_schedule",
+    "warmup_iters",
+    "use_muon",
+    "data_dir",
+    "data_mixture",
+    "use_loss_mask",
+    "init_from",
+    "eval_tasks",
+]
 
 
 def stage(run_dir):
@@ -60,7 +77,9 @@ def start_offsets(stages):
     offsets = [0]
     for before, s in zip(stages, stages[1:]):
         parent = s["first"].get("parent") or ""
-        step = int(parent.rsplit("ckpt_", 1)[1]) if "ckpt_" in parent and parent.rsplit("ckpt_", 1)[1].isdigit() else None
+        step = (
+            int(parent.rsplit("ckpt_", 1)[1]) if "ckpt_" in parent and parent.rsplit("ckpt_", 1)[1].isdigit() else None
+        )
         tokens = [r["tokens"] for r in before["records"] if "tokens" in r and (step is None or r["step"] <= step)]
         offsets.append(offsets[-1] + max(tokens or [0]))
     return offsets
@@ -72,12 +91,20 @@ def plot(stages, directory, plt):
     total = max(offset + max([r.get("tokens", 0) for r in s["records"]] or [0]) for s, offset in zip(stages, offsets))
 
     def series(key, records_of=lambda s: s["records"]):
-        return [([offset + r["tokens"] for r in records_of(s) if key(r) is not None], [key(r) for r in records_of(s) if key(r) is not None],
-                 os.path.basename(s["dir"].rstrip("/"))) for s, offset in zip(stages, offsets)]
+        return [
+            (
+                [offset + r["tokens"] for r in records_of(s) if key(r) is not None],
+                [key(r) for r in records_of(s) if key(r) is not None],
+                os.path.basename(s["dir"].rstrip("/")),
+            )
+            for s, offset in zip(stages, offsets)
+        ]
 
     def data_of(s):  # what a stage's val loss is measured on
         config = s["config"]
-        return ", ".join(os.path.basename(d.rstrip("/")) for d in (config.get("data_mixture") or [config.get("data_dir", "?")]))
+        return ", ".join(
+            os.path.basename(d.rstrip("/")) for d in (config.get("data_mixture") or [config.get("data_dir", "?")])
+        )
 
     def figure(name, title, lines, ylabel, log_y=False):
         fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -99,11 +126,19 @@ def plot(stages, directory, plt):
         return name
 
     # each stage's val loss is on its own data's val split: labelled with it, not comparable across stages
-    val = [(x, y, f"{label} val ({data_of(s)})") for (x, y, label), s in zip(series(lambda r: r.get("val_loss")), stages)]
-    pngs = [figure("loss.png", "loss (each val curve on its own stage's data)",
-                   [(x, y, f"{label} train") for x, y, label in series(lambda r: r.get("loss"))] + val, "nats per token"),
-            figure("lr.png", "learning rate", series(lambda r: r.get("lr")), "learning rate"),
-            figure("throughput.png", "tokens per second", series(lambda r: r.get("tokens_per_s")), "tokens/s")]
+    val = [
+        (x, y, f"{label} val ({data_of(s)})") for (x, y, label), s in zip(series(lambda r: r.get("val_loss")), stages)
+    ]
+    pngs = [
+        figure(
+            "loss.png",
+            "loss (each val curve on its own stage's data)",
+            [(x, y, f"{label} train") for x, y, label in series(lambda r: r.get("loss"))] + val,
+            "nats per token",
+        ),
+        figure("lr.png", "learning rate", series(lambda r: r.get("lr")), "learning rate"),
+        figure("throughput.png", "tokens per second", series(lambda r: r.get("tokens_per_s")), "tokens/s"),
+    ]
     if any(r.get("mfu") for s in stages for r in s["records"]):
         pngs.append(figure("mfu.png", "model FLOPs utilization", series(lambda r: r.get("mfu")), "MFU"))
     tasks = sorted({name for s in stages for r in s["records"] for name in r.get("tasks", {})})
@@ -114,8 +149,15 @@ def plot(stages, directory, plt):
                        if any(m in r.get("tasks", {}).get(name, {}) for s in stages for r in s["records"])]
             for metric in metrics:
                 points = series(lambda r: r.get("tasks", {}).get(name, {}).get(metric))
-                lines.append(([x for xs, _, _ in points for x in xs], [y for _, ys, _ in points for y in ys], f"{name} {metric}"))
-            chance = [r["tasks"][name]["chance"] for s in stages for r in s["records"] if "chance" in r.get("tasks", {}).get(name, {})]
+                lines.append(
+                    ([x for xs, _, _ in points for x in xs], [y for _, ys, _ in points for y in ys], f"{name} {metric}")
+                )
+            chance = [
+                r["tasks"][name]["chance"]
+                for s in stages
+                for r in s["records"]
+                if "chance" in r.get("tasks", {}).get(name, {})
+            ]
             if chance:  # tasks with the same chance level share one line, labelled with all their names
                 chances.setdefault(round(chance[-1], 6), []).append(name)
         lines += [([0, total], [level] * 2, f"{' and '.join(names)} chance") for level, names in chances.items()]
@@ -129,25 +171,32 @@ def markdown(stages, pngs):
         run, config, records = s["run"], s["config"], s["records"]
         last = lambda key: next((r for r in reversed(records) if key in r), None)  # noqa: E731
         wall = s["wall_s"]
-        lines += [f"## {s['dir']}", "",
-                  f"- model: {run.get('params', 0) / 1e6:,.2f}M parameters; hardware: {run.get('device', '?')}, world size "
-                  f"{run.get('world_size', '?')}, {run.get('dtype', '?')}, compile={run.get('compile', '?')}, torch {run.get('torch', '?')}",
-                  f"- started from: {s['first'].get('parent') or 'scratch'}; steps: {max([r['step'] for r in records] or [0])}; "
-                  f"tokens: {max([r.get('tokens', 0) for r in records] or [0]):,}; wall time: {wall / 60:.1f} min (its runs, "
-                  f"without the gaps between them)"]
+        lines += [
+            f"## {s['dir']}",
+            "",
+            f"- model: {run.get('params', 0) / 1e6:,.2f}M parameters; hardware: {run.get('device', '?')}, world size "
+            f"{run.get('world_size', '?')}, {run.get('dtype', '?')}, compile={run.get('compile', '?')}, "
+            f"torch {run.get('torch', '?')}",
+            f"- started from: {s['first'].get('parent') or 'scratch'}; "
+            f"steps: {max([r['step'] for r in records] or [0])}; "
+            f"tokens: {max([r.get('tokens', 0) for r in records] or [0]):,}; wall time: {wall / 60:.1f} min (its runs, "
+            f"without the gaps between them)",
+        ]
         if last("loss"):
             r = last("loss")
             lines.append(f"- last log: step {r['step']}, loss {r['loss']:.4f}, {r['tokens_per_s']:,.0f} tokens/s"
                          + (f", MFU {100 * r['mfu']:.1f}%" if r.get("mfu") else ""))
         if last("val_loss"):
             r = last("val_loss")
-            lines.append(f"- last evaluation: step {r['step']}, val loss {r['val_loss']:.4f}, {r['val_bpb']:.4f} bits per byte"
-                         + "".join(f"; {name} {v['loss']:.4f}" for name, v in r.get("val_by_dataset", {}).items() if len(r["val_by_dataset"]) > 1))
+            each = r.get("val_by_dataset", {})
+            lines.append(f"- last evaluation: step {r['step']}, val loss {r['val_loss']:.4f}, "
+                         f"{r['val_bpb']:.4f} bits per byte"
+                         + "".join(f"; {name} {v['loss']:.4f}" for name, v in each.items() if len(each) > 1))
         if last("tasks"):
             r = last("tasks")
-            lines.append(f"- tasks at step {r['step']}: " + "; ".join(
-                f"{name} " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if k != "examples") + f" ({scores['examples']} examples)"
-                for name, scores in r["tasks"].items()))
+            scored = [f"{name} " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items() if k != "examples")
+                      + f" ({scores['examples']} examples)" for name, scores in r["tasks"].items()]
+            lines.append(f"- tasks at step {r['step']}: " + "; ".join(scored))
         lines += ["- config: " + ", ".join(f"`{k}={shown(config[k])}`" for k in SHOWN if k in config), ""]
     return "\n".join(lines + [f"![{name}]({name})" for name in pngs]) + "\n"
 

@@ -31,7 +31,9 @@ def lock_run_directory(out_dir):
         os.makedirs(out_dir, exist_ok=True)
         lock_file = open(path, "a+")
     except OSError as e:
-        raise Refused(f"cannot use {out_dir} as the run directory ({e.strerror}): choose a writable --out_dir") from None
+        raise Refused(
+            f"cannot use {out_dir} as the run directory ({e.strerror}): choose a writable --out_dir"
+        ) from None
     try:
         fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -96,8 +98,10 @@ def append_line(path, line):
             written = -1
         if written != len(data):
             os.ftruncate(fd, size)
-            raise OSError(f"cannot append to {path} ({'disk full or file too large' if written >= 0 else 'write failed'}: "
-                          f"{shutil.disk_usage(os.path.dirname(path) or '.').free / 2**20:,.0f} MiB free)")
+            raise OSError(
+                f"cannot append to {path} ({'disk full or file too large' if written >= 0 else 'write failed'}: "
+                f"{shutil.disk_usage(os.path.dirname(path) or '.').free / 2**20:,.0f} MiB free)"
+            )
     finally:
         os.close(fd)
 
@@ -182,9 +186,11 @@ def start_point(out_dir, init_from, *, max_iters, use_muon, init_from_unfinished
                       f"stay as it was")
     planned = source["config"].get("max_iters") if source is not None and not resuming else None
     if isinstance(planned, int) and source["step"] < planned and not init_from_unfinished:
-        raise Refused(f"{source['path']} stopped at step {source['step']} of its max_iters={planned}: finish that stage "
-                      f"first (run it again with --init_from=resume), or start from it anyway with "
-                      f"--init_from_unfinished=True")
+        raise Refused(
+            f"{source['path']} stopped at step {source['step']} of its max_iters={planned}: finish that stage "
+            f"first (run it again with --init_from=resume), or start from it anyway with "
+            f"--init_from_unfinished=True"
+        )
     if init_from == "resume" and source is None and master:
         print(f"no checkpoint in {out_dir}: starting from scratch", flush=True)
     return source, read, resuming
@@ -198,11 +204,14 @@ def log_line(metrics, *, max_iters, elapsed_s, eta_s):
     """The console line of a log step's metrics (train.py's record), with the elapsed time and the ETA."""
     from datetime import timedelta
     m = metrics
-    return (f"step {m['step']}/{max_iters} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | grad norm {m['grad_norm']:.3f} | "
-            f"{m['tokens_per_s']:,.0f} tok/s | {m['ms_per_step']:.1f} ms/step"
-            + (f" | MFU {100 * m['mfu']:.1f}%" if "mfu" in m else "") + f" | {m['peak_memory_mb']:,.0f} MB"
-            + (f" | {m['skipped_steps']} skipped steps" if m["skipped_steps"] else "")
-            + f" | {timedelta(seconds=round(elapsed_s))} elapsed, ETA {timedelta(seconds=round(eta_s))}")
+    return (
+        f"step {m['step']}/{max_iters} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | grad norm {m['grad_norm']:.3f} | "
+        f"{m['tokens_per_s']:,.0f} tok/s | {m['ms_per_step']:.1f} ms/step"
+        + (f" | MFU {100 * m['mfu']:.1f}%" if "mfu" in m else "")
+        + f" | {m['peak_memory_mb']:,.0f} MB"
+        + (f" | {m['skipped_steps']} skipped steps" if m["skipped_steps"] else "")
+        + f" | {timedelta(seconds=round(elapsed_s))} elapsed, ETA {timedelta(seconds=round(eta_s))}"
+    )
 
 
 def open_run_log(out_dir, config, run, *, master, wandb_project="", wandb_run_name=""):

@@ -86,9 +86,12 @@ def test_linear_and_wsd_schedules_and_batch_doubling(demo_data, tmp_path):
               "--min_lr=1e-4", "--log_interval=1", "--eval_interval=100", "--micro_batch_size=4"]
     run("train.py", *common, f"--out_dir={tmp_path}/linear", "--lr_schedule=linear", "--batch_size=8")
     lr = {r["step"] - 1: r["lr"] for r in metrics(f"{tmp_path}/linear")[0]}
-    assert lr[1] == pytest.approx(1e-3) and lr[7] == pytest.approx(5.5e-4) and lr[11] == pytest.approx(1e-3 - 9e-4 * 0.9)
+    assert (
+        lr[1] == pytest.approx(1e-3) and lr[7] == pytest.approx(5.5e-4) and lr[11] == pytest.approx(1e-3 - 9e-4 * 0.9)
+    )
 
-    schedule = "--batch_size_schedule={'strategy': 'doubling', 'start_batch_size': 8, 'interval_steps': 4, 'max_batch_size': 32}"
+    schedule = ("--batch_size_schedule={'strategy': 'doubling', 'start_batch_size': 8, 'interval_steps': 4, "
+                "'max_batch_size': 32}")
     run("train.py", *common, f"--out_dir={tmp_path}/wsd", "--lr_schedule=wsd", "--wsd_decay_frac=0.5", schedule)
     records = metrics(f"{tmp_path}/wsd")[0]
     lr = {r["step"] - 1: r["lr"] for r in records}
@@ -102,7 +105,10 @@ def test_bad_batch_size_names_the_values_that_work(demo_data, tmp_path):
     result = run("train.py", *TINY_MODEL, f"--data_dir={demo_data}", f"--out_dir={tmp_path}", "--micro_batch_size=8",
                  "--batch_size=20", check=False)
     assert result.returncode != 0
-    assert "batch size 20 is not a multiple of micro_batch_size x world_size = 8 x 1 = 8; use e.g. 16 or 24" in result.stderr
+    assert (
+        "batch size 20 is not a multiple of micro_batch_size x world_size = 8 x 1 = 8; use e.g. 16 or 24"
+        in result.stderr
+    )
 
 
 @pytest.mark.slow
@@ -119,8 +125,10 @@ def test_restart_refuses_to_overwrite_and_resume_continues(demo_data, tmp_path):
 
 
 # ---- configurator: exercised on a stand-in script, without importing torch -------------------
-CONFIG_SCRIPT = ("learning_rate = 6e-4; n_layer = 12; out_dir = 'out'; compile = None; schedule = None; "
-                 "exec(open('configurator.py').read()); print(repr((learning_rate, n_layer, out_dir, compile, schedule)))")
+CONFIG_SCRIPT = (
+    "learning_rate = 6e-4; n_layer = 12; out_dir = 'out'; compile = None; schedule = None; "
+    "exec(open('configurator.py').read()); print(repr((learning_rate, n_layer, out_dir, compile, schedule)))"
+)
 
 
 def configure(*args):
@@ -157,9 +165,13 @@ def test_configurator_errors(tmp_path):
 
 
 def test_every_script_explains_its_settings():
-    for script, setting in [("train.py", "--learning_rate=0.0006\n        peak"), ("prepare.py", "--chat=False\n        the .jsonl"),
-                            ("sample.py", "--temperature=0.8\n        0: greedy"), ("export_hf.py", "--dtype='bfloat16'"),
-                            ("bench.py", "--bench_steps=10\n        timed steps")]:
+    for script, setting in [
+        ("train.py", "--learning_rate=0.0006\n        peak"),
+        ("prepare.py", "--chat=False\n        the .jsonl"),
+        ("sample.py", "--temperature=0.8\n        0: greedy"),
+        ("export_hf.py", "--dtype='bfloat16'"),
+        ("bench.py", "--bench_steps=10\n        timed steps"),
+    ]:
         result = run(script, "--help")
         assert setting in result.stdout, (script, result.stdout[-2000:])
 
@@ -177,7 +189,9 @@ def test_the_command_line_wins_and_config_files_derive_from_it(tmp_path):
     for name, message in [("raises.py", "raises.py:2: NameError: name 'n_layers' is not defined"),
                           ("syntax.py", "syntax.py:2: SyntaxError")]:
         result = run("train.py", str(tmp_path / name), check=False)
-        assert result.returncode != 0 and result.stderr.strip().startswith(f"config error: {tmp_path / name}"), result.stderr
+        assert result.returncode != 0 and result.stderr.strip().startswith(f"config error: {tmp_path / name}"), (
+            result.stderr
+        )
         assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     result = run("train.py", "configs/tiny.py", check=False)  # the overlay alone: which stage would it shrink?
     assert result.returncode != 0 and "name the stage first" in result.stderr

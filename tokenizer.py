@@ -39,7 +39,9 @@ def train_bpe(texts, vocab_size):
     import rustbpe  # only needed to train
     n_merged = vocab_size - len(SPECIAL_TOKENS)
     if n_merged < 256:
-        raise ValueError(f"vocab_size={vocab_size} is too small: it needs 256 byte tokens + {len(SPECIAL_TOKENS)} specials at least")
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small: it needs 256 byte tokens + {len(SPECIAL_TOKENS)} specials at least"
+        )
     bpe = rustbpe.Tokenizer()
     bpe.train_from_iterator(texts, n_merged, pattern=SPLIT_PATTERN)
     ranks = {bytes(token): rank for token, rank in bpe.get_mergeable_ranks()}
@@ -84,11 +86,16 @@ def same_ids(state_a, state_b):
 def check_tokenizer_state(state, where):
     """A tokenizer state (tokenizer_state's dict) checked for its keys and types: ValueError naming where."""
     if not isinstance(state, dict):
-        raise ValueError(f"{where} must be a tokenizer (a dict of name, pattern, special_tokens, ranks), got {type(state).__name__}")
+        raise ValueError(
+            f"{where} must be a tokenizer (a dict of name, pattern, special_tokens, ranks), got {type(state).__name__}"
+        )
     for key, kind in [("name", str), ("pattern", str), ("special_tokens", dict), ("ranks", str)]:
         if not isinstance(state.get(key), kind):
             raise ValueError(f"{where}: {key!r} must be a {kind.__name__}, got {state.get(key)!r:.60}")
-    if not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in state["special_tokens"].items()):
+    if not all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+        for k, v in state["special_tokens"].items()
+    ):
         raise ValueError(f"{where}: special_tokens must map strings to integer ids")
 
 
@@ -135,7 +142,9 @@ def missing_special_tokens(special_tokens):
 
 def bytes_to_unicode():
     """GPT-2's reversible map from bytes to printable characters, used by byte-level BPE vocabularies."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, extra = printable[:], 0
     for b in range(256):
         if b not in printable:
@@ -172,7 +181,8 @@ def tokenizer_from_hf(directory):
 # The chat template (ChatML) as Jinja, for Hugging Face's apply_chat_template; encode_chat is the
 # same rendering, token for token, with the loss mask that finetuning uses.
 CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{{ bos_token }}{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 CHAT_ROLES = ("system", "user", "assistant")
@@ -201,7 +211,8 @@ def encode_chat(enc, messages, add_generation_prompt=False):
         raise ValueError(problem)
     for message in messages:
         header = f"{message['role']}\n"
-        segment = enc.encode_ordinary(header + message["content"])  # encoded as one piece, as a tokenizer of the rendered text would
+        # encoded as one piece, as a tokenizer of the rendered text would
+        segment = enc.encode_ordinary(header + message["content"])
         learn = message["role"] == "assistant"
         # a token is content (and learned) if it ends past the header's bytes
         end = 0

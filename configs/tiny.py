@@ -29,7 +29,9 @@ eval_interval = max_iters // 2
 eval_iters = 10                 # 160 windows: the demo chat set's val split holds about 300 conversations
 # the demo's tasks, on the demo's data only: they say nothing of a model trained on other data
 _demo = all(d.startswith("data/demo") for d in (data_mixture or [data_dir]))
-eval_tasks = {f"data/demo-tasks/{_task}.jsonl": 100 for _task in ("next_line", "identifier", "docstring")} if _demo else {}
+eval_tasks = (
+    {f"data/demo-tasks/{_task}.jsonl": 100 for _task in ("next_line", "identifier", "docstring")} if _demo else {}
+)
 log_interval = 20
 device = "cpu"
 # compiled, a step takes about 20% less time on the CPU; compiling costs ~35 s the first time, a few

@@ -58,9 +58,15 @@ started = time.time()
 device, device_type, _, _ = resolve_device(device)
 dry_run = device_type != "cuda"
 GPT2_VOCAB = 50264  # GPT-2's tokenizer with this repo's chat tokens, as configs/pretrain.py's data has
-results = {"device": torch.cuda.get_device_name() if not dry_run else "cpu (dry run)", "torch": torch.__version__,
-           "date": time.strftime("%Y-%m-%d"), "time_limit_s": time_limit_s, "peak_bf16_flops": device_peak_flops(device_type),
-           "parts": {}, "timeline_s": {}}
+results = {
+    "device": torch.cuda.get_device_name() if not dry_run else "cpu (dry run)",
+    "torch": torch.__version__,
+    "date": time.strftime("%Y-%m-%d"),
+    "time_limit_s": time_limit_s,
+    "peak_bf16_flops": device_peak_flops(device_type),
+    "parts": {},
+    "timeline_s": {},
+}
 
 
 def save():
@@ -105,7 +111,8 @@ def pct(x):
 
 
 # ---- the shapes and the data ------------------------------------------------------------------
-ONE_B = dict(vocab_size=GPT2_VOCAB, block_size=2048, n_layer=20, n_head=32, n_kv_head=8, n_embd=2048)  # configs/pretrain.py
+# configs/pretrain.py's shape
+ONE_B = dict(vocab_size=GPT2_VOCAB, block_size=2048, n_layer=20, n_head=32, n_kv_head=8, n_embd=2048)
 GPT2_SMALL = dict(vocab_size=GPT2_VOCAB, block_size=1024, n_layer=12, n_head=12, n_kv_head=12, n_embd=768)
 MICRO, STEPS, LOG = 8, 30, 5  # configs/pretrain.py's micro-batch; steps per train.py run; log interval
 if dry_run:
@@ -143,16 +150,30 @@ def train(name, shape, *extra, launcher=(sys.executable,)):
     tokens_per_s = 2 * MICRO * shape["block_size"] / steady * 1000
     ours, palm = mfu(tokens_per_s, shape)
     pauses = [float(p) for p in re.findall(r"training paused ([0-9.]+)s", result.stdout)]
-    return {"ms_per_step": steady, "tokens_per_s": tokens_per_s, "mfu": ours, "mfu_full_attention": palm,
-            "peak_memory_mb": max(r["peak_memory_mb"] for r in records),
-            "compile_s": max(0.0, LOG * (records[0]["ms_per_step"] - steady) / 1000), "checkpoint_pause_s": max(pauses, default=None),
-            "ms_per_step_by_log": [round(r["ms_per_step"], 1) for r in records]}
+    return {
+        "ms_per_step": steady,
+        "tokens_per_s": tokens_per_s,
+        "mfu": ours,
+        "mfu_full_attention": palm,
+        "peak_memory_mb": max(r["peak_memory_mb"] for r in records),
+        "compile_s": max(0.0, LOG * (records[0]["ms_per_step"] - steady) / 1000),
+        "checkpoint_pause_s": max(pauses, default=None),
+        "ms_per_step_by_log": [round(r["ms_per_step"], 1) for r in records],
+    }
 
 
 def bench(shape, *extra):
-    result = run("bench.py", "configs/pretrain.py", *shape_args(shape), f"--data_dir={data}", f"--device={device}",
-                 *BF16, *NO_COMPILE, *(["--warmup_steps=1", "--bench_steps=2"] if dry_run else ["--warmup_steps=3", "--bench_steps=10"]),
-                 *extra)
+    result = run(
+        "bench.py",
+        "configs/pretrain.py",
+        *shape_args(shape),
+        f"--data_dir={data}",
+        f"--device={device}",
+        *BF16,
+        *NO_COMPILE,
+        *(["--warmup_steps=1", "--bench_steps=2"] if dry_run else ["--warmup_steps=3", "--bench_steps=10"]),
+        *extra,
+    )
     if result.returncode != 0:
         raise failed(result)
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -164,12 +185,16 @@ def toolchain():
     compiler every compiled part would fail (train.py then runs uncompiled, with a warning)."""
     import sysconfig
     problem = compiler_problem(device_type)
-    r = {"compiler_problem": problem, "cc": shutil.which(os.environ.get("CC") or "cc"),
-         "cxx": shutil.which(os.environ.get("CXX") or "g++"),
-         "python_headers": os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")),
-         "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-         "nccl": ".".join(map(str, torch.cuda.nccl.version())) if not dry_run and hasattr(torch.cuda, "nccl") else None,
-         "driver": None}
+    r = {
+        "compiler_problem": problem,
+        "cc": shutil.which(os.environ.get("CC") or "cc"),
+        "cxx": shutil.which(os.environ.get("CXX") or "g++"),
+        "python_headers": os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")),
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if not dry_run and hasattr(torch.cuda, "nccl") else None,
+        "driver": None,
+    }
     if shutil.which("nvidia-smi"):
         smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
                              text=True)
@@ -225,9 +250,11 @@ def one_b_as_configured():
 
 def gpt2_small():
     r = bench(GPT2_SMALL, f"--micro_batch_size={2 * MICRO}", f"--batch_size={4 * MICRO}")
-    r["lines"] = [f"bare step {r['ms_per_step']:.1f} ms, {r['tokens_per_s']:,.0f} tok/s, MFU {pct(r['mfu'])} (PaLM convention "
-                  f"{pct(r['mfu_full_attention'])}); train.py's step {r['full_ms_per_step']:.1f} ms: loop overhead "
-                  f"{100 * r['loop_overhead']:+.1f}%; data loader {pct(r.get('data_share'))} of the step"]
+    r["lines"] = [
+        f"bare step {r['ms_per_step']:.1f} ms, {r['tokens_per_s']:,.0f} tok/s, MFU {pct(r['mfu'])} (PaLM convention "
+        f"{pct(r['mfu_full_attention'])}); train.py's step {r['full_ms_per_step']:.1f} ms: loop overhead "
+        f"{100 * r['loop_overhead']:+.1f}%; data loader {pct(r.get('data_share'))} of the step"
+    ]
     return r
 
 
@@ -262,7 +289,13 @@ def one_b_fsdp():
 
 def attention():
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    heads, kv_heads, head_dim, length = ONE_B["n_head"], ONE_B["n_kv_head"], ONE_B["n_embd"] // ONE_B["n_head"], ONE_B["block_size"]
+
+    heads, kv_heads, head_dim, length = (
+        ONE_B["n_head"],
+        ONE_B["n_kv_head"],
+        ONE_B["n_embd"] // ONE_B["n_head"],
+        ONE_B["block_size"],
+    )
     dtype = torch.float32 if dry_run else torch.bfloat16
     flops = 3.5 * 4 * MICRO * heads * length**2 * head_dim / 2  # causal forward (QK^T, AV) and a 2.5x backward
     r, lines = {}, []
@@ -270,7 +303,10 @@ def attention():
         for variant in ("gqa", "expanded"):
             q = torch.randn(MICRO, heads, length, head_dim, device=device, dtype=dtype, requires_grad=True)
             kv = kv_heads if variant == "gqa" else heads
-            k, v = (torch.randn(MICRO, kv, length, head_dim, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
+            k, v = (
+                torch.randn(MICRO, kv, length, head_dim, device=device, dtype=dtype, requires_grad=True)
+                for _ in range(2)
+            )
 
             def step():
                 torch.nn.functional.scaled_dot_product_attention(
@@ -287,7 +323,9 @@ def attention():
                         torch.cuda.synchronize()
                 seconds = (time.perf_counter() - t0) / (2 if dry_run else 10)
                 r[f"{backend}/{variant}"] = {"ms": 1000 * seconds, "tflops": flops / seconds / 1e12}
-                lines.append(f"{backend.lower()} {variant}: {flops / seconds / 1e12:.1f} TFLOP/s ({1000 * seconds:.2f} ms)")
+                lines.append(
+                    f"{backend.lower()} {variant}: {flops / seconds / 1e12:.1f} TFLOP/s ({1000 * seconds:.2f} ms)"
+                )
             except RuntimeError as e:
                 r[f"{backend}/{variant}"] = {"error": str(e).splitlines()[0][:200]}
                 lines.append(f"{backend.lower()} {variant}: does not run here ({str(e).splitlines()[0][:80]})")
@@ -296,9 +334,19 @@ def attention():
 
 
 def smoke():
-    args = ["configs/pretrain.py", "configs/tiny.py", f"--data_dir={data}", "--eval_tasks={}", f"--device={device}", "--eval_interval=1000",
-            "--log_interval=6", *(["--compile=False"] if dry_run else ["--dtype=bfloat16", "--compile=True"])]
-    result = run("train.py", *args, f"--out_dir={work}/smoke", "--max_iters=30", env={"TORCH_LOGS": "dynamo,recompiles"})
+    args = [
+        "configs/pretrain.py",
+        "configs/tiny.py",
+        f"--data_dir={data}",
+        "--eval_tasks={}",
+        f"--device={device}",
+        "--eval_interval=1000",
+        "--log_interval=6",
+        *(["--compile=False"] if dry_run else ["--dtype=bfloat16", "--compile=True"]),
+    ]
+    result = run(
+        "train.py", *args, f"--out_dir={work}/smoke", "--max_iters=30", env={"TORCH_LOGS": "dynamo,recompiles"}
+    )
     if result.returncode != 0:
         raise failed(result)
     with open(f"{work}/smoke/metrics.jsonl") as f:
@@ -313,15 +361,19 @@ def smoke():
          "attention_ops": syncs["attention_ops"],
          "compilations": result.stderr.count("torchdynamo start tracing forward"),  # 1 expected on the GPU (0 dry)
          "recompiles": result.stderr.count("Recompiling function")}  # 0 expected: evaluation runs uncompiled
-    r["lines"] = [f"{'ok' if r['ok'] else 'FAILED'}: losses {[round(x, 3) for x in losses]}",
-                  f"in 3 steps between log steps: {r['item_calls_between_logs']} .item(), {r['cuda_syncs_between_logs']} "
-                  f"CUDA synchronizations; compilations {r['compilations']}, recompiles {r['recompiles']}; attention: {r['attention_ops']}"]
+    r["lines"] = [
+        f"{'ok' if r['ok'] else 'FAILED'}: losses {[round(x, 3) for x in losses]}",
+        f"in 3 steps between log steps: {r['item_calls_between_logs']} .item(), {r['cuda_syncs_between_logs']} "
+        f"CUDA synchronizations; compilations {r['compilations']}, recompiles {r['recompiles']}; "
+        f"attention: {r['attention_ops']}",
+    ]
     return r
 
 
 def largest_micro_batch():
     fits, tried = None, []
-    for micro in ([8, 4] if dry_run else [32, 24, 16, 12, 8]):  # eager: it needs more memory than compiled, so it is safe
+    # eager: it needs more memory than compiled, so what fits here fits compiled too
+    for micro in ([8, 4] if dry_run else [32, 24, 16, 12, 8]):
         trial = run("bench.py", "configs/pretrain.py", *shape_args(ONE_B), f"--data_dir={data}", f"--device={device}",
                     f"--micro_batch_size={micro}", f"--batch_size={micro}", "--compile=False", "--full_step=False",
                     "--warmup_steps=1", "--bench_steps=1", f"--memory_cap_gb={memory_cap_gb}",
@@ -335,17 +387,26 @@ def largest_micro_batch():
     r = bench(ONE_B, f"--micro_batch_size={fits}", f"--batch_size={2 * fits}", "--full_step=False",
               f"--memory_cap_gb={memory_cap_gb}")
     r.update(micro_batch_size=fits, tried=tried)
-    r["lines"] = [f"micro-batch {fits} fits {memory_cap_gb:.1f} GiB (tried {tried}); compiled: {r['ms_per_step']:.1f} ms/step, "
-                  f"{r['tokens_per_s']:,.0f} tok/s, MFU {pct(r['mfu'])} (PaLM convention {pct(r['mfu_full_attention'])}), "
-                  f"peak {r['peak_memory_mb'] / 1024:.1f} GB"]
+    r["lines"] = [
+        f"micro-batch {fits} fits {memory_cap_gb:.1f} GiB (tried {tried}); compiled: {r['ms_per_step']:.1f} ms/step, "
+        f"{r['tokens_per_s']:,.0f} tok/s, MFU {pct(r['mfu'])} (PaLM convention {pct(r['mfu_full_attention'])}), "
+        f"peak {r['peak_memory_mb'] / 1024:.1f} GB"
+    ]
     return r
 
 
 PARTS = [  # (name, the least time it needs on an H100/H200 in seconds, the part): in order of importance
-    ("toolchain", 1, toolchain), ("ceilings", 20, ceilings), ("1B as configured", 150, one_b_as_configured), ("124M", 60, gpt2_small),
-    ("1B with Muon", 60, one_b_with_muon), ("1B under DDP", 60, one_b_ddp), ("1B under FSDP2", 60, one_b_fsdp),
+    ("toolchain", 1, toolchain),
+    ("ceilings", 20, ceilings),
+    ("1B as configured", 150, one_b_as_configured),
+    ("124M", 60, gpt2_small),
+    ("1B with Muon", 60, one_b_with_muon),
+    ("1B under DDP", 60, one_b_ddp),
+    ("1B under FSDP2", 60, one_b_fsdp),
     ("attention", 20, attention),
-    ("smoke", 60, smoke), ("1B at 80 GB", 100, largest_micro_batch)]
+    ("smoke", 60, smoke),
+    ("1B at 80 GB", 100, largest_micro_batch),
+]
 
 print(f"GPU check: {results['device']}, torch {results['torch']}, {results['date']}; deadline {time_limit_s:.0f}s; "
       f"results in {out_file}", flush=True)

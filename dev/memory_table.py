@@ -25,9 +25,23 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import GPT, ModelArgs  # noqa: E402
 
 SHAPES = {  # name: (model, micro-batch), as configs/pretrain.py and Llama-3-8B
-    "1B (configs/pretrain.py)": (dict(vocab_size=50264, block_size=2048, n_layer=20, n_head=32, n_kv_head=8, n_embd=2048), 8),
-    "Llama-3-8B shape": (dict(vocab_size=128256, block_size=8192, n_layer=32, n_head=32, n_kv_head=8, n_embd=4096,
-                              mlp_ratio=3.5, rope_base=500000.0), 1),
+    "1B (configs/pretrain.py)": (
+        dict(vocab_size=50264, block_size=2048, n_layer=20, n_head=32, n_kv_head=8, n_embd=2048),
+        8,
+    ),
+    "Llama-3-8B shape": (
+        dict(
+            vocab_size=128256,
+            block_size=8192,
+            n_layer=32,
+            n_head=32,
+            n_kv_head=8,
+            n_embd=4096,
+            mlp_ratio=3.5,
+            rope_base=500000.0,
+        ),
+        1,
+    ),
 }
 
 
@@ -91,11 +105,23 @@ def table():
         for mode, total in [("ddp", ddp), ("fsdp", fsdp), ("fsdp, reshard_after_forward=False", fsdp_no_reshard),
                             ("fsdp + activation_checkpointing", fsdp - act + act_ckpt),
                             (f"hsdp, any number of nodes of {shard_size}", hsdp)]:
-            rows.append((name, f"{P / 1e9:.2f}B", micro, T, mode, total / GB, act / GB if "checkpointing" not in mode else act_ckpt / GB))
-    print(f"| model | parameters | micro-batch x sequence | mode | GB per GPU ({gpus} GPUs) | of which activations | fits {memory_gb} GB |")
+            rows.append(
+                (
+                    name,
+                    f"{P / 1e9:.2f}B",
+                    micro,
+                    T,
+                    mode,
+                    total / GB,
+                    act / GB if "checkpointing" not in mode else act_ckpt / GB,
+                )
+            )
+    print(f"| model | parameters | micro-batch x sequence | mode | GB per GPU ({gpus} GPUs) | of which activations "
+          f"| fits {memory_gb} GB |")
     print("|---|---|---|---|---|---|---|")
     for name, params, micro, T, mode, total, act in rows:
-        print(f"| {name} | {params} | {micro} x {T} | {mode} | {total:.0f} | {act:.0f} | {'yes' if total < memory_gb * 0.93 else 'no'} |")
+        fits = "yes" if total < memory_gb * 0.93 else "no"
+        print(f"| {name} | {params} | {micro} x {T} | {mode} | {total:.0f} | {act:.0f} | {fits} |")
 
 
 if __name__ == "__main__":

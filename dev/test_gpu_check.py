@@ -12,7 +12,18 @@ import pytest
 from conftest import HANG_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PARTS = ["toolchain", "ceilings", "1B as configured", "124M", "1B with Muon", "1B under DDP", "1B under FSDP2", "attention", "smoke", "1B at 80 GB"]
+PARTS = [
+    "toolchain",
+    "ceilings",
+    "1B as configured",
+    "124M",
+    "1B with Muon",
+    "1B under DDP",
+    "1B under FSDP2",
+    "attention",
+    "smoke",
+    "1B at 80 GB",
+]
 
 
 def environment(tmp_path):
@@ -30,17 +41,24 @@ def test_gpu_check_dry_run_without_rustbpe(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "check.json").read_text())
     parts = report["parts"]
-    assert list(parts) == PARTS and not [name for name, part in parts.items() if "error" in part or "skipped" in part], parts
+    assert list(parts) == PARTS and not [
+        name for name, part in parts.items() if "error" in part or "skipped" in part
+    ], parts
     for name in PARTS:  # each part printed its lines as it ended
         assert f"] {name}: " in result.stdout
     assert parts["toolchain"]["compiler_problem"] is None and parts["toolchain"]["cxx"]  # this machine has g++
     assert parts["ceilings"]["matmul_tflops"] > 0 and parts["ceilings"]["copy_gb_per_s"] > 0
     for name in ("1B as configured", "1B under DDP", "1B under FSDP2"):
         assert parts[name]["ms_per_step"] > 0 and parts[name]["checkpoint_pause_s"] is not None
-    assert parts["124M"]["tokens_per_s"] > 0 and "loop_overhead" in parts["124M"] and 0 < parts["124M"]["data_share"] < 1
+    assert (
+        parts["124M"]["tokens_per_s"] > 0 and "loop_overhead" in parts["124M"] and 0 < parts["124M"]["data_share"] < 1
+    )
     assert 0 < parts["1B with Muon"]["muon_share"] < 1 and parts["1B under DDP"]["ddp_cost"] is not None
     assert parts["1B under FSDP2"]["fsdp_cost"] is not None
-    assert parts["attention"]["FLASH_ATTENTION/gqa"]["tflops"] > 0 and parts["attention"]["FLASH_ATTENTION/expanded"]["tflops"] > 0
+    assert (
+        parts["attention"]["FLASH_ATTENTION/gqa"]["tflops"] > 0
+        and parts["attention"]["FLASH_ATTENTION/expanded"]["tflops"] > 0
+    )
     assert "error" in parts["attention"]["CUDNN_ATTENTION/gqa"]  # no cuDNN on the CPU: reported, not fatal
     smoke = parts["smoke"]
     assert smoke["ok"] and smoke["item_calls_between_logs"] == 0 and smoke["cuda_syncs_between_logs"] == 0
@@ -60,8 +78,14 @@ def test_a_killed_or_late_check_keeps_what_it_measured(tmp_path):
     parts = json.loads(out.read_text())["parts"]  # whole JSON, the parts done so far
     assert list(parts)[:3] == PARTS[:3] and parts["1B as configured"]["ms_per_step"] > 0
     # a deadline that leaves time for the first parts only: the rest are skipped and reported, the check ends cleanly
-    result = subprocess.run([sys.executable, "dev/gpu_check.py", "--device=cpu", f"--out_file={out}", "--time_limit_s=12"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=HANG_S, env=environment(tmp_path))
+    result = subprocess.run(
+        [sys.executable, "dev/gpu_check.py", "--device=cpu", f"--out_file={out}", "--time_limit_s=12"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=HANG_S,
+        env=environment(tmp_path),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     parts = json.loads(out.read_text())["parts"]
     assert list(parts) == PARTS and "matmul_tflops" in parts["ceilings"]

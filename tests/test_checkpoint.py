@@ -19,8 +19,15 @@ def write(directory, step, keep_last=3, keep_every=0):
     model(torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16))).backward()
     optimizers[0].step()
     enc = tok.train_bpe(iter(["some text to train a tokenizer on"] * 10), 300)
-    meta = {"step": step, "tokens_seen": step * 100, "model_args": vars(model.args), "config": {"lr": 1e-3, "schedule": None},
-            "tokenizer": tok.tokenizer_state(enc), "data_dir": "data/x", "parent": None}
+    meta = {
+        "step": step,
+        "tokens_seen": step * 100,
+        "model_args": vars(model.args),
+        "config": {"lr": 1e-3, "schedule": None},
+        "tokenizer": tok.tokenizer_state(enc),
+        "data_dir": "data/x",
+        "parent": None,
+    }
     return save_checkpoint(str(directory), step, state_pieces(model, optimizers, 0, 1), meta, keep_last=keep_last,
                            keep_every=keep_every), model, optimizers
 
@@ -45,7 +52,9 @@ def test_round_trip_rotation_and_model(tmp_path):
     # only tensors and JSON: the files say what they hold
     files = sorted(os.listdir(tmp_path / "ckpt_0000040"))
     assert files == ["meta.json", "rank-00000.json", "rank-00000.safetensors"]
-    assert json.loads((tmp_path / "ckpt_0000040" / "meta.json").read_text())["tensors"]["model/norm.weight"]["shape"] == [16]
+    assert json.loads((tmp_path / "ckpt_0000040" / "meta.json").read_text())["tensors"]["model/norm.weight"][
+        "shape"
+    ] == [16]
 
 
 def test_truncated_newest_falls_back_to_previous(tmp_path, capsys):
@@ -104,8 +113,14 @@ def test_rank_zero_never_reads_another_ranks_part_half_written(tmp_path, monkeyp
 
     def rank(r):  # each rank writes its half of every tensor's rows
         try:
-            save_checkpoint(str(tmp_path), 1, state_pieces(model, [], r, 2), checkpoint_meta(model, 1) if r == 0 else None,
-                            rank=r, world_size=2)
+            save_checkpoint(
+                str(tmp_path),
+                1,
+                state_pieces(model, [], r, 2),
+                checkpoint_meta(model, 1) if r == 0 else None,
+                rank=r,
+                world_size=2,
+            )
         except Exception as e:
             errors.append(e)
     threads = [threading.Thread(target=rank, args=(r,)) for r in (1, 0)]

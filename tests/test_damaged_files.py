@@ -94,7 +94,9 @@ def test_dataset_shards_and_masks_damaged(data, tmp_path):
     shard = text / json.loads((text / "meta.json").read_text())["splits"]["val"]["shards"][0]
     with open(shard, "r+b") as f:
         f.truncate(os.path.getsize(shard) - 7)
-    error = one_line_error(run_script("train.py", *TINY, f"--data_dir={text}", f"--out_dir={tmp_path}/out", check=False))
+    error = one_line_error(
+        run_script("train.py", *TINY, f"--data_dir={text}", f"--out_dir={tmp_path}/out", check=False)
+    )
     assert f"{shard}: truncated or corrupt" in error
 
 
@@ -107,18 +109,20 @@ def tensor_shape(d):
     return {**d, "tensors": {**d["tensors"], name: {**d["tensors"][name], "shape": [3, 3]}}}
 
 
-CHECKPOINT_META = [("no model_args", without("model_args"), "model_args"),
-                   ("n_layer a string", model_args("n_layer", "2"), "n_layer"),
-                   ("no n_head", lambda d: {**d, "model_args": without("n_head")(d["model_args"])}, "n_head"),
-                   ("vocab_size huge", model_args("vocab_size", 10**12), "vocab_size"),
-                   ("n_head zero", model_args("n_head", 0), "n_head"),
-                   ("one layer more than the tensors", model_args("n_layer", 3), "missing"),
-                   ("a tensor left out", lambda d: {**d, "tensors": without("model/norm.weight")(d["tensors"])}, "norm.weight"),
-                   ("a tensor's shape", tensor_shape, "shape"),
-                   ("tokenizer a string", setting("tokenizer", "gpt2"), "tokenizer"),
-                   ("step negative", setting("step", -1), "step"),
-                   ("no config", without("config"), "config"),
-                   ("format_version", setting("format_version", 1), "format version")]
+CHECKPOINT_META = [
+    ("no model_args", without("model_args"), "model_args"),
+    ("n_layer a string", model_args("n_layer", "2"), "n_layer"),
+    ("no n_head", lambda d: {**d, "model_args": without("n_head")(d["model_args"])}, "n_head"),
+    ("vocab_size huge", model_args("vocab_size", 10**12), "vocab_size"),
+    ("n_head zero", model_args("n_head", 0), "n_head"),
+    ("one layer more than the tensors", model_args("n_layer", 3), "missing"),
+    ("a tensor left out", lambda d: {**d, "tensors": without("model/norm.weight")(d["tensors"])}, "norm.weight"),
+    ("a tensor's shape", tensor_shape, "shape"),
+    ("tokenizer a string", setting("tokenizer", "gpt2"), "tokenizer"),
+    ("step negative", setting("step", -1), "step"),
+    ("no config", without("config"), "config"),
+    ("format_version", setting("format_version", 1), "format version"),
+]
 
 
 def test_checkpoint_meta_damaged_field_by_field(finished, tmp_path):
@@ -182,5 +186,7 @@ def test_task_files_damaged_line_by_line(finished, tmp_path):
         with pytest.raises(ValueError) as error:
             load_task(str(tmp_path / "task.jsonl"))
         assert f"{tmp_path}/task.jsonl:2: " in str(error.value) and message in str(error.value), (what, error.value)
-    error = one_line_error(run_script("evaluate.py", f"--ckpt={finished}", f"--tasks={tmp_path}/task.jsonl", check=False))
+    error = one_line_error(
+        run_script("evaluate.py", f"--ckpt={finished}", f"--tasks={tmp_path}/task.jsonl", check=False)
+    )
     assert f"{tmp_path}/task.jsonl:2: " in error and "must be strings" in error

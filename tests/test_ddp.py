@@ -18,7 +18,9 @@ def final_parameters(out_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", [[], ["--use_muon=True", "--muon_lr=1e-2"], ["chat"]], ids=["adamw", "muon", "masked"])
+@pytest.mark.parametrize(
+    "variant", [[], ["--use_muon=True", "--muon_lr=1e-2"], ["chat"]], ids=["adamw", "muon", "masked"]
+)
 def test_two_processes_match_one(data, tmp_path, variant):
     if variant == ["chat"]:  # the loss is normalised by the learned targets of all micro-batches and ranks
         variant = [f"--data_dir={data}-chat", "--use_loss_mask=True"]
@@ -32,7 +34,11 @@ def test_two_processes_match_one(data, tmp_path, variant):
     assert records(f"{tmp_path}/one") == pytest.approx(records(f"{tmp_path}/two"), rel=1e-5)
     assert records(f"{tmp_path}/one", "val_loss") == pytest.approx(records(f"{tmp_path}/two", "val_loss"), rel=1e-6)
     one_tasks, two_tasks = (list(records(f"{tmp_path}/{run}", "tasks").values()) for run in ("one", "two"))
-    assert len(one_tasks) == 2 and one_tasks[-1]["identifier"]["examples"] == 5 and one_tasks[-1]["next_line"]["examples"] == 6
+    assert (
+        len(one_tasks) == 2
+        and one_tasks[-1]["identifier"]["examples"] == 5
+        and one_tasks[-1]["next_line"]["examples"] == 6
+    )
     for a, b in zip(one_tasks, two_tasks):
         assert a.keys() == b.keys() and all(a[name] == pytest.approx(b[name]) for name in a)
     a, b = final_parameters(f"{tmp_path}/one"), final_parameters(f"{tmp_path}/two")
@@ -58,7 +64,10 @@ def test_batch_that_does_not_divide_across_ranks_is_refused(data, tmp_path):
     result = run_script("train.py", *TINY, f"--data_dir={data}", f"--out_dir={tmp_path}", "--batch_size=12",
                         launcher=TORCHRUN, check=False)
     assert result.returncode != 0
-    assert "batch size 12 is not a multiple of micro_batch_size x world_size = 4 x 2 = 8; use e.g. 8 or 16" in result.stderr
+    assert (
+        "batch size 12 is not a multiple of micro_batch_size x world_size = 4 x 2 = 8; use e.g. 8 or 16"
+        in result.stderr
+    )
 
 
 def test_an_exception_on_one_rank_ends_the_run_without_hanging(data, tmp_path):

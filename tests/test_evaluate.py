@@ -32,7 +32,9 @@ def trained(data, tmp_path_factory):
 def test_no_val_answer_or_task_item_occurs_in_training(data):
     meta = json.loads(open(os.path.join(data, "meta.json")).read())
     enc = tok.load_tokenizer(data)
-    train = enc.decode(np.concatenate([read_shard(os.path.join(data, s)) for s in meta["splits"]["train"]["shards"]]).tolist())
+    train = enc.decode(
+        np.concatenate([read_shard(os.path.join(data, s)) for s in meta["splits"]["train"]["shards"]]).tolist()
+    )
     collapsed = " ".join(train.split())
 
     def answers(directory, split):
@@ -66,17 +68,24 @@ def test_multiple_choice_agrees_with_lm_evaluation_harness(data, trained, tmp_pa
     # two tasks: the demo's next line of code (target delimiter "\n") and a HellaSwag-shaped one (" "),
     # some of whose contexts end in spaces (moved into the continuation)
     next_line = [json.loads(line) for line in open(os.path.join(data + "-tasks", "next_line.jsonl"))][:24]
-    spaced = [{"context": item["context"][-120:] + ("  " if i % 3 == 0 else ""), "choices": [c.strip() for c in item["choices"]],
-               "answer": item["answer"]} for i, item in enumerate(next_line)]
+    spaced = [
+        {
+            "context": item["context"][-120:] + ("  " if i % 3 == 0 else ""),
+            "choices": [c.strip() for c in item["choices"]],
+            "answer": item["answer"],
+        }
+        for i, item in enumerate(next_line)
+    ]
     configs = {"demo_next_line": (next_line, "\\n"), "demo_spaced": (spaced, " ")}
     for name, (items, delimiter) in configs.items():
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
         (tmp_path / f"{name}.json").write_text(json.dumps({"target_delimiter": delimiter.replace("\\n", "\n")}))
         (tmp_path / f"{name}.yaml").write_text(
             f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / name}.jsonl\n"
-            f"test_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{{{context}}}}\"\n"
-            f"doc_to_choice: \"{{{{choices}}}}\"\ndoc_to_target: \"{{{{answer}}}}\"\ntarget_delimiter: \"{delimiter}\"\n"
-            f"metric_list:\n  - metric: acc\n  - metric: acc_norm\n  - metric: acc_bytes\n")
+            f'test_split: test\noutput_type: multiple_choice\ndoc_to_text: "{{{{context}}}}"\n'
+            f'doc_to_choice: "{{{{choices}}}}"\ndoc_to_target: "{{{{answer}}}}"\ntarget_delimiter: "{delimiter}"\n'
+            f"metric_list:\n  - metric: acc\n  - metric: acc_norm\n  - metric: acc_bytes\n"
+        )
     result = subprocess.run(
         [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={trained}/hf,dtype=float32",
          "--tasks", ",".join(configs), "--include_path", str(tmp_path), "--device", "cpu", "--batch_size", "8",
@@ -87,14 +96,24 @@ def test_multiple_choice_agrees_with_lm_evaluation_harness(data, trained, tmp_pa
     model, encoder = model_from_checkpoint(load_checkpoint(f"{trained}/run"))
     model.eval()
     for name, (items, _) in configs.items():
-        samples = [json.loads(line) for path in glob.glob(f"{tmp_path}/lm_eval/**/samples_{name}_*.jsonl", recursive=True)
-                   for line in open(path)]
+        samples = [
+            json.loads(line)
+            for path in glob.glob(f"{tmp_path}/lm_eval/**/samples_{name}_*.jsonl", recursive=True)
+            for line in open(path)
+        ]
         assert len(samples) == len(items)
         task = load_task(str(tmp_path / f"{name}.jsonl"))
         ours = score_multiple_choice(model, encoder, task, list(range(len(items))), model.args.block_size, 16, 7, "cpu",
                                      torch.autocast("cpu", enabled=False))
-        mine = evaluate_tasks(model, encoder, [task], block_size=model.args.block_size, micro_batch_size=16, device="cpu",
-                              autocast=torch.autocast("cpu", enabled=False))
+        mine = evaluate_tasks(
+            model,
+            encoder,
+            [task],
+            block_size=model.args.block_size,
+            micro_batch_size=16,
+            device="cpu",
+            autocast=torch.autocast("cpu", enabled=False),
+        )
         for sample in samples:
             theirs = [float(ll) for ll, _ in sample["filtered_resps"]]  # written as strings
             assert np.allclose(ours[sample["doc_id"]], theirs, rtol=0, atol=1e-4), (name, sample["doc_id"])
@@ -117,8 +136,11 @@ def test_generative_tasks_and_their_normalization(trained, tmp_path):
         ids = torch.tensor([[tok.bos_id(encoder)] + encoder.encode_ordinary(prompt)])
         generated = [int(t) for t in model.generate(ids, 6, temperature=0)]
         expected.append(encoder.decode(generated).split("\n")[0])
-    (tmp_path / "continue.jsonl").write_text("".join(json.dumps({"prompt": p, "answer": a}) for p, a in
-                                                     zip(prompts, [expected[0], expected[1], "no such thing"])).replace("}{", "}\n{"))
+    (tmp_path / "continue.jsonl").write_text(
+        "".join(
+            json.dumps({"prompt": p, "answer": a}) for p, a in zip(prompts, [expected[0], expected[1], "no such thing"])
+        ).replace("}{", "}\n{")
+    )
     (tmp_path / "continue.json").write_text(json.dumps({"stop": ["\n"], "max_new_tokens": 6}))
     task = load_task(str(tmp_path / "continue.jsonl"))
     scores = evaluate_tasks(model, encoder, [task], block_size=model.args.block_size, micro_batch_size=16, device="cpu",
@@ -127,7 +149,9 @@ def test_generative_tasks_and_their_normalization(trained, tmp_path):
     # few-shot: other examples of the task, with their answers, before the example
     (tmp_path / "continue.json").write_text(json.dumps({"shots": 2}))
     shots = with_shots(load_task(str(tmp_path / "continue.jsonl")), 0)
-    assert shots.endswith("\n\n" + prompts[0]) and shots.count("\n\n") == 2 and prompts[0] not in shots[:-len(prompts[0])]
+    assert (
+        shots.endswith("\n\n" + prompts[0]) and shots.count("\n\n") == 2 and prompts[0] not in shots[: -len(prompts[0])]
+    )
 
 
 @pytest.mark.slow
@@ -157,10 +181,18 @@ def test_convert_benchmarks_from_parquet(tmp_path):
         "gsm8k": [{"question": "Tom has 2 apples and buys 3.", "answer": "2 + 3 = 5\n#### 5"}],
     }
     expected = {
-        "hellaswag": {"context": "Baking: A man mixes flour. He", "choices": ["bakes. bread.", "swims.", "sings.", "flies."], "answer": 0},
+        "hellaswag": {
+            "context": "Baking: A man mixes flour. He",
+            "choices": ["bakes. bread.", "swims.", "sings.", "flies."],
+            "answer": 0,
+        },
         "arc": {"context": "Question: What is 2+2?\nAnswer:", "choices": ["3", "4"], "answer": 1},
-        "mmlu": {"context": "The following are multiple choice questions (with answers) about high school math.\n\n"
-                            "Which?\nA. a\nB. b\nC. c\nD. d\nAnswer:", "choices": ["A", "B", "C", "D"], "answer": 2},
+        "mmlu": {
+            "context": "The following are multiple choice questions (with answers) about high school math.\n\n"
+            "Which?\nA. a\nB. b\nC. c\nD. d\nAnswer:",
+            "choices": ["A", "B", "C", "D"],
+            "answer": 2,
+        },
         "gsm8k": {"prompt": "Question: Tom has 2 apples and buys 3.\nAnswer:", "answer": "2 + 3 = 5\n#### 5"},
     }
     for benchmark, table in rows.items():
@@ -171,7 +203,9 @@ def test_convert_benchmarks_from_parquet(tmp_path):
         assert task["examples"] == [expected[benchmark]]
     assert task["options"]["normalize"] == "number" and task["options"]["shots"] == 5
     assert normalize(expected["gsm8k"]["answer"], "number") == "5"
-    bad = run("convert_tasks.py", str(tmp_path / "arc.parquet"), "--benchmark=gsm8k", f"--out={tmp_path}/x.jsonl", check=False)
+    bad = run(
+        "convert_tasks.py", str(tmp_path / "arc.parquet"), "--benchmark=gsm8k", f"--out={tmp_path}/x.jsonl", check=False
+    )
     assert bad.returncode != 0 and "a row is not gsm8k's" in bad.stderr
 
 
@@ -200,12 +234,24 @@ def test_the_full_pass_scores_every_val_token_once_at_any_seed_and_world_size(da
 
 @pytest.mark.slow
 def test_the_evaluate_command_gives_train_py_s_full_pass_score(data, tmp_path):
-    args = ["tests/tiny_model.py", f"--data_dir={data}", f"--out_dir={tmp_path}/run", "--max_iters=4", "--eval_interval=4",
-            "--micro_batch_size=4", "--batch_size=4", "--eval_iters=1", "--log_interval=1", "--val_full_pass=True"]
+    args = [
+        "tests/tiny_model.py",
+        f"--data_dir={data}",
+        f"--out_dir={tmp_path}/run",
+        "--max_iters=4",
+        "--eval_interval=4",
+        "--micro_batch_size=4",
+        "--batch_size=4",
+        "--eval_iters=1",
+        "--log_interval=1",
+        "--val_full_pass=True",
+    ]
     run("train.py", *args)
     logged = [r for r in metric_records(tmp_path / "run") if "val_loss" in r][-1]
     result = run("evaluate.py", f"--ckpt={tmp_path}/run", "--tasks=", f"--val_data={data}", "--micro_batch_size=4",
                  "--device=cpu", f"--out_file={tmp_path}/scores.json")
     assert "(every val token once)" in result.stdout
     scores = json.loads((tmp_path / "scores.json").read_text())["val"][data]
-    assert scores["loss"] == pytest.approx(logged["val_loss"], rel=1e-6) and scores["bpb"] == pytest.approx(logged["val_bpb"], rel=1e-6)
+    assert scores["loss"] == pytest.approx(logged["val_loss"], rel=1e-6) and scores["bpb"] == pytest.approx(
+        logged["val_bpb"], rel=1e-6
+    )

@@ -1,8 +1,6 @@
 """export_hf.py: the exported model and tokenizer through transformers, against this repo's own."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -10,12 +8,12 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, state_pieces
+from conftest import ROOT, run_script
 from export_hf import export
 from model import GPT, ModelArgs
 
 import tokenizer as tok
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = "def f(x):\n    return {'ü': x ** 2}  # 日本語 🙂 1234567\n\n<|im_start|>user\nhi<|im_end|>\n\t trailing  "
 CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What does json.dumps do?"},
                 {"role": "assistant", "content": "Serialize obj to a JSON formatted str."}]
@@ -37,9 +35,20 @@ def make_checkpoint(directory, encoder, boost_padding=False, **overrides):
                 p.uniform_(0.5, 1.5)
         if boost_padding:  # the padding rows' logits would win everywhere, were they not suppressed
             model.lm_head.weight[encoder.n_vocab:] = model.lm_head.weight[:encoder.n_vocab].abs().max() * 50
-    save_checkpoint(str(directory), 1, state_pieces(model, [], 0, 1), {
-        "step": 1, "tokens_seen": 0, "model_args": vars(model.args), "config": {}, "tokenizer": tok.tokenizer_state(encoder),
-        "data_dir": "", "parent": None})
+    save_checkpoint(
+        str(directory),
+        1,
+        state_pieces(model, [], 0, 1),
+        {
+            "step": 1,
+            "tokens_seen": 0,
+            "model_args": vars(model.args),
+            "config": {},
+            "tokenizer": tok.tokenizer_state(encoder),
+            "data_dir": "",
+            "parent": None,
+        },
+    )
     return load_checkpoint(str(directory))
 
 
@@ -65,7 +74,9 @@ def test_exported_logits_match(tmp_path, encoder, variant):
 def test_sharded_export_loads(tmp_path, encoder):
     checkpoint = make_checkpoint(tmp_path / "run", encoder)
     export(checkpoint, str(tmp_path / "hf"), "bfloat16", max_shard_size_mb=0.1)
-    assert all(os.stat(tmp_path / "hf" / name).st_mode & 0o044 == 0o044 for name in os.listdir(tmp_path / "hf"))  # readable
+    assert all(
+        os.stat(tmp_path / "hf" / name).st_mode & 0o044 == 0o044 for name in os.listdir(tmp_path / "hf")
+    )  # readable
     with open(tmp_path / "hf" / "model.safetensors.index.json") as f:
         files = set(json.load(f)["weight_map"].values())
     assert len(files) > 3 and not (tmp_path / "hf" / "model.safetensors").exists()
@@ -118,9 +129,8 @@ def test_greedy_generation_matches_sample_py(tmp_path, encoder):
     out = hf_model.generate(prompt, max_new_tokens=32, do_sample=False)
     new_tokens = [t for t in out[0, prompt.size(1):].tolist() if t != bos]
     assert hf_tokenizer.decode(out[0, prompt.size(1):], skip_special_tokens=True) == encoder.decode(new_tokens)
-    result = subprocess.run([sys.executable, "sample.py", f"--out_dir={tmp_path}/run", "--start=def ", "--num_samples=1",
-                             "--max_new_tokens=32", "--temperature=0", "--device=cpu"],
-                            cwd=ROOT, capture_output=True, text=True, check=True)
+    result = run_script("sample.py", f"--out_dir={tmp_path}/run", "--start=def ", "--num_samples=1",
+                        "--max_new_tokens=32", "--temperature=0", "--device=cpu")
     assert len(new_tokens) > 0
     assert result.stdout == "def " + encoder.decode(new_tokens) + "\n"
 
@@ -134,8 +144,12 @@ def test_sample_py_stops_where_the_export_stops(tmp_path, encoder):
     direction = torch.randn(weights.shape[1], generator=torch.Generator().manual_seed(1))
     weights.zero_()
     weights[im_end], weights[other] = direction, -direction
-    save_checkpoint(str(tmp_path / "ended"), 1, {f"model/{k}": (v, 0, tuple(v.shape)) for k, v in checkpoint["model"].items()},
-                    {k: checkpoint[k] for k in ("step", "tokens_seen", "model_args", "config", "tokenizer", "parent")})
+    save_checkpoint(
+        str(tmp_path / "ended"),
+        1,
+        {f"model/{k}": (v, 0, tuple(v.shape)) for k, v in checkpoint["model"].items()},
+        {k: checkpoint[k] for k in ("step", "tokens_seen", "model_args", "config", "tokenizer", "parent")},
+    )
     export(load_checkpoint(str(tmp_path / "ended")), str(tmp_path / "hf"), "float32")
     generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
     assert im_end in generation["eos_token_id"] and generation["max_new_tokens"] == 32  # half the 64-token window
@@ -143,8 +157,8 @@ def test_sample_py_stops_where_the_export_stops(tmp_path, encoder):
     prompt = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))("def ", return_tensors="pt").input_ids
     generated = hf_model.generate(prompt, do_sample=False)[0, prompt.size(1):].tolist()
     assert generated[-1] == im_end and im_end not in generated[:-1]
-    result = subprocess.run([sys.executable, "sample.py", f"--out_dir={tmp_path}/ended", "--start=def ", "--num_samples=1",
-                             "--temperature=0", "--device=cpu"], cwd=ROOT, capture_output=True, text=True, check=True)
+    result = run_script("sample.py", f"--out_dir={tmp_path}/ended", "--start=def ", "--num_samples=1",
+                        "--temperature=0", "--device=cpu")
     assert result.stdout == "def " + encoder.decode(generated[:-1]) + "\n"
 
 
@@ -156,7 +170,9 @@ def test_unsupported_models_are_refused(tmp_path, encoder):
     export(make_checkpoint(tmp_path / "run2", encoder), str(tmp_path / "hf"))
     config_path = tmp_path / "hf" / "config.json"
     config = json.loads(config_path.read_text())
-    config_path.write_text(json.dumps({**config, "attention_bias": True, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
+    config_path.write_text(
+        json.dumps({**config, "attention_bias": True, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+    )
     with pytest.raises(ValueError, match="rope_scaling.*attention_bias"):
         load_checkpoint(f"hf:{tmp_path}/hf")
 
@@ -165,18 +181,16 @@ def test_unsupported_models_are_refused(tmp_path, encoder):
 def test_train_starts_from_a_hugging_face_directory(tmp_path, data, other_data):
     data_tokenizer = tok.load_tokenizer(data)
     export(make_checkpoint(tmp_path / "run", data_tokenizer), str(tmp_path / "hf"))
-    result = subprocess.run([sys.executable, "train.py", f"--init_from=hf:{tmp_path}/hf", f"--data_dir={data}",
-                             f"--out_dir={tmp_path}/out", "--device=cpu", "--compile=False", "--max_iters=2",
-                             "--micro_batch_size=2", "--batch_size=2", "--eval_iters=1", "--log_interval=1"],
-                            cwd=ROOT, capture_output=True, text=True)
+    result = run_script("train.py", f"--init_from=hf:{tmp_path}/hf", f"--data_dir={data}",
+                        f"--out_dir={tmp_path}/out", "--device=cpu", "--compile=False", "--max_iters=2",
+                        "--micro_batch_size=2", "--batch_size=2", "--eval_iters=1", "--log_interval=1", check=False)
     assert result.returncode == 0, result.stderr
     assert f"weights from hf:{tmp_path}/hf" in result.stdout
     assert load_checkpoint(str(tmp_path / "out"))["parent"] == f"hf:{tmp_path}/hf"
     # the data must be tokenized by the model's own tokenizer
-    bad = subprocess.run([sys.executable, "train.py", f"--init_from=hf:{tmp_path}/hf", f"--data_dir={other_data}",
-                          f"--out_dir={tmp_path}/out2", "--device=cpu"], cwd=ROOT, capture_output=True, text=True)
+    bad = run_script("train.py", f"--init_from=hf:{tmp_path}/hf", f"--data_dir={other_data}",
+                     f"--out_dir={tmp_path}/out2", "--device=cpu", check=False)
     assert bad.returncode != 0 and "differs from" in bad.stderr
     # and prepare.py can take it: --tokenizer=hf:<dir>
-    subprocess.run([sys.executable, "prepare.py", f"--out={tmp_path}/same", f"--tokenizer=hf:{tmp_path}/hf", "--max_docs=100"], cwd=ROOT,
-                   check=True, capture_output=True)
+    run_script("prepare.py", f"--out={tmp_path}/same", f"--tokenizer=hf:{tmp_path}/hf", "--max_docs=100")
     assert tok.load_tokenizer(str(tmp_path / "same")).encode_ordinary(TEXT) == data_tokenizer.encode_ordinary(TEXT)

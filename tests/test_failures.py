@@ -48,7 +48,10 @@ def test_diverged_weights_are_never_checkpointed(data, tmp_path):
     result = run("train.py", *args, "--init_from=resume", "--max_iters=40", "--learning_rate=1e10",
                  "--max_bad_steps=1000", check=False)
     assert result.returncode != 0
-    assert "checkpoint at step 10 refused" in result.stderr and f"newest good checkpoint is {good['path']}" in result.stderr
+    assert (
+        "checkpoint at step 10 refused" in result.stderr
+        and f"newest good checkpoint is {good['path']}" in result.stderr
+    )
     for path in checkpoint_paths(str(tmp_path)):  # the good one is still there, and nothing poisoned
         assert all(torch.isfinite(t).all() for t in load_checkpoint(path)["model"].values())
     assert [os.path.basename(p) for p in checkpoint_paths(str(tmp_path))] == ["ckpt_0000005"]
@@ -71,7 +74,9 @@ def test_a_second_run_on_the_same_directory_is_refused(data, tmp_path):
     try:
         while not (tmp_path / "metrics.jsonl").exists() or len(metric_records(tmp_path)) < 3:
             time.sleep(0.05)
-        second = run("train.py", *TINY, f"--data_dir={data}", f"--out_dir={tmp_path}", "--init_from=resume", check=False)
+        second = run(
+            "train.py", *TINY, f"--data_dir={data}", f"--out_dir={tmp_path}", "--init_from=resume", check=False
+        )
         error = one_line_error(second)
         assert f"is in use by another run (PID {first.pid})" in error
     finally:
@@ -118,7 +123,10 @@ def test_token_ids_outside_the_vocabulary_are_refused(data, tmp_path):
         meta["splits"]["train"]["max_token_ids"] = [int(tokens.max())] if recorded else None
         (bad / "meta.json").write_text(json.dumps(meta))
         error = one_line_error(run("train.py", *TINY, f"--data_dir={bad}", f"--out_dir={tmp_path}/out", check=False))
-        assert f"{bad / shards[0]} holds token id {meta['vocab_size'] + 3}, outside the vocabulary of {meta['vocab_size']}" in error
+        assert (
+            f"{bad / shards[0]} holds token id {meta['vocab_size'] + 3}, outside the vocabulary of {meta['vocab_size']}"
+            in error
+        )
 
 
 @pytest.mark.slow
@@ -154,9 +162,22 @@ def test_prepare_replaces_lone_surrogates_and_skips_files_that_are_not_text(tmp_
     meta = json.loads((tmp_path / "ds" / "meta.json").read_text())
     assert meta["skipped_documents"] == 2 and meta["documents_with_replaced_characters"] == 1
     assert meta["splits"]["train"]["documents"] + meta["splits"]["val"]["documents"] == 42
-    (tmp_path / "chat.jsonl").write_text(("".join(
-        json.dumps({"messages": [{"role": "user", "content": f"Question {i}"}, {"role": "assistant", "content": f"Answer {i}"}]})
-        + "\n" for i in range(30))).replace("Answer 7", "Answer \\udfff 7"))
+    (tmp_path / "chat.jsonl").write_text(
+        (
+            "".join(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": f"Question {i}"},
+                            {"role": "assistant", "content": f"Answer {i}"},
+                        ]
+                    }
+                )
+                + "\n"
+                for i in range(30)
+            )
+        ).replace("Answer 7", "Answer \\udfff 7")
+    )
     result = run("prepare.py", str(tmp_path / "chat.jsonl"), "--chat=True", f"--tokenizer={tmp_path}/ds",
                  f"--out={tmp_path}/chat", "--val_fraction=0.2")
     assert "with U+FFFD in 1 documents" in result.stderr

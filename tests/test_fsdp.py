@@ -3,14 +3,13 @@ DDP and one process, checkpoints that resume across modes and world sizes, and t
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
 
 from checkpoint import load_checkpoint
-from conftest import ROOT, TORCHRUN, assert_same_state, records, run_script
+from conftest import TORCHRUN, assert_same_state, records, run_script
 
 TINY = ["tests/tiny_model.py", "--eval_iters=2", "--log_interval=1", "--micro_batch_size=4", "--batch_size=8",
         "--learning_rate=1e-2", "--warmup_iters=2"]
@@ -64,7 +63,9 @@ def test_hsdp_on_a_two_by_two_mesh_matches_one_process(data, tmp_path):
     assert {file for entry in meta["tensors"].values() for file, _, _ in entry["pieces"]} == {
         "rank-00000.safetensors", "rank-00001.safetensors"}
     assert_same_state(load_checkpoint(str(tmp_path / "one")), load_checkpoint(str(tmp_path / "hsdp")), exact=False)
-    result = train(*args, f"--out_dir={tmp_path}/bad", "--data_parallel=hsdp", "--shard_size=3", processes=4, check=False)
+    result = train(
+        *args, f"--out_dir={tmp_path}/bad", "--data_parallel=hsdp", "--shard_size=3", processes=4, check=False
+    )
     assert result.returncode != 0 and "multiple of shard_size (3)" in result.stderr
 
 
@@ -85,7 +86,9 @@ def test_checkpoints_resume_across_modes_and_world_sizes(data, tmp_path):
     # FSDP2(2) -> FSDP2(2): bit-identical to the run that never stopped
     resume(tmp_path, "fsdp", "fsdp_fsdp", args, 2, "fsdp")
     assert_same_state(load_checkpoint(str(tmp_path / "fsdp")), load_checkpoint(str(tmp_path / "fsdp_fsdp")), exact=True)
-    assert {s: loss for s, loss in records(tmp_path / "fsdp", "loss").items() if s > 6} == records(tmp_path / "fsdp_fsdp", "loss")
+    assert {s: loss for s, loss in records(tmp_path / "fsdp", "loss").items() if s > 6} == records(
+        tmp_path / "fsdp_fsdp", "loss"
+    )
     # FSDP2(2) -> one process (DDP's code path), and DDP(2) -> FSDP2(2): the same training, to rounding
     resume(tmp_path, "fsdp", "fsdp_one", args, 1, "ddp")
     assert_same_state(load_checkpoint(str(tmp_path / "fsdp")), load_checkpoint(str(tmp_path / "fsdp_one")), exact=False)
@@ -106,7 +109,10 @@ def test_fsdp_holds_half_the_state_per_rank(data, tmp_path):
         result = train(*TINY, f"--data_dir={data}", *big, f"--out_dir={tmp_path}/{mode}", f"--data_parallel={mode}",
                        processes=2)
         assert "model: 56.54M parameters" in result.stdout
-        state[mode], rss[mode] = records(tmp_path / mode, "state_mb_per_rank")[1], records(tmp_path / mode, "peak_memory_mb")[1]
+        state[mode], rss[mode] = (
+            records(tmp_path / mode, "state_mb_per_rank")[1],
+            records(tmp_path / mode, "peak_memory_mb")[1],
+        )
         print(f"{mode}: state {state[mode]:.1f} MiB per rank, peak RSS {rss[mode]:.0f} MiB (rank 0)")
     # AdamW: weights, gradients and two moments, 16 bytes per parameter, all fp32; sharded in two
     assert state["ddp"] == pytest.approx(56.54e6 * 16 / 2**20, rel=0.01)
@@ -124,18 +130,20 @@ def test_export_and_sample_from_an_fsdp_checkpoint(data, tmp_path):
     train(*TINY, f"--data_dir={data}", "--max_iters=4", "--eval_interval=4", f"--out_dir={tmp_path}/fsdp",
           "--data_parallel=fsdp", processes=2)
     model, encoder = model_from_checkpoint(load_checkpoint(str(tmp_path / "fsdp")))
-    subprocess.run([sys.executable, "export_hf.py", f"--ckpt={tmp_path}/fsdp", f"--hf_dir={tmp_path}/hf", "--dtype=float32"],
-                   cwd=ROOT, check=True, capture_output=True)
+    run_script("export_hf.py", f"--ckpt={tmp_path}/fsdp", f"--hf_dir={tmp_path}/hf", "--dtype=float32")
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
     idx = torch.tensor([encoder.encode("def main():\n    return 0\n")])
     with torch.no_grad():
-        assert (hf_model(idx).logits[..., :encoder.n_vocab] - model.eval()(idx)[..., :encoder.n_vocab]).abs().max() < 1e-4
+        assert (
+            hf_model(idx).logits[..., : encoder.n_vocab] - model.eval()(idx)[..., : encoder.n_vocab]
+        ).abs().max() < 1e-4
         bos = tok.bos_id(encoder)  # sample.py starts a document as training did, and stops at the next
-        generated = [int(t) for t in model.generate(torch.tensor([[bos] + encoder.encode_ordinary("def ")]), 8, temperature=0)]
+        generated = [
+            int(t) for t in model.generate(torch.tensor([[bos] + encoder.encode_ordinary("def ")]), 8, temperature=0)
+        ]
         expected = encoder.decode(generated[:generated.index(bos)] if bos in generated else generated)
-    result = subprocess.run([sys.executable, "sample.py", f"--out_dir={tmp_path}/fsdp", "--start=def ", "--num_samples=1",
-                             "--max_new_tokens=8", "--temperature=0", "--device=cpu"], cwd=ROOT, capture_output=True,
-                            text=True, check=True)
+    result = run_script("sample.py", f"--out_dir={tmp_path}/fsdp", "--start=def ", "--num_samples=1",
+                        "--max_new_tokens=8", "--temperature=0", "--device=cpu")
     assert result.stdout == "def " + expected + "\n"
 
 

@@ -20,8 +20,16 @@ TINY = ["tests/tiny_model.py", "--micro_batch_size=4", "--batch_size=4", "--lear
 def test_throughput_around_evaluations_and_what_each_record_says(data, tmp_path):
     # a long evaluation (60 micro-batches) at step 29, inside the log interval of steps 21-30: the time
     # it takes must not count as training time, nor its exclusion shrink the interval to 1 step
-    result = run("train.py", *TINY, f"--data_dir={data}", f"--out_dir={tmp_path}", "--max_iters=40", "--log_interval=10",
-                 "--eval_interval=29", "--eval_iters=60")
+    result = run(
+        "train.py",
+        *TINY,
+        f"--data_dir={data}",
+        f"--out_dir={tmp_path}",
+        "--max_iters=40",
+        "--log_interval=10",
+        "--eval_interval=29",
+        "--eval_iters=60",
+    )
     ms = [r["ms_per_step"] for r in records(tmp_path) if "ms_per_step" in r]
     others = sorted(ms[:2] + ms[3:])
     assert others[1] / 2 < ms[2] < others[1] * 2, ms
@@ -30,7 +38,11 @@ def test_throughput_around_evaluations_and_what_each_record_says(data, tmp_path)
     assert all(" elapsed, ETA " in line for line in result.stdout.splitlines() if line.startswith("step 40/40 |"))
     # the full config goes to out_dir/config.py (a config file) and metrics.jsonl; the console gets what differs
     config_py = (tmp_path / "config.py").read_text()
-    assert "beta2 = 0.95\n" in config_py and "eval_iters = 60\n" in config_py and records(tmp_path)[0]["config"]["beta2"] == 0.95
+    assert (
+        "beta2 = 0.95\n" in config_py
+        and "eval_iters = 60\n" in config_py
+        and records(tmp_path)[0]["config"]["beta2"] == 0.95
+    )
     config_line = next(line for line in result.stdout.splitlines() if line.startswith("config"))
     assert "eval_iters=60" in config_line and "beta2" not in config_line
 
@@ -68,7 +80,9 @@ def test_one_large_text_file_is_cut_into_documents_and_the_split_checked_first(t
     from data import read_shard
     import tokenizer as tok
     enc = tok.load_tokenizer(str(tmp_path / "ds"))
-    text = enc.decode(np.concatenate([read_shard(str(tmp_path / "ds" / n)) for n in meta["splits"]["train"]["shards"]]).tolist())
+    text = enc.decode(
+        np.concatenate([read_shard(str(tmp_path / "ds" / n)) for n in meta["splits"]["train"]["shards"]]).tolist()
+    )
     pieces = text.split("<|endoftext|>")[1:]
     assert all(p.endswith(".\n\n") for p in pieces[:-1]) and max(map(len, pieces)) <= 10_000
     # progress shows in a log file too (stderr is not a terminal here), and the tokenizer's training is announced
@@ -81,7 +95,16 @@ def test_one_large_text_file_is_cut_into_documents_and_the_split_checked_first(t
     assert "training a BPE" not in result.stderr and not (tmp_path / "bad").exists()
 
 
-SCRIPTS = ["train.py", "prepare.py", "sample.py", "export_hf.py", "bench.py", "evaluate.py", "convert_tasks.py", "report.py"]
+SCRIPTS = [
+    "train.py",
+    "prepare.py",
+    "sample.py",
+    "export_hf.py",
+    "bench.py",
+    "evaluate.py",
+    "convert_tasks.py",
+    "report.py",
+]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -89,7 +112,9 @@ def test_help_answers_before_torch_is_imported(script):
     result = subprocess.run([sys.executable, "-X", "importtime", script, "--help"], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0 and "Settings (config files and --key=value):" in result.stdout, result.stderr[-2000:]
-    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    imported = {
+        line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")
+    }
     assert "torch" not in imported and "--print_config" in result.stdout
     if script == "evaluate.py":  # quoted defaults with newlines in them are shown escaped
         assert 'joined by "\\n\\n"' in result.stdout and 'stop ["\\n\\n"]' in result.stdout
@@ -115,7 +140,9 @@ def test_tiny_val_splits_are_warned_about(tmp_path):
                   "--eval_iters=200", "--block_size=64")  # 51,200 tokens an evaluation could read
     assert "a val loss on so few is noisy" in trained.stdout
     # the demo's tasks are scored only on the demo's data
-    printed = run("train.py", "configs/pretrain.py", "configs/tiny.py", f"--data_dir={tmp_path}/notes", "--print_config")
+    printed = run(
+        "train.py", "configs/pretrain.py", "configs/tiny.py", f"--data_dir={tmp_path}/notes", "--print_config"
+    )
     assert "eval_tasks = {}" in printed.stdout
 
 

@@ -19,7 +19,9 @@ def greedy_without_cache(model, idx, steps):
     return idx
 
 
-@pytest.mark.parametrize("overrides", [{}, {"qk_norm": True, "tie_embeddings": True}, {"n_kv_head": 4}, {"n_kv_head": 1}])
+@pytest.mark.parametrize(
+    "overrides", [{}, {"qk_norm": True, "tie_embeddings": True}, {"n_kv_head": 4}, {"n_kv_head": 1}]
+)
 def test_kv_cache_generation_matches_full_recomputation(overrides):
     model = small_model(**overrides)
     prompt = torch.randint(0, 100, (2, 5))

@@ -122,7 +122,9 @@ def test_found_inf_skips_the_step_without_touching_the_state():
             grads = [torch.randn(s) for s in shapes]
             if flag:  # a bad step's gradients: NaN and inf, the first step's state must survive them
                 grads = [g.fill_(float("nan")) if i % 2 else g.fill_(float("inf")) for i, g in enumerate(grads)]
-                before = [p.detach().clone() for p in params] + [optimizer.state[p]["momentum_buffer"].clone() for p in params]
+                before = [p.detach().clone() for p in params] + [
+                    optimizer.state[p]["momentum_buffer"].clone() for p in params
+                ]
             for p, g in zip(params, grads):
                 p.grad = g
             optimizer.found_inf = None if flag is None else torch.tensor(flag)
@@ -159,7 +161,9 @@ def test_the_update_is_one_add_per_group_in_the_weights_dtype(monkeypatch):
     adds, real_add = [], torch._foreach_add_
 
     def add(tensors, others, *args, **kwargs):
-        adds.append(({t.dtype for t in tensors}, {o.dtype for o in others} if isinstance(others, (list, tuple)) else None))
+        adds.append(
+            ({t.dtype for t in tensors}, {o.dtype for o in others} if isinstance(others, (list, tuple)) else None)
+        )
         return real_add(tensors, others, *args, **kwargs)
     monkeypatch.setattr(torch, "_foreach_add_", add)
     params = [torch.nn.Parameter(torch.randn(s)) for s in [(32, 32), (32, 32), (16, 48)]]  # two groups of shapes
@@ -167,4 +171,6 @@ def test_the_update_is_one_add_per_group_in_the_weights_dtype(monkeypatch):
     for p in params:
         p.grad = torch.randn(p.shape)
     optimizer.step()
-    assert len(adds) == 2 and all(weights == {torch.float32} and updates == {torch.float32} for weights, updates in adds)
+    assert len(adds) == 2 and all(
+        weights == {torch.float32} and updates == {torch.float32} for weights, updates in adds
+    )

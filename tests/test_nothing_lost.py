@@ -71,13 +71,17 @@ def test_a_handoff_starts_only_from_a_finished_stage(finished, data, tmp_path):
                                       check=False))
     assert "stopped at step 4 of its max_iters=8: finish that stage first" in error
     assert not checkpoint_paths(str(tmp_path / "mid"))
-    run_script("train.py", *args, f"--init_from={unfinished}", f"--out_dir={tmp_path}/mid", "--init_from_unfinished=True")
+    run_script(
+        "train.py", *args, f"--init_from={unfinished}", f"--out_dir={tmp_path}/mid", "--init_from_unfinished=True"
+    )
     run_script("train.py", *args, f"--init_from={finished}", f"--out_dir={tmp_path}/mid2")
     assert load_checkpoint(str(tmp_path / "mid2"))["parent"] == str(finished / "ckpt_0000008")
 
 
 @pytest.mark.slow
-def test_a_checkpoint_corrupt_again_is_set_aside_under_a_new_name_and_never_restarts_from_scratch(finished, data, tmp_path):
+def test_a_checkpoint_corrupt_again_is_set_aside_under_a_new_name_and_never_restarts_from_scratch(
+    finished, data, tmp_path
+):
     run = copy_of(finished, tmp_path)
     shutil.copytree(run / "ckpt_0000008", run / "ckpt_0000008.corrupt")  # set aside by an earlier crash
     (run / "ckpt_0000008" / "rank-00000.safetensors").write_bytes(b"garbage")
@@ -122,11 +126,15 @@ def test_a_checkpoint_with_non_finite_weights_is_corrupt(finished, data, tmp_pat
 @pytest.mark.slow
 def test_settings_that_cannot_build_a_model_are_one_line_errors(data, tmp_path):
     args = [*TINY, f"--data_dir={data}", f"--out_dir={tmp_path}/out", "--max_iters=2"]
-    for setting, message in [("--n_head=0", "n_head must be at least 1"), ("--n_kv_head=0", "n_kv_head must be at least 1"),
-                             ("--n_embd=-64", "n_embd must be at least 1"), ("--n_embd=0", "n_embd must be at least 1"),
-                             ("--n_layer=0", "n_layer must be at least 1"),
-                             ("--mlp_ratio=-1.0", "mlp_ratio must be a finite number > 0"),
-                             (f"--data_mixture={{'{data}': 1e400}}", "finite positive weight")]:
+    for setting, message in [
+        ("--n_head=0", "n_head must be at least 1"),
+        ("--n_kv_head=0", "n_kv_head must be at least 1"),
+        ("--n_embd=-64", "n_embd must be at least 1"),
+        ("--n_embd=0", "n_embd must be at least 1"),
+        ("--n_layer=0", "n_layer must be at least 1"),
+        ("--mlp_ratio=-1.0", "mlp_ratio must be a finite number > 0"),
+        (f"--data_mixture={{'{data}': 1e400}}", "finite positive weight"),
+    ]:
         assert message in one_line_error(run_script("train.py", *args, setting, check=False))
     assert not checkpoint_paths(str(tmp_path / "out"))
     # the lock is released on every exit: the next run takes no "lock of an earlier run" over
@@ -148,10 +156,15 @@ def test_unusable_paths_and_config_files_are_one_line_errors(finished, data, tmp
     assert "/nonexistent" in one_line_error(
         run_script("sample.py", f"--out_dir={finished}", "--start=FILE:/nonexistent", check=False))
     (tmp_path / "exits.py").write_text("import sys\nsys.exit(0)\n")
-    assert "called sys.exit(0)" in one_line_error(run_script("train.py", *args, str(tmp_path / "exits.py"), check=False))
+    assert "called sys.exit(0)" in one_line_error(
+        run_script("train.py", *args, str(tmp_path / "exits.py"), check=False)
+    )
     (tmp_path / "task.jsonl").write_text('{"context": "a", "choices": ["b", "c"], "answer": 0}\n{"context": \n')
-    error = one_line_error(run_script("train.py", *args, f"--out_dir={tmp_path}/t", f"--eval_tasks={{'{tmp_path}/task.jsonl': 0}}",
-                                      check=False))
+    error = one_line_error(
+        run_script(
+            "train.py", *args, f"--out_dir={tmp_path}/t", f"--eval_tasks={{'{tmp_path}/task.jsonl': 0}}", check=False
+        )
+    )
     assert f"{tmp_path}/task.jsonl:2: not valid JSON" in error
 
 
@@ -195,7 +208,11 @@ def test_ctrl_c_stops_the_pipeline_and_the_next_stage_never_starts(tmp_path):
                                 start_new_session=True)  # its own process group, as a terminal's foreground job
     metrics = tmp_path / "pretrain-tiny-slow_pipeline" / "metrics.jsonl"
     deadline = time.time() + 600
-    while time.time() < deadline and pipeline.poll() is None and not (metrics.exists() and '"loss"' in metrics.read_text()):
+    while (
+        time.time() < deadline
+        and pipeline.poll() is None
+        and not (metrics.exists() and '"loss"' in metrics.read_text())
+    ):
         time.sleep(0.2)
     assert pipeline.poll() is None, pipeline.communicate()[1][-3000:]  # still training, not ended on an error
     os.killpg(pipeline.pid, signal.SIGINT)  # Ctrl-C: the whole foreground group
@@ -215,8 +232,9 @@ def test_a_shard_edited_after_prepare_is_refused_when_read(data, tmp_path):
     tokens = np.array(read_shard(str(bad / shard)))
     tokens[np.arange(0, len(tokens), 50)] = meta["vocab_size"] + 1  # meta.json's recorded maxima left as they were
     write_shard(str(bad / shard), tokens)
-    error = one_line_error(run_script("train.py", *TINY, f"--data_dir={bad}", f"--out_dir={tmp_path}/out", "--max_iters=4",
-                                      check=False))
+    error = one_line_error(
+        run_script("train.py", *TINY, f"--data_dir={bad}", f"--out_dir={tmp_path}/out", "--max_iters=4", check=False)
+    )
     assert f"{bad / shard} holds token id {meta['vocab_size'] + 1} at offset" in error
     assert not checkpoint_paths(str(tmp_path / "out"))
 

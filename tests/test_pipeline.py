@@ -27,8 +27,14 @@ def test_chat_prepare_masks_exactly_the_assistant_tokens(data, tmp_path):
     lines.insert(2, json.dumps({"messages": [{"role": "robot", "content": "beep"}]}))
     lines.insert(3, json.dumps({"messages": []}))
     (tmp_path / "chat.jsonl").write_text(("\n".join(lines) + "\n") * 20)
-    result = run("prepare.py", str(tmp_path / "chat.jsonl"), "--chat=True", f"--tokenizer={data}", f"--out={tmp_path}/chat",
-                 "--val_fraction=0.3")
+    result = run(
+        "prepare.py",
+        str(tmp_path / "chat.jsonl"),
+        "--chat=True",
+        f"--tokenizer={data}",
+        f"--out={tmp_path}/chat",
+        "--val_fraction=0.3",
+    )
     assert f"{tmp_path}/chat.jsonl:2: not valid JSON" in result.stderr
     assert f"{tmp_path}/chat.jsonl:3: a message is not" in result.stderr and "skipped 60 documents" in result.stderr
     enc = tok.load_tokenizer(str(tmp_path / "chat"))
@@ -45,11 +51,29 @@ def test_chat_prepare_masks_exactly_the_assistant_tokens(data, tmp_path):
 
 
 def test_a_micro_batch_with_nothing_to_learn_gives_a_finite_loss(data, tmp_path):
-    (tmp_path / "questions.jsonl").write_text("".join(
-        json.dumps({"messages": [{"role": "user", "content": f"Question {i}: what is {i} squared?"}]}) + "\n" for i in range(300)))
-    run("prepare.py", str(tmp_path / "questions.jsonl"), "--chat=True", f"--tokenizer={data}", f"--out={tmp_path}/q", "--val_fraction=0.2")
-    run("train.py", *TINY, f"--data_dir={tmp_path}/q", f"--out_dir={tmp_path}/out", "--use_loss_mask=True", "--max_iters=3",
-        "--eval_interval=3")
+    (tmp_path / "questions.jsonl").write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": f"Question {i}: what is {i} squared?"}]}) + "\n"
+            for i in range(300)
+        )
+    )
+    run(
+        "prepare.py",
+        str(tmp_path / "questions.jsonl"),
+        "--chat=True",
+        f"--tokenizer={data}",
+        f"--out={tmp_path}/q",
+        "--val_fraction=0.2",
+    )
+    run(
+        "train.py",
+        *TINY,
+        f"--data_dir={tmp_path}/q",
+        f"--out_dir={tmp_path}/out",
+        "--use_loss_mask=True",
+        "--max_iters=3",
+        "--eval_interval=3",
+    )
     with open(tmp_path / "out" / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
     losses = [r["loss"] for r in records if "loss" in r]
@@ -84,7 +108,10 @@ def test_the_pipeline_end_to_end(data, tmp_path):
         assert f"=== {stage} -> {tmp_path}/{stage}-tiny-fast_pipeline" in result.stdout
         assert os.path.exists(tmp_path / f"{stage}-tiny-fast_pipeline" / "ckpt_0000008")
     from checkpoint import load_checkpoint
-    assert load_checkpoint(str(tmp_path / "finetune-tiny-fast_pipeline"))["parent"].startswith(str(tmp_path / "midtrain-tiny-fast_pipeline"))
+
+    assert load_checkpoint(str(tmp_path / "finetune-tiny-fast_pipeline"))["parent"].startswith(
+        str(tmp_path / "midtrain-tiny-fast_pipeline")
+    )
     assert (tmp_path / "finetune-tiny-fast_pipeline" / "hf" / "model.safetensors").exists()
     # the report of the three stages: Markdown, and plots that are valid PNG images
     report = tmp_path / "finetune-tiny-fast_pipeline" / "report"
@@ -96,10 +123,14 @@ def test_the_pipeline_end_to_end(data, tmp_path):
         assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert matplotlib.image.imread(str(report / name)).shape[:2] == (450, 800)
     # a rerun finds every stage done: it resumes each at its last step and trains no further
-    checkpoints = {stage: sorted(p for p in os.listdir(tmp_path / f"{stage}-tiny-fast_pipeline") if p.startswith("ckpt_"))
-                   for stage in ("pretrain", "midtrain", "finetune")}
+    checkpoints = {
+        stage: sorted(p for p in os.listdir(tmp_path / f"{stage}-tiny-fast_pipeline") if p.startswith("ckpt_"))
+        for stage in ("pretrain", "midtrain", "finetune")
+    }
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env, timeout=HANG_S)
     # (each stage is finished: it says so and ends at once, writing nothing)
     assert again.returncode == 0 and "resuming it" in again.stdout and again.stdout.count(" is finished (") == 3
-    assert checkpoints == {stage: sorted(p for p in os.listdir(tmp_path / f"{stage}-tiny-fast_pipeline") if p.startswith("ckpt_"))
-                           for stage in checkpoints}
+    assert checkpoints == {
+        stage: sorted(p for p in os.listdir(tmp_path / f"{stage}-tiny-fast_pipeline") if p.startswith("ckpt_"))
+        for stage in checkpoints
+    }

@@ -36,7 +36,10 @@ def report():
 def test_stage_boundaries_wall_time_and_labels(tmp_path, report):
     pretrain, midtrain = str(tmp_path / "pretrain"), str(tmp_path / "midtrain")
     # pretrain ran to step 100 in two runs, an hour apart; midtrain started from its checkpoint at step 60
-    write_stage(pretrain, [(1000.0, list(range(10, 70, 10)), 100, "data/web"), (5600.0, list(range(70, 110, 10)), 100, "data/web")])
+    write_stage(
+        pretrain,
+        [(1000.0, list(range(10, 70, 10)), 100, "data/web"), (5600.0, list(range(70, 110, 10)), 100, "data/web")],
+    )
     write_stage(midtrain, [(9000.0, [10, 20], 50, "data/chat")], parent=f"{pretrain}/ckpt_0000060")
     stages = report["chain"](midtrain)
     assert [s["dir"] for s in stages] == [pretrain, midtrain]

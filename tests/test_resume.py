@@ -18,7 +18,9 @@ from conftest import HANG_S, ROOT, TORCHRUN, assert_same_state, records, train
 TINY = ["tests/tiny_model.py", "--eval_iters=1", "--log_interval=1", "--micro_batch_size=4", "--learning_rate=1e-2",
         "--warmup_iters=2"]
 # the batch doubles at steps 4 and 8: a stop at step 6 and the end at 12 fall in different phases
-SCHEDULE = "--batch_size_schedule={'strategy': 'doubling', 'start_batch_size': 4, 'interval_steps': 4, 'max_batch_size': 16}"
+SCHEDULE = (
+    "--batch_size_schedule={'strategy': 'doubling', 'start_batch_size': 4, 'interval_steps': 4, 'max_batch_size': 16}"
+)
 
 
 
@@ -60,7 +62,10 @@ def test_resume_on_another_world_size(data, tmp_path, optimizer):
     train(*args, f"--out_dir={tmp_path}/two", launcher=TORCHRUN)
     train(*args, f"--out_dir={tmp_path}/one", "--max_iters=12")
     # the state a 2-process run saves is the whole state: the same tensors a 1-process run saves
-    two_half, one_half = load_checkpoint(str(tmp_path / "two/ckpt_0000006")), load_checkpoint(str(tmp_path / "one/ckpt_0000006"))
+    two_half, one_half = (
+        load_checkpoint(str(tmp_path / "two/ckpt_0000006")),
+        load_checkpoint(str(tmp_path / "one/ckpt_0000006")),
+    )
     assert_same_state(two_half, one_half, exact=False)
     os.makedirs(tmp_path / "resumed")
     shutil.copytree(tmp_path / "two" / "ckpt_0000006", tmp_path / "resumed" / "ckpt_0000006")
@@ -72,7 +77,9 @@ def test_resume_on_another_world_size(data, tmp_path, optimizer):
     shutil.copytree(tmp_path / "one" / "ckpt_0000006", tmp_path / "resumed_on_two" / "ckpt_0000006")
     result = train(*args, f"--out_dir={tmp_path}/resumed_on_two", "--init_from=resume", launcher=TORCHRUN)
     assert "resumed from" in result.stdout and "world size 2" in result.stdout
-    assert_same_state(load_checkpoint(str(tmp_path / "one")), load_checkpoint(str(tmp_path / "resumed_on_two")), exact=False)
+    assert_same_state(
+        load_checkpoint(str(tmp_path / "one")), load_checkpoint(str(tmp_path / "resumed_on_two")), exact=False
+    )
 
 
 @pytest.mark.slow

@@ -17,8 +17,14 @@ SMALL = ["tests/tiny_model.py", "--n_layer=1", "--n_head=2", "--n_kv_head=1", "-
 
 def profile(*args):
     """bench.py --profile=True: train.py's steps 8-10 under the profiler."""
-    result = subprocess.run([sys.executable, "bench.py", *SMALL, "--profile=True", *args], cwd=ROOT, capture_output=True,
-                            text=True, timeout=HANG_S, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        [sys.executable, "bench.py", *SMALL, "--profile=True", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=HANG_S,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
