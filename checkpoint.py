@@ -11,11 +11,11 @@ one never runs anything:
                            every tensor's shape, dtype and pieces (which file holds which rows)
     rank-NNNNN.safetensors the rows each rank wrote
 The tensors: model/<parameter>, adamw/<parameter>/<exp_avg, exp_avg_sq or step>, and
-muon/<parameter>/momentum_buffer: the whole training state as one process would hold it, whatever
-the world size and the mode (DDP, FSDP2) that wrote it, so it loads at any world size and in either
-mode, and a rank can read just the rows it needs. Each rank writes its own share at once (its
-shards under FSDP2, a slice of the replicas under DDP: parallel.share_to_write): no rank ever holds
-the whole state.
+muon/<parameter>/momentum_buffer (and second_moment, with neuron_norm): the whole training state as
+one process would hold it, whatever the world size and the mode (DDP, FSDP2) that wrote it, so it
+loads at any world size and in either mode, and a rank can read just the rows it needs. Each rank
+writes its own share at once (its shards under FSDP2, a slice of the replicas under DDP:
+parallel.share_to_write): no rank ever holds the whole state.
 Writes are atomic: each rank writes into ckpt_<step>.tmp/ (in a background thread, from a CPU copy
 of its share), and rank 0 renames the directory once every rank's files are complete; a crash at
 any instant leaves the earlier checkpoints and at most a *.tmp directory, which nothing loads and
@@ -251,6 +251,8 @@ def state_pieces(raw_model, optimizers, rank, world_size):
             for key, value in opt.state.get(p, {}).items():
                 if kind == "adamw":
                     add(f"adamw/{name}/{key}", value)
+                elif key == "second_moment" and not replica(p):  # held whole by the matrix's owner
+                    pieces[f"muon/{name}/{key}"] = (value, 0, tuple(value.shape))
                 elif not replica(p):
                     pieces[f"muon/{name}/{key}"] = (value, rows_held(p)[1], tuple(p.shape))  # the rows it keeps, plain
     return pieces
@@ -272,6 +274,8 @@ def load_state(read, tensors, raw_model, optimizers, device):
                 kept = opt.momentum_rows(p)
                 if kept is not None:
                     opt.state[p] = {"momentum_buffer": read(f"muon/{name}/momentum_buffer", *kept).to(device)}
+                if "second_moment" in keys and opt.owns(p):
+                    opt.state[p]["second_moment"] = read(f"muon/{name}/second_moment").to(device)
             elif keys:
                 state = {}
                 for key in keys:

@@ -305,7 +305,7 @@ class GPT(nn.Module):
     def configure_optimizers(self, *, learning_rate, weight_decay, betas, embed_lr=None, head_lr=None, norm_lr=None,
                              decay_embed_head=True, use_muon=False, muon_lr=0.0, muon_weight_decay=0.0,
                              muon_momentum=0.95, muon_orthogonalize="newton_schulz", muon_cautious_decay=False,
-                             muon_group=None):
+                             muon_neuron_norm=False, muon_group=None):
         """[AdamW] or [AdamW, Muon], and a line saying which parameters went where.
         AdamW decays matrices only (the embedding and the head too unless decay_embed_head is off);
         1-D norm gains are not decayed. embed_lr, head_lr, norm_lr: those parameters' peak learning
@@ -333,7 +333,7 @@ class GPT(nn.Module):
             from muon import Muon
             optimizers.append(Muon(muon_params, lr=muon_lr, weight_decay=muon_weight_decay, momentum=muon_momentum,
                                    orthogonalize=muon_orthogonalize, cautious_decay=muon_cautious_decay,
-                                   group=muon_group))
+                                   neuron_norm=muon_neuron_norm, group=muon_group))
         names = {id(p): re.sub(r"\.\d+\.", ".*.", name) for name, p in named.items()}
         lines = [(f"AdamW {g['name']}, lr {g['lr']:g}, weight decay {g['weight_decay']:g}", g["params"])
                  for g in adamw_groups] + [(f"Muon, lr {muon_lr:g}", muon_params)]

@@ -41,6 +41,8 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 # the last bits of ill-conditioned momenta, so runs that sum gradients in another order (another world
 # size or mode) drift apart at this precision; tests that compare such runs set float32 here.
 NS_DTYPE = torch.bfloat16
+# NorMuon's decay rate for each neuron's mean square update (Li et al. 2025, arXiv:2510.05491; nanochat's)
+NEURON_NORM_BETA = 0.95
 
 
 # Polar Express (Amsel, Persson, Musco, Gower 2025, arXiv:2505.16932; the coefficients as nanochat uses
@@ -114,7 +116,7 @@ class Muon(torch.optim.Optimizer):
     None for the default group."""
 
     def __init__(self, params, lr=6e-4, weight_decay=0.0, momentum=0.95, nesterov=True, ns_steps=5,
-                 orthogonalize="newton_schulz", cautious_decay=False, group=None):
+                 orthogonalize="newton_schulz", cautious_decay=False, neuron_norm=False, group=None):
         if orthogonalize not in ORTHOGONALIZERS:
             raise ValueError(f"orthogonalize must be one of {sorted(ORTHOGONALIZERS)}, got {orthogonalize!r}")
         params = list(params)
@@ -124,7 +126,8 @@ class Muon(torch.optim.Optimizer):
         shapes = sorted({tuple(p.shape) for p in params})
         groups = [{"params": [p for p in params if tuple(p.shape) == shape]} for shape in shapes]
         super().__init__(groups, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-                                      ns_steps=ns_steps, orthogonalize=orthogonalize, cautious_decay=cautious_decay))
+                                      ns_steps=ns_steps, orthogonalize=orthogonalize, cautious_decay=cautious_decay,
+                                      neuron_norm=neuron_norm))
         self.group = group
 
     def momentum_rows(self, p):
@@ -132,9 +135,34 @@ class Muon(torch.optim.Optimizer):
         rank, world_size = world(self.group)
         if isinstance(p, DTensor):
             return row_range(p.shape[0], rank, world_size)
+        return (0, p.shape[0]) if self.owns(p) else None
+
+    def owns(self, p):
+        """Whether this rank orthogonalizes p (and keeps its neuron_norm state): a share of each shape group."""
+        rank, world_size = world(self.group)
         params = next(g["params"] for g in self.param_groups if any(q is p for q in g["params"]))
         _, first, last = share(len(params), rank, world_size)
-        return (0, p.shape[0]) if any(q is p for q in params[first:last]) else None
+        return any(q is p for q in params[first:last])
+
+    def _normalize_neurons(self, group, owned, orthogonal, keep):
+        """NorMuon: each neuron's row of the update (a column's, for a wide matrix) divided by the root of
+        its running mean square, then the whole update scaled back to its norm, so no neuron's weights
+        move much faster than the others'. orthogonal's first len(owned) matrices are owned's; in place."""
+        if not (group["neuron_norm"] and owned):
+            return
+        updates = orthogonal[:len(owned)].float()
+        mean_square = updates.square().mean(dim=-1 if updates.size(-2) >= updates.size(-1) else -2, keepdim=True)
+        for p, m in zip(owned, mean_square):
+            if "second_moment" not in self.state[p]:
+                self.state[p]["second_moment"] = torch.zeros_like(m)
+        moments = [self.state[p]["second_moment"] for p in owned]
+        new = torch.stack(moments).lerp_(mean_square, 1 - NEURON_NORM_BETA)
+        if keep is not None:  # a skipped step leaves the state as it was
+            new = torch.where(keep, new, torch.stack(moments))
+        torch._foreach_copy_(moments, list(new.unbind(0)))
+        scaled = updates * new.clamp_min(1e-10).rsqrt()
+        norms = updates.norm(dim=(-2, -1), keepdim=True) / scaled.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10)
+        orthogonal[:len(owned)] = (scaled * norms).to(orthogonal.dtype)
 
     def _momentum(self, group, params, grads, keep):
         """Each param's update from its (Nesterov) momentum, which it keeps in fp32, for these rows."""
@@ -198,6 +226,7 @@ class Muon(torch.optim.Optimizer):
                 list(stacked[: len(mine)].unbind(0)), self._momentum(group, mine, [p.grad for p in mine], keep)
             )
         orthogonal = newton_schulz(stacked, group["ns_steps"], group["orthogonalize"])
+        self._normalize_neurons(group, mine, orthogonal, keep)
         if world_size > 1:
             gathered = torch.empty((world_size * per_rank, *shape), device=orthogonal.device, dtype=orthogonal.dtype)
             all_gather(gathered, orthogonal.contiguous(), group=self.group)
@@ -229,6 +258,8 @@ class Muon(torch.optim.Optimizer):
                 offset += size
         # 2. orthogonalize the matrices this rank owns
         orthogonal = newton_schulz(whole, group["ns_steps"], group["orthogonalize"])
+        first_owned = share(len(params), rank, world_size)[1]
+        self._normalize_neurons(group, params[first_owned:first_owned + owned[rank]], orthogonal, keep)
         # 3. back: to each rank, its rows of every matrix owned here
         send = torch.cat([orthogonal[j, first:last].reshape(-1) for first, last in bounds for j in range(owned[rank])])
         received = torch.empty(len(params) * sizes[rank], device=send.device, dtype=NS_DTYPE)

@@ -116,9 +116,8 @@ def rows_held(tensor):
     if not isinstance(tensor, DTensor):
         return tensor, 0
     mesh = tensor.device_mesh
-    return tensor.to_local(), row_range(tensor.shape[0], mesh.get_local_rank(mesh.ndim - 1), mesh.size(mesh.ndim - 1))[
-        0
-    ]
+    first, _ = row_range(tensor.shape[0], mesh.get_local_rank(mesh.ndim - 1), mesh.size(mesh.ndim - 1))
+    return tensor.to_local(), first
 
 
 def replica(tensor):

@@ -82,6 +82,7 @@ muon_momentum_start = 0.85
 muon_momentum_cooldown_steps = 0  # and falls linearly back to muon_momentum_start over the last this many steps
 muon_orthogonalize = "newton_schulz"  # or 'polar_express' (a tuned quintic per iteration)
 muon_cautious_decay = False     # decay only the weights the update also moves towards zero
+muon_neuron_norm = False        # NorMuon: each neuron's update divided by its running RMS (norm kept)
 # system
 device = "auto"                 # 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...
 dtype = "auto"                  # 'auto' (bfloat16 autocast on cuda, float32 on cpu), 'bfloat16', 'float32'
@@ -258,7 +259,8 @@ optimizers, optimizer_summary = gpt.configure_optimizers(  # after wrap: FSDP2 r
     learning_rate=learning_rate, weight_decay=weight_decay, betas=(beta1, beta2), embed_lr=embed_lr or None,
     head_lr=head_lr or None, norm_lr=norm_lr or None, decay_embed_head=decay_embed_head, use_muon=use_muon,
     muon_lr=muon_lr, muon_weight_decay=muon_weight_decay, muon_momentum=muon_momentum,
-    muon_orthogonalize=muon_orthogonalize, muon_cautious_decay=muon_cautious_decay, muon_group=muon_group)
+    muon_orthogonalize=muon_orthogonalize, muon_cautious_decay=muon_cautious_decay,
+    muon_neuron_norm=muon_neuron_norm, muon_group=muon_group)
 adamw, muon = optimizers[0], (optimizers[1] if use_muon else None)
 log(optimizer_summary)
 # Resuming is exact without saving any random generator's state: nothing draws from one after the

@@ -1,7 +1,7 @@
 """Three Muon steps on a small model's hidden matrices, with the same gradients on every rank; the
 parameters and Muon's momentum saved as a checkpoint in the directory argv[1]. argv[2]: 'ddp'
-(replicated matrices, each rank orthogonalizing its share) or 'fsdp' (FSDP2 shards). Run
-single-process or under torchrun."""
+(replicated matrices, each rank orthogonalizing its share) or 'fsdp' (FSDP2 shards); argv[3], if
+given: 'neuron_norm' (NorMuon). Run single-process or under torchrun."""
 import os
 import sys
 
@@ -17,7 +17,7 @@ from checkpoint import state_pieces
 from parallel import wrap
 
 
-def run(out_dir, mode):
+def run(out_dir, mode, neuron_norm):
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     torch.manual_seed(0)
     model = GPT(ModelArgs(vocab_size=128, block_size=16, n_layer=3, n_head=4, n_kv_head=2, n_embd=32))
@@ -25,7 +25,7 @@ def run(out_dir, mode):
                     world_size=world_size, shard_size=world_size, compile=False, bf16=False, reshard_after_forward=True,
                     seed=0)
     hidden = [p for name, p in model.named_parameters() if name.startswith("layers.") and p.dim() == 2]
-    optimizer = Muon(hidden, lr=0.01, weight_decay=0.1, ns_steps=5, group=group)
+    optimizer = Muon(hidden, lr=0.01, weight_decay=0.1, ns_steps=5, neuron_norm=neuron_norm, group=group)
     for step in range(3):
         generator = torch.Generator().manual_seed(100 + step)
         for p in hidden:
@@ -45,7 +45,7 @@ def run(out_dir, mode):
 if __name__ == "__main__":
     if "RANK" in os.environ:
         dist.init_process_group("gloo")
-    run(sys.argv[1], sys.argv[2])
+    run(sys.argv[1], sys.argv[2], sys.argv[3:] == ["neuron_norm"])
     if dist.is_initialized():
         dist.barrier()  # leave together, and without Python's exit, as train.py does (gloo can abort there)
         dist.destroy_process_group()

@@ -78,11 +78,12 @@ def test_muon_steps_match_float64_reference():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "fsdp neuron_norm"])
 def test_sharded_muon_matches_single_process(tmp_path, mode):
-    subprocess.run([sys.executable, "tests/muon_sharded.py", str(tmp_path / "single"), mode], cwd=ROOT, check=True)
+    mode = mode.split()
+    subprocess.run([sys.executable, "tests/muon_sharded.py", str(tmp_path / "single"), *mode], cwd=ROOT, check=True)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "tests/muon_sharded.py", str(tmp_path / "sharded"), mode], cwd=ROOT, capture_output=True,
+                             "tests/muon_sharded.py", str(tmp_path / "sharded"), *mode], cwd=ROOT, capture_output=True,
                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=HANG_S)
     assert result.returncode == 0, result.stderr
     # each rank keeps the momentum of part of the matrices (ddp: whole ones, fsdp: its rows of each)
@@ -94,7 +95,9 @@ def test_sharded_muon_matches_single_process(tmp_path, mode):
         # the same bf16 matmuls on the same matrices, batched differently: equal to fp32 rounding
         torch.testing.assert_close(a["model"][name], b["model"][name], rtol=1e-5, atol=1e-6)
     for name, state in a["optimizers"]["muon"].items():
-        torch.testing.assert_close(state["momentum_buffer"], b["optimizers"]["muon"][name]["momentum_buffer"])
+        assert set(state) == ({"momentum_buffer", "second_moment"} if "neuron_norm" in mode else {"momentum_buffer"})
+        for key in state:  # NorMuon's state is kept by each matrix's owner, whole, not by rows
+            torch.testing.assert_close(state[key], b["optimizers"]["muon"][name][key])
 
 
 def test_use_muon_trains_the_tiny_model(data, tmp_path):

@@ -9,6 +9,7 @@ import torch
 
 from data import open_dataset, sample_windows
 from model import GPT, Init, ModelArgs
+import muon
 from muon import Muon, newton_schulz
 from tests.test_muon import ROOT, with_spectrum
 
@@ -75,6 +76,28 @@ def test_cautious_decay_decays_only_where_the_update_points_towards_zero():
     assert 0 < towards_zero.sum() < towards_zero.numel()
     assert torch.allclose(cautious[towards_zero], plain[towards_zero])
     assert torch.allclose(cautious[~towards_zero], (before + update)[~towards_zero], atol=1e-6)
+
+
+def test_neuron_norm_moves_every_neuron_at_the_same_rate_and_keeps_the_step_size(monkeypatch):
+    monkeypatch.setattr(muon, "NS_DTYPE", torch.float32)
+    torch.manual_seed(0)
+    # a tall matrix (its neurons are rows) with a rank-2 gradient whose rows differ ~30x in size:
+    # orthogonalized, its rows stay uneven
+    rows = torch.logspace(0, 1.5, 64)[:, None]
+    grad = rows * (torch.randn(64, 1) @ torch.randn(1, 32) + torch.randn(64, 1) @ torch.randn(1, 32))
+    steps = {}
+    for neuron_norm in (False, True):
+        p = torch.nn.Parameter(torch.zeros(64, 32))
+        opt = Muon([p], lr=0.1, momentum=0.0, nesterov=False, neuron_norm=neuron_norm)
+        for _ in range(2):  # the second step's update divides by the running mean square of two
+            before = p.detach().clone()
+            p.grad = grad.clone()
+            opt.step()
+        steps[neuron_norm] = p.detach() - before
+    row_norms = {k: step.norm(dim=1) for k, step in steps.items()}
+    assert row_norms[False].max() / row_norms[False].min() > 5  # plain Muon: uneven neurons
+    assert row_norms[True].max() / row_norms[True].min() < 1.01  # NorMuon: one rate for all
+    torch.testing.assert_close(steps[True].norm(), steps[False].norm(), rtol=1e-4, atol=0)
 
 
 def test_document_masking_keeps_each_document_to_itself():

@@ -22,17 +22,12 @@ SCHEDULE = (
     "--batch_size_schedule={'strategy': 'doubling', 'start_batch_size': 4, 'interval_steps': 4, 'max_batch_size': 16}"
 )
 
-
-
-
-
-
 # every recipe setting that is off by default, on at once
 RECIPE = ["--use_muon=True", "--muon_lr=1e-2", "--muon_orthogonalize=polar_express", "--muon_weight_decay=0.1",
-          "--muon_cautious_decay=True", "--muon_momentum_cooldown_steps=4", "--init_zero_projections=True",
-          "--init_head_std=0.001", "--embed_lr=2e-2", "--head_lr=5e-3", "--norm_lr=1e-2", "--decay_embed_head=False",
-          "--align_windows=True", "--document_masking=True", "--qk_norm=True", "--lr_schedule=wsd",
-          "--wsd_decay_shape=sqrt"]
+          "--muon_cautious_decay=True", "--muon_neuron_norm=True", "--muon_momentum_cooldown_steps=4",
+          "--init_zero_projections=True", "--init_head_std=0.001", "--embed_lr=2e-2", "--head_lr=5e-3",
+          "--norm_lr=1e-2", "--decay_embed_head=False", "--align_windows=True", "--document_masking=True",
+          "--qk_norm=True", "--lr_schedule=wsd", "--wsd_decay_shape=sqrt"]
 
 
 @pytest.mark.parametrize("variant", [[], ["--use_muon=True", "--muon_lr=1e-2"], ["mixture"], RECIPE],
