@@ -166,10 +166,12 @@ y = torch.randint(0, vocab_size, (micro_batch_size, block_size), device=device)
 
 
 def forward_backward():
+    # loss_reduction="sum" and the scale outside, as train.py does: the same compiled graph, which
+    # inductor's cache then shares between this and train.py (dev/gpu_check.py runs both)
     for _ in range(grad_accum):
         with autocast:
-            loss = model(x, y)
-        (loss / grad_accum).backward()
+            loss = model(x, y, loss_reduction="sum")
+        (loss * (1 / (grad_accum * y.numel()))).backward()
 
 
 def optimizer_step(index=None):

@@ -12,20 +12,22 @@ a part that fails (a missing package, an out-of-memory) is reported, never the e
  0. the toolchain: whether torch.compile can build here (a C/C++ compiler, Python's headers), and
     the CUDA, cuDNN, NCCL, driver and Triton versions
  1. ceilings: a large bf16 matmul's TFLOP/s, a large device-to-device copy's GB/s
- 2. the 1B model of configs/pretrain.py as users run it (train.py: AdamW, bf16, compile), one GPU's share
+ 2. attention alone at the 1B shape, forward + backward, per SDPA backend, with GQA and with K/V expanded,
+    each backend's output and gradients against the math backend in fp32
+ 3. a smoke of the tiny config in bf16 + compile: loss falling, the host syncs between log steps and
+    the attention kernels (bench.py --profile=True), the recompiles
+ 4. the 1B model of configs/pretrain.py as users run it (train.py: Muon, QK-norm, bf16, compile), one GPU's share
     of the config's step (micro-batch 8, 2 accumulation steps): ms/step, tokens/s, MFU, peak memory,
     the compile time, the loop's pause for one checkpoint
- 3. a 124M GPT-2-size model (bench.py): the bare step's MFU and train.py's loop overhead over it
- 4. the 1B model with Muon (bench.py): Muon's share of the step
- 5. the 1B run of part 2 under torchrun --nproc_per_node=1, wrapped in DDP (train.py wraps every torchrun
-    run): what the DDP wrapper costs around the compiled model
- 6. the same under FSDP2 (data_parallel='fsdp', one rank): the cost of the sharding machinery and of
-    compiling block by block, where nothing is sharded yet
- 7. attention alone at the 1B shape, forward + backward, per SDPA backend, with GQA and with K/V expanded
- 8. a smoke of the tiny config in bf16 + compile: loss falling, the host syncs between log steps and
-    the attention kernels (bench.py --profile=True), the recompiles
- 9. the largest micro-batch of the 1B model that fits 80 GB (the process capped at memory_cap_gb, so
+ 5. the 1B model with Muon (bench.py): Muon's share of the step on one GPU (all the matrices), and
+    on 8 (each rank's share of the matrices; the all-gather not measured)
+ 6. the largest micro-batch of the 1B model that fits 80 GB (the process capped at memory_cap_gb, so
     an H200 answers for an H100), and its step compiled
+ 7. the 1B run of part 4 under torchrun --nproc_per_node=1, wrapped in DDP (train.py wraps every torchrun
+    run): what the DDP wrapper costs around the compiled model
+ 8. the same under FSDP2 (data_parallel='fsdp', one rank): the cost of the sharding machinery and of
+    compiling block by block, where nothing is sharded yet
+ 9. a 124M GPT-2-size model (bench.py): the bare step's MFU and train.py's loop overhead over it
 MFU is given in two conventions: this repository's (causal attention counted at half, the work a
 flash kernel does) and nanoGPT's, nanochat's and PaLM's (12 * layers * heads * head_dim * seq per token).
 """
@@ -135,11 +137,12 @@ NO_COMPILE = ["--compile=False"] if dry_run else []
 
 def train(name, shape, *extra, launcher=(sys.executable,)):
     """train.py on the check's data; its steady ms/step (the records after the first, which holds the
-    compilation), tokens/s, peak memory, the compile time and the checkpoint pause."""
+    compilation), tokens/s, peak memory, the compile time and the pause for its one checkpoint (at the
+    end: the 1B model's is 13 GB)."""
     out = os.path.join(work, name)
     result = run("train.py", "configs/pretrain.py", *shape_args(shape), f"--data_dir={data}", f"--out_dir={out}",
                  f"--micro_batch_size={MICRO}", f"--batch_size={2 * MICRO}", f"--max_iters={STEPS}",
-                 f"--log_interval={LOG}", "--eval_iters=0", f"--eval_interval={STEPS // 2}", "--warmup_iters=5",
+                 f"--log_interval={LOG}", "--eval_iters=0", f"--eval_interval={STEPS}", "--warmup_iters=5",
                  "--keep_last_checkpoints=1", f"--device={device}", *BF16, *NO_COMPILE, *extra, launcher=launcher)
     if result.returncode != 0:
         raise failed(result)
@@ -258,11 +261,27 @@ def gpt2_small():
     return r
 
 
+def muon_work_on(gpus, shape):
+    """The fraction of one GPU's Muon work that each of gpus ranks does: each orthogonalizes its share
+    (rounded up) of every group of same-shape matrices, a matrix's cost ~ rows * cols * min(rows, cols)."""
+    from muon import share
+    with torch.device("meta"):
+        model = GPT(ModelArgs(**shape))
+    shapes = [tuple(p.shape) for name, p in model.named_parameters() if name.startswith("layers.") and p.dim() == 2]
+    cost = {s: s[0] * s[1] * min(s) for s in shapes}
+    groups = {s: shapes.count(s) for s in shapes}
+    return sum(share(n, 0, gpus)[0] * cost[s] for s, n in groups.items()) / sum(n * cost[s] for s, n in groups.items())
+
+
 def one_b_with_muon():
     r = bench(ONE_B, f"--micro_batch_size={MICRO}", f"--batch_size={2 * MICRO}", "--use_muon=True", "--full_step=False")
-    r["muon_share"] = r["muon_step_ms"] / r["ms_per_step"]
+    r["muon_share"] = r["muon_step_ms"] / r["ms_per_step"]  # one GPU orthogonalizes every matrix
+    r["muon_share_8_gpus"] = muon_work_on(8, ONE_B) * r["muon_step_ms"] / r["ms_per_step"]
     r["lines"] = [f"bare step {r['ms_per_step']:.1f} ms (MFU {pct(r['mfu'])}): Muon {r['muon_step_ms']:.1f} ms = "
-                  f"{pct(r['muon_share'])} of it, AdamW (embedding, head, gains) {r['adamw_step_ms']:.1f} ms"]
+                  f"{pct(r['muon_share'])} of it on one GPU, which orthogonalizes every matrix; on 8 GPUs each does "
+                  f"{pct(muon_work_on(8, ONE_B))} of that work: {pct(r['muon_share_8_gpus'])} of the step, plus the "
+                  f"all-gather of the updates (not measured on one GPU); AdamW (embedding, head, gains) "
+                  f"{r['adamw_step_ms']:.1f} ms"]
     return r
 
 
@@ -288,48 +307,54 @@ def one_b_fsdp():
 
 
 def attention():
+    """Forward + backward at the 1B shape per SDPA backend, timed, and compared with the math backend
+    in fp32: the error of the output and of each input's gradient, relative to the largest value."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    heads, kv_heads, head_dim, length = (
-        ONE_B["n_head"],
-        ONE_B["n_kv_head"],
-        ONE_B["n_embd"] // ONE_B["n_head"],
-        ONE_B["block_size"],
-    )
+    heads, kv_heads, length = ONE_B["n_head"], ONE_B["n_kv_head"], ONE_B["block_size"]
+    head_dim = ONE_B["n_embd"] // heads
     dtype = torch.float32 if dry_run else torch.bfloat16
     flops = 3.5 * 4 * MICRO * heads * length**2 * head_dim / 2  # causal forward (QK^T, AV) and a 2.5x backward
     r, lines = {}, []
-    for backend in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
-        for variant in ("gqa", "expanded"):
-            q = torch.randn(MICRO, heads, length, head_dim, device=device, dtype=dtype, requires_grad=True)
-            kv = kv_heads if variant == "gqa" else heads
-            k, v = (
-                torch.randn(MICRO, kv, length, head_dim, device=device, dtype=dtype, requires_grad=True)
-                for _ in range(2)
-            )
+    for variant in ("gqa", "expanded"):
+        kv = kv_heads if variant == "gqa" else heads
+        inputs = [torch.randn(MICRO, n, length, head_dim, device=device, dtype=dtype, requires_grad=True)
+                  for n in (heads, kv, kv)]
+        grad_out = torch.randn(MICRO, heads, length, head_dim, device=device, dtype=dtype)
 
-            def step():
-                torch.nn.functional.scaled_dot_product_attention(
-                    q, k, v, is_causal=True, enable_gqa=variant == "gqa").sum().backward()
+        def step(tensors):
+            for t in tensors:
+                t.grad = None
+            out = torch.nn.functional.scaled_dot_product_attention(*tensors, is_causal=True,
+                                                                   enable_gqa=variant == "gqa")
+            out.backward(grad_out.to(out.dtype))
+            return [out.detach()] + [t.grad for t in tensors]
+
+        with sdpa_kernel([SDPBackend.MATH]):
+            reference = step([t.detach().float().requires_grad_() for t in inputs])
+        for backend in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
             try:
                 with sdpa_kernel([getattr(SDPBackend, backend)]):
-                    step()  # warmup, and whether the backend takes this input at all
+                    got = step(inputs)  # a warmup, whether the backend takes this input at all, and the values
                     if not dry_run:
                         torch.cuda.synchronize()
                     t0 = time.perf_counter()
                     for _ in range(2 if dry_run else 10):
-                        step()
+                        step(inputs)
                     if not dry_run:
                         torch.cuda.synchronize()
                 seconds = (time.perf_counter() - t0) / (2 if dry_run else 10)
-                r[f"{backend}/{variant}"] = {"ms": 1000 * seconds, "tflops": flops / seconds / 1e12}
-                lines.append(
-                    f"{backend.lower()} {variant}: {flops / seconds / 1e12:.1f} TFLOP/s ({1000 * seconds:.2f} ms)"
-                )
+                errors = {name: ((g.float() - e).abs().max() / e.abs().max()).item()
+                          for name, g, e in zip(("out", "dq", "dk", "dv"), got, reference)}
+                r[f"{backend}/{variant}"] = {"ms": 1000 * seconds, "tflops": flops / seconds / 1e12,
+                                             "error_vs_math_fp32": errors}
+                lines.append(f"{backend.lower()} {variant}: {flops / seconds / 1e12:.1f} TFLOP/s "
+                             f"({1000 * seconds:.2f} ms); vs fp32 math: "
+                             + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
             except RuntimeError as e:
                 r[f"{backend}/{variant}"] = {"error": str(e).splitlines()[0][:200]}
                 lines.append(f"{backend.lower()} {variant}: does not run here ({str(e).splitlines()[0][:80]})")
-    r["lines"] = lines
+    r["lines"] = lines + ["the one training uses: the smoke part's attention kernels"]
     return r
 
 
@@ -395,21 +420,30 @@ def largest_micro_batch():
     return r
 
 
-PARTS = [  # (name, the least time it needs on an H100/H200 in seconds, the part): in order of importance
+# (name, the least time it needs on an H100/H200 in seconds, the part): the most decisive answers per
+# second first; DDP and FSDP2 after the plain 1B run they are compared with
+PARTS = [
     ("toolchain", 1, toolchain),
     ("ceilings", 20, ceilings),
-    ("1B as configured", 150, one_b_as_configured),
-    ("124M", 60, gpt2_small),
-    ("1B with Muon", 60, one_b_with_muon),
-    ("1B under DDP", 60, one_b_ddp),
-    ("1B under FSDP2", 60, one_b_fsdp),
     ("attention", 20, attention),
     ("smoke", 60, smoke),
+    ("1B as configured", 150, one_b_as_configured),
+    ("1B with Muon", 60, one_b_with_muon),  # the same compiled graph as the part before (inductor's cache)
     ("1B at 80 GB", 100, largest_micro_batch),
+    ("1B under DDP", 60, one_b_ddp),
+    ("1B under FSDP2", 60, one_b_fsdp),
+    ("124M", 60, gpt2_small),
 ]
 
 print(f"GPU check: {results['device']}, torch {results['torch']}, {results['date']}; deadline {time_limit_s:.0f}s; "
       f"results in {out_file}", flush=True)
+reached, planned = [], 0.0
+for name, needs, _ in PARTS:  # by each part's own estimate: what a run of time_limit_s can reach
+    planned += needs
+    if planned <= time_limit_s:
+        reached.append(name)
+print(f"on an H100/H200 this budget reaches, by the parts' estimates ({planned:.0f}s for all): "
+      + ", ".join(reached), flush=True)
 for name, needs, part in PARTS:
     if left() < (5 if dry_run else needs):
         results["parts"][name] = {"skipped": f"out of time: {left():.0f}s left, the part needs about {needs}s"}
