@@ -104,16 +104,8 @@ from data import micro_batches, open_mixture, val_split_warnings
 from evaluate import evaluate_tasks, load_task, scores_line, validation, validation_line, validation_windows
 from device import device_name, device_peak_flops, peak_memory_mb, resolve_device
 from model import GPT, Init
-from parallel import (
-    MODES,
-    clip_grad_norm,
-    compiler_problem,
-    mean_over_ranks,
-    reshard,
-    state_bytes,
-    sync_gradients,
-    wrap,
-)
+from parallel import (MODES, clip_grad_norm, compiler_problem, mean_over_ranks, reshard, state_bytes,
+                      sync_gradients, wrap)
 from rundir import (Finished, Refused, catch_stop_signals, end_run, fail, log, log_line, open_run_log, start_point,
                     stop_signal)
 from settings import batch_size_problem, config_problem
