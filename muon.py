@@ -156,9 +156,10 @@ class Muon(torch.optim.Optimizer):
             if "second_moment" not in self.state[p]:
                 self.state[p]["second_moment"] = torch.zeros_like(m)
         moments = [self.state[p]["second_moment"] for p in owned]
-        new = torch.stack(moments).lerp_(mean_square, 1 - NEURON_NORM_BETA)
+        old = torch.stack(moments)
+        new = old.lerp(mean_square, 1 - NEURON_NORM_BETA)
         if keep is not None:  # a skipped step leaves the state as it was
-            new = torch.where(keep, new, torch.stack(moments))
+            new = torch.where(keep, new, old)
         torch._foreach_copy_(moments, list(new.unbind(0)))
         scaled = updates * new.clamp_min(1e-10).rsqrt()
         norms = updates.norm(dim=(-2, -1), keepdim=True) / scaled.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10)
