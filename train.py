@@ -87,6 +87,7 @@ muon_neuron_norm = False        # NorMuon: each neuron's update divided by its r
 device = "auto"                 # 'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...
 dtype = "auto"                  # 'auto' (bfloat16 autocast on cuda, float32 on cpu), 'bfloat16', 'float32'
 compile = None                  # torch.compile the model; None: on for cuda, off for cpu
+fp8 = False                     # the blocks' matmuls in float8 (fp8.py; H100 and later): twice bf16's FLOP/s
 activation_checkpointing = False  # recompute each block in the backward pass: less memory, ~1/3 more compute
 data_parallel = "ddp"           # with torchrun: 'ddp', 'fsdp' (sharded: FSDP2) or 'hsdp' (sharded in groups)
 shard_size = 8                  # hsdp: ranks per sharded group (a node's GPUs); the groups replicate each other
@@ -102,6 +103,7 @@ import torch.distributed as dist
 from checkpoint import checkpoint_failure, load_state, model_args_for, save_training_state, training_meta
 from data import micro_batches, open_mixture, val_split_warnings
 from evaluate import evaluate_tasks, load_task, scores_line, validation, validation_line, validation_windows
+from fp8 import problem as fp8_problem, use_fp8
 from device import device_name, device_peak_flops, peak_memory_mb, resolve_device
 from model import GPT, Init
 from parallel import (MODES, clip_grad_norm, compiler_problem, mean_over_ranks, reshard, state_bytes,
@@ -238,6 +240,10 @@ except ValueError as e:
     fail(str(e))
 with torch.device("meta"):  # no memory yet: wrap gives each rank what it holds, initialised from the seed
     gpt = GPT(model_args)
+if fp8 and (problem := fp8_problem(gpt, device)):
+    fail(f"fp8: {problem}; or --fp8=False")
+if fp8:
+    use_fp8(gpt)
 gpt.checkpoint_blocks = activation_checkpointing
 gpt.document_token = meta["bos_id"] if document_masking else None
 gpt.init = Init(embed_std=init_embed_std, head_std=init_head_std, zero_projections=init_zero_projections)
