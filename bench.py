@@ -50,6 +50,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E40
 
 from data import ceil_div  # noqa: E402
 from device import device_peak_flops, resolve_device  # noqa: E402
+from fp8 import use_fp8  # noqa: E402
 from model import GPT, ModelArgs  # noqa: E402
 from parallel import compiler_problem  # noqa: E402
 
@@ -154,6 +155,8 @@ with torch.device(device):
                               n_kv_head=c["n_kv_head"], n_embd=c["n_embd"], mlp_ratio=c["mlp_ratio"],
                               rope_base=c["rope_base"], qk_norm=c["qk_norm"], tie_embeddings=c["tie_embeddings"]))
 raw_model.checkpoint_blocks = c["activation_checkpointing"]
+if c["fp8"]:
+    use_fp8(raw_model)
 model = torch.compile(raw_model) if compile else raw_model
 optimizers, optimizer_summary = raw_model.configure_optimizers(
     learning_rate=c["learning_rate"], weight_decay=c["weight_decay"], betas=(c["beta1"], c["beta2"]),
@@ -226,6 +229,7 @@ result = {
     "dtype": dtype,
     "compile": compile,
     "activation_checkpointing": c["activation_checkpointing"],
+    "fp8": c["fp8"],
     "params": raw_model.num_params(),
     "tokens_per_step": tokens_per_step,
     "ms_per_step": bare_ms,

@@ -28,7 +28,8 @@ from muon import row_range
 MODES = ("ddp", "fsdp", "hsdp")
 
 
-def wrap(raw_model, *, mode, device, local_rank, world_size, shard_size, compile, bf16, reshard_after_forward, seed):
+def wrap(raw_model, *, mode, device, local_rank, world_size, shard_size, compile, bf16, reshard_after_forward, seed,
+         ddp_bucket_mb=250):
     """(the model to train, the process group whose ranks share Muon's work: None for the default).
     raw_model, built on the meta device, is given memory and initialised from seed (GPT.materialize):
     whole under DDP, only this rank's shards under FSDP2, with the same values either way. Then it is
@@ -39,9 +40,14 @@ def wrap(raw_model, *, mode, device, local_rank, world_size, shard_size, compile
         # compile first, then wrap in DDP: DDP then hooks the compiled graph's gradients, and the
         # checkpoints come from raw_model, so their keys never carry _orig_mod. or module. prefixes
         model = torch.compile(raw_model) if compile else raw_model
-        # under torchrun DDP wraps even one rank: what it costs is then there to be measured (dev/gpu_check.py)
-        return (DDP(model, device_ids=[local_rank] if device_type == "cuda" else None) if dist.is_initialized()
-                else model), None
+        # under torchrun DDP wraps even one rank: what it costs is then there to be measured (dev/gpu_check.py).
+        # Compiled, the graph is split where each gradient bucket ends (DDPOptimizer) so that its all-reduce
+        # overlaps the rest of the backward: the bucket size sets how many graphs there are. The gradients
+        # are views of the buckets (one copy less); the RoPE tables, the only buffers, need no broadcast.
+        if not dist.is_initialized():
+            return model, None
+        return DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, bucket_cap_mb=ddp_bucket_mb,
+                   gradient_as_bucket_view=True, broadcast_buffers=False), None
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

@@ -23,6 +23,8 @@ def config_problem(c, *, world_size, modes):
     for name in ("min_lr", "embed_lr", "head_lr", "norm_lr", "init_embed_std", "init_head_std"):
         if not 0 <= c[name] < math.inf:
             return f"{name} must be a finite number >= 0, got {c[name]}"
+    if not 0 < c["ddp_bucket_mb"] < math.inf:
+        return f"ddp_bucket_mb must be a finite number > 0, got {c['ddp_bucket_mb']}"
     s = c["batch_size_schedule"]
     if s is not None and not (isinstance(s, dict) and set(s) == BATCH_SCHEDULE_KEYS and s["strategy"] == "doubling"
                               and s["interval_steps"] >= 1):

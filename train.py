@@ -90,6 +90,7 @@ compile = None                  # torch.compile the model; None: on for cuda, of
 fp8 = False                     # the blocks' matmuls in float8 (fp8.py; H100 and later): twice bf16's FLOP/s
 activation_checkpointing = False  # recompute each block in the backward pass: less memory, ~1/3 more compute
 data_parallel = "ddp"           # with torchrun: 'ddp', 'fsdp' (sharded: FSDP2) or 'hsdp' (sharded in groups)
+ddp_bucket_mb = 250.0           # ddp: gradients all-reduced in buckets of this size; compiled, one graph per bucket
 shard_size = 8                  # hsdp: ranks per sharded group (a node's GPUs); the groups replicate each other
 reshard_after_forward = True    # fsdp/hsdp: free a block's gathered weights after its forward (gathered again)
 peak_flops = 0.0                # device peak FLOP/s for MFU; 0: from device.PEAK_BF16_FLOPS (cuda only)
@@ -252,7 +253,7 @@ gpt.init = Init(embed_std=init_embed_std, head_std=init_head_std, zero_projectio
 # compiled graph (no grad) would cost more to compile than it saves every eval_interval steps.
 model, muon_group = wrap(gpt, mode=data_parallel if distributed else "ddp", device=device, local_rank=local_rank,
                          world_size=world_size, shard_size=shard_size, compile=compile, bf16=dtype == "bfloat16",
-                         reshard_after_forward=reshard_after_forward, seed=seed)
+                         reshard_after_forward=reshard_after_forward, seed=seed, ddp_bucket_mb=ddp_bucket_mb)
 optimizers, optimizer_summary = gpt.configure_optimizers(  # after wrap: FSDP2 replaces the parameters
     learning_rate=learning_rate, weight_decay=weight_decay, betas=(beta1, beta2), embed_lr=embed_lr or None,
     head_lr=head_lr or None, norm_lr=norm_lr or None, decay_embed_head=decay_embed_head, use_muon=use_muon,

@@ -1,4 +1,5 @@
 """Data-parallel training with torchrun and gloo on the CPU: equivalent to one process, and no hangs."""
+import logging
 import time
 
 import pytest
@@ -77,3 +78,47 @@ def test_an_exception_on_one_rank_ends_the_run_without_hanging(data, tmp_path):
     assert result.returncode != 0
     assert time.time() - started < 100
     assert "[rank1]" in result.stderr and "injected failure" in result.stderr  # torch names the rank of each line
+
+
+def compiled_graphs(monkeypatch, tmp_path, shape, ddp_bucket_mb):
+    """How many graphs train.py's compiled DDP model is split into (one rank, gloo). Dynamo splits
+    the graph at the buckets (DDPOptimizer) before any backend sees it: the eager backend counts them."""
+    import torch.distributed as dist
+    from model import GPT, ModelArgs
+    from parallel import wrap
+    counts = []
+
+    class Count(logging.Handler):
+        def emit(self, record):
+            if "DDPOptimizer used bucket cap" in record.getMessage():
+                counts.append(record.args[1])
+
+    logger, handler = logging.getLogger("torch._dynamo.backends.distributed"), Count()
+    logger.addHandler(handler)
+    monkeypatch.setattr(logger, "level", logging.INFO)
+    compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **options: compile(model, **{"backend": "eager", **options}))
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / f"store-{ddp_bucket_mb}"), 1), rank=0, world_size=1)
+    try:
+        with torch.device("meta"):
+            raw_model = GPT(ModelArgs(**shape))
+        model, _ = wrap(raw_model, mode="ddp", device="cpu", local_rank=0, world_size=1, shard_size=1, compile=True,
+                        bf16=False, reshard_after_forward=True, seed=0, ddp_bucket_mb=ddp_bucket_mb)
+        x = torch.zeros(1, 8, dtype=torch.long)
+        model(x, x, loss_reduction="sum").backward()
+    finally:
+        dist.destroy_process_group()
+        logger.removeHandler(handler)
+        torch._dynamo.reset()
+    return counts[0]
+
+
+@pytest.mark.slow
+def test_compiled_ddp_is_about_one_graph_per_block(monkeypatch, tmp_path):
+    # configs/pretrain.py's 1B layout with 3 of its 20 blocks; each block's fp32 gradients are 177 MB
+    shape = dict(vocab_size=50264, block_size=64, n_layer=3, n_head=32, n_kv_head=8, n_embd=2048, qk_norm=True)
+    import ast
+    printed = run_script("train.py", "--print_config").stdout
+    default = ast.literal_eval(next(line for line in printed.splitlines() if line.startswith("ddp_bucket_mb = "))[16:])
+    graphs = {mb: compiled_graphs(monkeypatch, tmp_path, shape, mb) for mb in (25, default)}
+    assert graphs[default] <= shape["n_layer"] + 2 < 3 * shape["n_layer"] < graphs[25]
