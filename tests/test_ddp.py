@@ -1,4 +1,5 @@
 """Data-parallel training with torchrun and gloo on the CPU: equivalent to one process, and no hangs."""
+import ast
 import logging
 import time
 
@@ -98,7 +99,8 @@ def compiled_graphs(monkeypatch, tmp_path, shape, ddp_bucket_mb):
     monkeypatch.setattr(logger, "level", logging.INFO)
     compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **options: compile(model, **{"backend": "eager", **options}))
-    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / f"store-{ddp_bucket_mb}"), 1), rank=0, world_size=1)
+    store = dist.FileStore(str(tmp_path / f"store-{ddp_bucket_mb}"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
         with torch.device("meta"):
             raw_model = GPT(ModelArgs(**shape))
@@ -117,7 +119,6 @@ def compiled_graphs(monkeypatch, tmp_path, shape, ddp_bucket_mb):
 def test_compiled_ddp_is_about_one_graph_per_block(monkeypatch, tmp_path):
     # configs/pretrain.py's 1B layout with 3 of its 20 blocks; each block's fp32 gradients are 177 MB
     shape = dict(vocab_size=50264, block_size=64, n_layer=3, n_head=32, n_kv_head=8, n_embd=2048, qk_norm=True)
-    import ast
     printed = run_script("train.py", "--print_config").stdout
     default = ast.literal_eval(next(line for line in printed.splitlines() if line.startswith("ddp_bucket_mb = "))[16:])
     graphs = {mb: compiled_graphs(monkeypatch, tmp_path, shape, mb) for mb in (25, default)}
