@@ -154,7 +154,7 @@ with torch.device(device):
     raw_model = GPT(ModelArgs(vocab_size=vocab_size, block_size=block_size, n_layer=c["n_layer"], n_head=c["n_head"],
                               n_kv_head=c["n_kv_head"], n_embd=c["n_embd"], mlp_ratio=c["mlp_ratio"],
                               rope_base=c["rope_base"], qk_norm=c["qk_norm"], tie_embeddings=c["tie_embeddings"]))
-raw_model.checkpoint_blocks = c["activation_checkpointing"]
+raw_model.checkpoint_blocks, raw_model.loss_chunk_tokens = c["activation_checkpointing"], c["loss_chunk_tokens"]
 if c["fp8"]:
     use_fp8(raw_model)
 model = torch.compile(raw_model) if compile else raw_model
@@ -230,6 +230,7 @@ result = {
     "compile": compile,
     "activation_checkpointing": c["activation_checkpointing"],
     "fp8": c["fp8"],
+    "loss_chunk_tokens": c["loss_chunk_tokens"],
     "params": raw_model.num_params(),
     "tokens_per_step": tokens_per_step,
     "ms_per_step": bare_ms,

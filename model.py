@@ -141,6 +141,37 @@ def apply_rope(x, cos, sin):
     return (x * cos + rotated * sin).type_as(x)
 
 
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """The summed cross-entropy of x (N, C) through the head weight (V, C), computed chunk_tokens rows at a
+    time with its gradients in the same pass: softmax - one_hot is each chunk's logits' gradient, so no
+    (N, V) tensor outlives its chunk and backward only scales the two saved gradients. The same matmuls
+    as the unchunked loss (one forward, two backward), in compute_dtype, with the softmax in fp32."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, chunk_tokens, compute_dtype):
+        w = weight.to(compute_dtype)
+        grad_x = torch.empty_like(x)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        for start in range(0, x.size(0), chunk_tokens):
+            xs, ts = x[start:start + chunk_tokens].to(compute_dtype), targets[start:start + chunk_tokens]
+            logits = (xs @ w.t()).float()
+            loss += F.cross_entropy(logits, ts, ignore_index=NOT_LEARNED, reduction="sum")
+            grad = logits.softmax(dim=-1)
+            learned = ts != NOT_LEARNED
+            grad.scatter_add_(1, ts.clamp(min=0)[:, None], -learned[:, None].float())
+            grad = (grad * learned[:, None]).to(compute_dtype)
+            grad_x[start:start + chunk_tokens] = grad @ w
+            grad_w += (grad.t() @ xs).float()
+        ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad_loss.to(grad_x.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None, None
+
+
 class KVCache:
     """Preallocated keys/values for every layer: (B, n_kv_head, max_len, head_dim)."""
 
@@ -236,6 +267,9 @@ class GPT(nn.Module):
         # document masking (a training setting): with a token id here, attention does not cross the
         # documents that token starts (SDPA with a mask: not the flash kernel on CUDA)
         self.document_token = None
+        # the head and the loss a chunk of this many tokens at a time while training (a training setting):
+        # the (tokens, vocabulary) logits and their gradient then exist one chunk at a time; 0: all at once
+        self.loss_chunk_tokens = 0
         self.init = Init()  # the initialisation's scales (a training setting: train.py sets it before materialize)
         self.init_weights()
 
@@ -297,6 +331,13 @@ class GPT(nn.Module):
             cache.length += T
         if targets is None:
             return self.lm_head(x)
+        if self.loss_chunk_tokens and loss_reduction != "none" and torch.is_grad_enabled():
+            compute_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) \
+                else x.dtype
+            with torch.autocast(x.device.type, enabled=False):
+                loss = _ChunkedHeadLoss.apply(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),
+                                              self.loss_chunk_tokens, compute_dtype)
+            return loss if loss_reduction == "sum" else loss / (targets != NOT_LEARNED).sum()
         logits = self.lm_head(x).float()
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=NOT_LEARNED, reduction=loss_reduction)

@@ -36,7 +36,7 @@ def config_problem(c, *, world_size, modes):
         if c[name] < 1:
             return f"{name} must be at least 1, got {c[name]}"
     for name in ("max_iters", "warmup_iters", "eval_iters", "keep_last_checkpoints", "keep_every_checkpoints",
-                 "muon_momentum_warmup_steps", "muon_momentum_cooldown_steps"):
+                 "muon_momentum_warmup_steps", "muon_momentum_cooldown_steps", "loss_chunk_tokens"):
         if c[name] < 0:
             return f"{name} must not be negative, got {c[name]}"
     return None

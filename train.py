@@ -89,6 +89,7 @@ dtype = "auto"                  # 'auto' (bfloat16 autocast on cuda, float32 on 
 compile = None                  # torch.compile the model; None: on for cuda, off for cpu
 fp8 = False                     # the blocks' matmuls in float8 (fp8.py; H100 and later): twice bf16's FLOP/s
 activation_checkpointing = False  # recompute each block in the backward pass: less memory, ~1/3 more compute
+loss_chunk_tokens = 4096        # the head and the loss this many tokens at a time (no full logits kept); 0: at once
 data_parallel = "ddp"           # with torchrun: 'ddp', 'fsdp' (sharded: FSDP2) or 'hsdp' (sharded in groups)
 ddp_bucket_mb = 250.0           # ddp: gradients all-reduced in buckets of this size; compiled, one graph per bucket
 shard_size = 8                  # hsdp: ranks per sharded group (a node's GPUs); the groups replicate each other
@@ -245,7 +246,7 @@ if fp8 and (problem := fp8_problem(gpt, device)):
     fail(f"fp8: {problem}; or --fp8=False")
 if fp8:
     use_fp8(gpt)
-gpt.checkpoint_blocks = activation_checkpointing
+gpt.checkpoint_blocks, gpt.loss_chunk_tokens = activation_checkpointing, loss_chunk_tokens
 gpt.document_token = meta["bos_id"] if document_masking else None
 gpt.init = Init(embed_std=init_embed_std, head_std=init_head_std, zero_projections=init_zero_projections)
 # gpt is the GPT module itself (its parameters sharded in place under FSDP2); model is what the training

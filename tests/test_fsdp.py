@@ -24,6 +24,47 @@ def train(*args, processes=1, check=True):
 
 
 
+def bytes_saved_for_backward(model, x, y):
+    """The bytes autograd keeps from the forward pass for the backward (each storage counted once)."""
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(x, y, loss_reduction="sum")
+    loss.backward()
+    return sum(storages.values())
+
+
+def test_the_chunked_loss_keeps_no_logits_under_fsdp2(tmp_path):
+    # FSDP2's root (embedding, final norm, head, loss) runs uncompiled: unchunked, the loss keeps the
+    # fp32 log-softmax of every token for the backward pass; chunked, only the head's and the input's gradients
+    import torch.distributed as dist
+    from model import GPT, ModelArgs
+    from parallel import wrap
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        args = ModelArgs(vocab_size=8192, block_size=128, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+        x = torch.randint(0, args.vocab_size, (8, args.block_size))
+        saved, grads = {}, {}
+        for chunk in (0, 256):
+            with torch.device("meta"):
+                gpt = GPT(args)
+            gpt.loss_chunk_tokens = chunk
+            model, _ = wrap(gpt, mode="fsdp", device="cpu", local_rank=0, world_size=1, shard_size=1, compile=False,
+                            bf16=False, reshard_after_forward=True, seed=0)
+            saved[chunk] = bytes_saved_for_backward(model, x, x.roll(-1, 1))
+            grads[chunk] = [p.grad.full_tensor() for p in model.parameters()]
+    finally:
+        dist.destroy_process_group()
+    logits_bytes = x.numel() * args.padded_vocab_size * 4  # 32 MB
+    assert saved[0] - saved[256] > 0.9 * logits_bytes, saved
+    for a, b in zip(grads[0], grads[256]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.slow
