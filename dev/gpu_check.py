@@ -11,9 +11,10 @@ A part that cannot finish before the deadline (time_limit_s from the start) is s
 a part that fails (a missing package, an out-of-memory) is reported, never the end of the check.
  0. the toolchain: whether torch.compile can build here (a C/C++ compiler, Python's headers), and
     the CUDA, cuDNN, NCCL, driver and Triton versions
- 1. ceilings: a large bf16 matmul's TFLOP/s, a large device-to-device copy's GB/s
- 2. attention alone at the 1B shape, forward + backward, per SDPA backend, with GQA and with K/V expanded,
-    each backend's output and gradients against the math backend in fp32
+ 1. ceilings: a large bf16 matmul's TFLOP/s, a large device-to-device copy's GB/s, and the 1B block's
+    q/k/v and gate/up projections as one matmul against several (what fusing them would gain)
+ 2. attention alone at the 1B shape, forward + backward, per SDPA backend, with GQA, with K/V expanded
+    and at head_dim 128 (half the heads), each backend's output and gradients against fp32 math
  3. a smoke of the tiny config in bf16 + compile: loss falling, the host syncs between log steps and
     the attention kernels (bench.py --profile=True), the recompiles
  4. the 1B model of configs/pretrain.py as users run it (train.py: Muon, QK-norm, bf16, compile), one GPU's share
@@ -23,11 +24,13 @@ a part that fails (a missing package, an out-of-memory) is reported, never the e
     on 8 (each rank's share of the matrices; the all-gather not measured)
  6. the largest micro-batch of the 1B model that fits 80 GB (the process capped at memory_cap_gb, so
     an H200 answers for an H100), and its step compiled
- 7. the 1B run of part 4 under torchrun --nproc_per_node=1, wrapped in DDP (train.py wraps every torchrun
+ 7. the levers against part 5's step: FP8 matmuls (--fp8=True), the loss unchunked (--loss_chunk_tokens=0)
+ 8. the 1B run of part 4 under torchrun --nproc_per_node=1, wrapped in DDP (train.py wraps every torchrun
     run): what the DDP wrapper costs around the compiled model
- 8. the same under FSDP2 (data_parallel='fsdp', one rank): the cost of the sharding machinery and of
+ 9. the same under FSDP2 (data_parallel='fsdp', one rank): the cost of the sharding machinery and of
     compiling block by block, where nothing is sharded yet
- 9. a 124M GPT-2-size model (bench.py): the bare step's MFU and train.py's loop overhead over it
+10. a 124M GPT-2-size model (bench.py): the bare step's MFU and train.py's loop overhead over it
+11. part 8 with DDP's 25 MB buckets (--ddp_bucket_mb=25): the cost of splitting the compiled graph finer
 MFU is given in two conventions: this repository's (causal attention counted at half, the work a
 flash kernel does) and nanoGPT's, nanochat's and PaLM's (12 * layers * heads * head_dim * seq per token).
 """
@@ -46,7 +49,7 @@ import torch
 device = "auto"
 out_file = "gpu_check.json"
 time_limit_s = 420.0            # the whole check, compilation included; no part starts that cannot end before it
-memory_cap_gb = 79.0            # part 9: the GiB the largest micro-batch must fit in: an H100 80GB's usable memory
+memory_cap_gb = 79.0            # part 6: the GiB the largest micro-batch must fit in: an H100 80GB's usable memory
                                 # (about 79.6 GiB) less its CUDA context
 exec(open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configurator.py")).read())
 
@@ -166,17 +169,9 @@ def train(name, shape, *extra, launcher=(sys.executable,)):
 
 
 def bench(shape, *extra):
-    result = run(
-        "bench.py",
-        "configs/pretrain.py",
-        *shape_args(shape),
-        f"--data_dir={data}",
-        f"--device={device}",
-        *BF16,
-        *NO_COMPILE,
-        *(["--warmup_steps=1", "--bench_steps=2"] if dry_run else ["--warmup_steps=3", "--bench_steps=10"]),
-        *extra,
-    )
+    steps = ["--warmup_steps=1", "--bench_steps=2"] if dry_run else ["--warmup_steps=3", "--bench_steps=10"]
+    result = run("bench.py", "configs/pretrain.py", *shape_args(shape), f"--data_dir={data}", f"--device={device}",
+                 *BF16, *NO_COMPILE, *steps, *extra)
     if result.returncode != 0:
         raise failed(result)
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -214,6 +209,7 @@ def toolchain():
 
 
 def ceilings():
+    """A large matmul's TFLOP/s, a copy's GB/s, and what fusing the blocks' projections would gain."""
     n = 1024 if dry_run else 8192
     a = torch.randn(n, n, device=device, dtype=torch.float32 if dry_run else torch.bfloat16)
     b = torch.randn_like(a)
@@ -234,8 +230,20 @@ def ceilings():
     dst = torch.empty_like(src)
     copy = 2 * src.numel() / timed(lambda: dst.copy_(src), 3 if dry_run else 20) / 1e9  # read + write
     results["matmul_tflops"] = matmul
-    return {"matmul_tflops": matmul, "copy_gb_per_s": copy,
-            "lines": [f"matmul {matmul:.1f} TFLOP/s ({'fp32' if dry_run else 'bf16'}, {n}^3), copy {copy:.0f} GB/s"]}
+    # fused projections (a candidate): the 1B block's q, k, v (and gate, up) as one matmul or as several
+    tokens, width, hidden = MICRO * ONE_B["block_size"], ONE_B["n_embd"], ModelArgs(**ONE_B).mlp_hidden_dim
+    kv = width // ONE_B["n_head"] * ONE_B["n_kv_head"]
+    x = torch.randn(tokens, width, device=device, dtype=a.dtype)
+    fusion = {}
+    for name, rows in (("qkv", [width, kv, kv]), ("gate_up", [hidden, hidden])):
+        w = torch.randn(sum(rows), width, device=device, dtype=a.dtype)
+        parts = list(w.split(rows))
+        split_s = timed(lambda: [x @ p.t() for p in parts], 2 if dry_run else 20)
+        fusion[name] = split_s / timed(lambda: x @ w.t(), 2 if dry_run else 20) - 1
+    return {"matmul_tflops": matmul, "copy_gb_per_s": copy, "fused_speedup": fusion,
+            "lines": [f"matmul {matmul:.1f} TFLOP/s ({'fp32' if dry_run else 'bf16'}, {n}^3), copy {copy:.0f} GB/s",
+                      "one fused matmul against the split ones at the 1B block's shapes: "
+                      + ", ".join(f"{k} {100 * v:+.1f}%" for k, v in fusion.items())]}
 
 
 def train_line(r):
@@ -285,6 +293,33 @@ def one_b_with_muon():
     return r
 
 
+def levers():
+    """FP8 matmuls on, and the loss unchunked, each against part 5's bare step (the config's settings)."""
+    base = results["parts"].get("1B with Muon", {})
+    r, lines = {}, []
+    for name, setting in (("fp8", "--fp8=True"), ("unchunked_loss", "--loss_chunk_tokens=0")):
+        b = bench(ONE_B, f"--micro_batch_size={MICRO}", f"--batch_size={2 * MICRO}", "--full_step=False", setting)
+        speed = base["ms_per_step"] / b["ms_per_step"] - 1 if base.get("ms_per_step") else None
+        memory = b["peak_memory_mb"] - base["peak_memory_mb"] if base.get("peak_memory_mb") else None
+        r[name] = {"ms_per_step": b["ms_per_step"], "mfu": b["mfu"], "peak_memory_mb": b["peak_memory_mb"],
+                   "speedup": speed, "extra_memory_mb": memory, "compile_s": b["compile_s"]}
+        lines.append(f"{setting}: bare step {b['ms_per_step']:.1f} ms (MFU {pct(b['mfu'])}), "
+                     + (f"{100 * speed:+.1f}% speed, {memory / 1024:+.2f} GB peak against part 5" if speed is not None
+                        else "part 5 did not run"))
+    r["lines"] = lines
+    return r
+
+
+def ddp_small_buckets():
+    plain = results["parts"].get("1B under DDP", {}).get("ms_per_step")
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1")
+    r = train("1b_ddp25", ONE_B, "--ddp_bucket_mb=25", launcher=torchrun)
+    r["against_250_mb"] = r["ms_per_step"] / plain - 1 if plain else None
+    r["lines"] = ["DDP with 25 MB buckets (82 graphs instead of 15; one GPU: the split's cost, no overlap to win): "
+                  + train_line(r) + (f"; {100 * r['against_250_mb']:+.1f}% against 250 MB" if plain else "")]
+    return r
+
+
 def one_b_ddp():
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1")
     r = train("1b_ddp", ONE_B, launcher=torchrun)
@@ -316,17 +351,18 @@ def attention():
     dtype = torch.float32 if dry_run else torch.bfloat16
     flops = 3.5 * 4 * MICRO * heads * length**2 * head_dim / 2  # causal forward (QK^T, AV) and a 2.5x backward
     r, lines = {}, []
-    for variant in ("gqa", "expanded"):
-        kv = kv_heads if variant == "gqa" else heads
-        inputs = [torch.randn(MICRO, n, length, head_dim, device=device, dtype=dtype, requires_grad=True)
-                  for n in (heads, kv, kv)]
-        grad_out = torch.randn(MICRO, heads, length, head_dim, device=device, dtype=dtype)
+    # the config's heads (grouped-query, and with K/V expanded), and half as many of twice the size (a candidate)
+    for variant, q, kv, dim in (("gqa", heads, kv_heads, head_dim), ("expanded", heads, heads, head_dim),
+                                ("gqa_head_dim_128", heads // 2, kv_heads // 2, 2 * head_dim)):
+        inputs = [torch.randn(MICRO, n, length, dim, device=device, dtype=dtype, requires_grad=True)
+                  for n in (q, kv, kv)]
+        grad_out = torch.randn(MICRO, q, length, dim, device=device, dtype=dtype)
 
         def step(tensors):
             for t in tensors:
                 t.grad = None
             out = torch.nn.functional.scaled_dot_product_attention(*tensors, is_causal=True,
-                                                                   enable_gqa=variant == "gqa")
+                                                                   enable_gqa=kv < q)
             out.backward(grad_out.to(out.dtype))
             return [out.detach()] + [t.grad for t in tensors]
 
@@ -359,19 +395,9 @@ def attention():
 
 
 def smoke():
-    args = [
-        "configs/pretrain.py",
-        "configs/tiny.py",
-        f"--data_dir={data}",
-        "--eval_tasks={}",
-        f"--device={device}",
-        "--eval_interval=1000",
-        "--log_interval=6",
-        *(["--compile=False"] if dry_run else ["--dtype=bfloat16", "--compile=True"]),
-    ]
-    result = run(
-        "train.py", *args, f"--out_dir={work}/smoke", "--max_iters=30", env={"TORCH_LOGS": "dynamo,recompiles"}
-    )
+    args = ["configs/pretrain.py", "configs/tiny.py", f"--data_dir={data}", "--eval_tasks={}", f"--device={device}",
+            "--eval_interval=1000", "--log_interval=6", *BF16, *NO_COMPILE]
+    result = run("train.py", *args, f"--out_dir={work}/smoke", "--max_iters=30", env={"TORCH_LOGS": "dynamo,recompiles"})
     if result.returncode != 0:
         raise failed(result)
     with open(f"{work}/smoke/metrics.jsonl") as f:
@@ -430,9 +456,11 @@ PARTS = [
     ("1B as configured", 150, one_b_as_configured),
     ("1B with Muon", 60, one_b_with_muon),  # the same compiled graph as the part before (inductor's cache)
     ("1B at 80 GB", 100, largest_micro_batch),
+    ("1B levers", 120, levers),  # two more compilations of the 1B step
     ("1B under DDP", 60, one_b_ddp),
     ("1B under FSDP2", 60, one_b_fsdp),
     ("124M", 60, gpt2_small),
+    ("DDP with 25 MB buckets", 60, ddp_small_buckets),
 ]
 
 print(f"GPU check: {results['device']}, torch {results['torch']}, {results['date']}; deadline {time_limit_s:.0f}s; "

@@ -13,7 +13,7 @@ from conftest import HANG_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARTS = ["toolchain", "ceilings", "attention", "smoke", "1B as configured", "1B with Muon", "1B at 80 GB",
-         "1B under DDP", "1B under FSDP2", "124M"]
+         "1B levers", "1B under DDP", "1B under FSDP2", "124M", "DDP with 25 MB buckets"]
 
 
 def environment(tmp_path):
@@ -59,6 +59,11 @@ def test_gpu_check_dry_run_without_rustbpe(tmp_path):
     assert smoke["ok"] and smoke["item_calls_between_logs"] == 0 and smoke["cuda_syncs_between_logs"] == 0
     assert any("flash" in op for op in smoke["attention_ops"])
     assert parts["1B at 80 GB"]["micro_batch_size"] == 8
+    assert set(parts["ceilings"]["fused_speedup"]) == {"qkv", "gate_up"}
+    assert parts["attention"]["FLASH_ATTENTION/gqa_head_dim_128"]["tflops"] > 0
+    for lever in ("fp8", "unchunked_loss"):
+        assert parts["1B levers"][lever]["ms_per_step"] > 0 and parts["1B levers"][lever]["speedup"] is not None
+    assert parts["DDP with 25 MB buckets"]["against_250_mb"] is not None
 
 
 @pytest.mark.slow
