@@ -29,11 +29,12 @@ MODES = ("ddp", "fsdp", "hsdp")
 
 
 def wrap(raw_model, *, mode, device, local_rank, world_size, shard_size, compile, bf16, reshard_after_forward, seed,
-         ddp_bucket_mb=250):
+         ddp_bucket_mb=None):
     """(the model to train, the process group whose ranks share Muon's work: None for the default).
     raw_model, built on the meta device, is given memory and initialised from seed (GPT.materialize):
     whole under DDP, only this rank's shards under FSDP2, with the same values either way. Then it is
-    compiled and wrapped as the mode wants; under FSDP2 it is itself the sharded model."""
+    compiled and wrapped as the mode wants; under FSDP2 it is itself the sharded model. ddp_bucket_mb:
+    DDP's gradient bucket size (None: torch's default, 25 MB)."""
     device_type = torch.device(device).type
     if mode == "ddp":
         raw_model.materialize(device, seed)
@@ -46,8 +47,9 @@ def wrap(raw_model, *, mode, device, local_rank, world_size, shard_size, compile
         # are views of the buckets (one copy less); the RoPE tables, the only buffers, need no broadcast.
         if not dist.is_initialized():
             return model, None
-        return DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, bucket_cap_mb=ddp_bucket_mb,
-                   gradient_as_bucket_view=True, broadcast_buffers=False), None
+        buckets = {} if ddp_bucket_mb is None else {"bucket_cap_mb": ddp_bucket_mb}
+        return DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, gradient_as_bucket_view=True,
+                   broadcast_buffers=False, **buckets), None
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

@@ -49,6 +49,7 @@ def saved_bytes(args, n_layer, length):
     """The bytes autograd keeps after one bf16-autocast forward (and loss) of one sequence."""
     torch.manual_seed(0)
     model = GPT(ModelArgs(**{**args, "n_layer": n_layer, "block_size": length}))
+    model.loss_chunk_tokens = 4096  # train.py's default: the loss keeps its gradients, not the logits
     seen = {}
 
     def pack(t):
@@ -56,7 +57,7 @@ def saved_bytes(args, n_layer, length):
         return t
     idx = torch.randint(0, args["vocab_size"], (1, length))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16):
-        model(idx, idx)
+        model(idx, idx, loss_reduction="sum")
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     return sum(n for (ptr, _), n in seen.items() if ptr not in params)  # the weights themselves are counted apart
 
@@ -94,7 +95,7 @@ def table():
         tokens = micro * T
         act = (L * per_token + rest_token) * tokens
         act_ckpt = (L * 4 * args["n_embd"] + per_token + rest_token) * tokens  # fp32 block inputs + one block again
-        ddp = 16 * P + 4 * P + L * block_copies + act  # + DDP's gradient buckets + autocast's bf16 weights
+        ddp = 16 * P + L * block_copies + act  # + autocast's bf16 weights (the gradients are views of DDP's buckets)
         # FSDP2: its 1/N of the fp32 state; in flight two blocks gathered in bf16 (this and the prefetched
         # one) and one block's fp32 gradients before the reduce-scatter; the root's bf16 weights gathered
         # for the whole step, and its gradient unsharded for a moment

@@ -12,8 +12,8 @@ import pytest
 from conftest import HANG_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PARTS = ["toolchain", "ceilings", "attention", "smoke", "1B as configured", "1B with Muon", "1B at 80 GB",
-         "1B levers", "1B under DDP", "1B under FSDP2", "124M", "DDP with 25 MB buckets"]
+PARTS = ["toolchain", "ceilings", "attention", "smoke", "1B as configured", "1B with Muon", "1B levers",
+         "1B at 80 GB", "1B under DDP", "1B under FSDP2", "124M", "DDP with 25 MB buckets"]
 
 
 def environment(tmp_path):
