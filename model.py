@@ -267,8 +267,8 @@ class GPT(nn.Module):
         # document masking (a training setting): with a token id here, attention does not cross the
         # documents that token starts (SDPA with a mask: not the flash kernel on CUDA)
         self.document_token = None
-        # the head and the loss a chunk of this many tokens at a time while training (a training setting):
-        # the (tokens, vocabulary) logits and their gradient then exist one chunk at a time; 0: all at once
+        # the head and the loss a chunk of this many tokens at a time (a training setting): the (tokens,
+        # vocabulary) logits, and in training their gradient, then exist one chunk at a time; 0: all at once
         self.loss_chunk_tokens = 0
         self.init = Init()  # the initialisation's scales (a training setting: train.py sets it before materialize)
         self.init_weights()
@@ -338,6 +338,14 @@ class GPT(nn.Module):
                 loss = _ChunkedHeadLoss.apply(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),
                                               self.loss_chunk_tokens, compute_dtype)
             return loss if loss_reduction == "sum" else loss / (targets != NOT_LEARNED).sum()
+        if self.loss_chunk_tokens and not torch.is_grad_enabled():  # evaluation: the same, chunk by chunk
+            n = self.loss_chunk_tokens
+            rows = zip(x.view(B * T, -1).split(n), targets.reshape(-1).split(n))
+            loss = torch.cat([F.cross_entropy(self.lm_head(xs).float(), ts, ignore_index=NOT_LEARNED, reduction="none")
+                              for xs, ts in rows])
+            if loss_reduction == "none":
+                return loss.view(B, T)
+            return loss.sum() if loss_reduction == "sum" else loss.sum() / (targets != NOT_LEARNED).sum()
         logits = self.lm_head(x).float()
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=NOT_LEARNED, reduction=loss_reduction)

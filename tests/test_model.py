@@ -57,6 +57,23 @@ def test_loss_ignores_minus_one_and_matches_per_token_mean():
     assert torch.allclose(model(idx, targets), per_token[:, 4:].mean())
 
 
+def test_evaluation_runs_the_head_a_chunk_at_a_time_with_the_same_losses():
+    # without gradients (validation, task scoring) the loss is computed loss_chunk_tokens rows at a time
+    model = small_model()
+    idx, targets = torch.randint(0, 100, (3, 16)), torch.randint(0, 100, (3, 16))
+    targets[0, :5] = -1
+    rows_seen = []
+    model.lm_head.register_forward_hook(lambda module, args, out: rows_seen.append(out.shape[:-1].numel()))
+    with torch.no_grad():
+        whole = {r: model(idx, targets, loss_reduction=r) for r in ("none", "sum", "mean")}
+        model.loss_chunk_tokens = 10
+        chunked = {r: model(idx, targets, loss_reduction=r) for r in ("none", "sum", "mean")}
+    assert rows_seen == [48] * 3 + [10, 10, 10, 10, 8] * 3  # 48 tokens: whole, then in chunks of 10
+    assert chunked["none"].shape == (3, 16) and (chunked["none"][0, :5] == 0).all()
+    for r in whole:
+        assert torch.allclose(chunked[r], whole[r], rtol=1e-5, atol=1e-6)
+
+
 def test_shapes_padding_and_init():
     model = small_model(vocab_size=130, n_layer=8)
     args = model.args
