@@ -28,6 +28,25 @@ from muon import row_range
 MODES = ("ddp", "fsdp", "hsdp")
 
 
+def ranks():
+    """(rank, local_rank, world_size) as torchrun sets them; (0, 0, 1) in a process of its own."""
+    if "RANK" not in os.environ:
+        return 0, 0, 1
+    return tuple(int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+
+
+def join_process_group(device, device_type, local_rank):
+    """Under torchrun: this rank's device (cuda:LOCAL_RANK on CUDA), then the process group (NCCL on
+    CUDA, gloo on the CPU). Its timeout turns a rank that died or hung into an error on the others
+    instead of a hang."""
+    from datetime import timedelta
+    if device_type == "cuda":
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timedelta(minutes=10))
+    return device
+
+
 def wrap(raw_model, *, mode, device, local_rank, world_size, shard_size, compile, bf16, reshard_after_forward, seed,
          ddp_bucket_mb=None):
     """(the model to train, the process group whose ranks share Muon's work: None for the default).

@@ -7,7 +7,6 @@ Every global below is a config variable; config files and --key=value override t
 python train.py --help lists them).
 """
 from dataclasses import asdict
-from datetime import timedelta
 import math
 import os
 import time
@@ -108,8 +107,8 @@ from evaluate import evaluate_tasks, load_task, scores_line, validation, validat
 from fp8 import problem as fp8_problem, use_fp8
 from device import device_name, device_peak_flops, peak_memory_mb, resolve_device
 from model import GPT, Init
-from parallel import (MODES, clip_grad_norm, compiler_problem, mean_over_ranks, reshard, state_bytes,
-                      sync_gradients, wrap)
+from parallel import (MODES, clip_grad_norm, compiler_problem, join_process_group, mean_over_ranks, ranks, reshard,
+                      state_bytes, sync_gradients, wrap)
 from rundir import (Finished, Refused, catch_stop_signals, end_run, fail, log, log_line, open_run_log, start_point,
                     stop_signal)
 from settings import batch_size_problem, config_problem
@@ -117,9 +116,7 @@ import tokenizer as tok
 
 # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; rank 0 logs and writes every file
 distributed = "RANK" in os.environ  # under torchrun, whichever the mode (DDP, FSDP2, HSDP)
-rank, local_rank, world_size = (0, 0, 1)
-if distributed:
-    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+rank, local_rank, world_size = ranks()
 master = rank == 0
 
 
@@ -131,11 +128,7 @@ try:
 except ValueError as e:
     fail(f"config: {e}")
 if distributed:
-    if device_type == "cuda":
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
-    # the timeout turns a rank that died or hung into an error on the others instead of a hang
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timedelta(minutes=10))
+    device = join_process_group(device, device_type, local_rank)
 if compile is None:
     compile = device_type == "cuda"
 if compile and (problem := compiler_problem(device_type)):  # uncompiled is slower, not wrong
