@@ -58,6 +58,7 @@ sys.path.insert(0, ROOT)
 from device import device_peak_flops, resolve_device  # noqa: E402
 from model import GPT, ModelArgs  # noqa: E402
 from parallel import compiler_problem  # noqa: E402
+import gpu_kernels  # noqa: E402  (beside this file: parts 1 and 2)
 
 started = time.time()
 device, device_type, _, _ = resolve_device(device)
@@ -208,44 +209,6 @@ def toolchain():
     return r
 
 
-def ceilings():
-    """A large matmul's TFLOP/s, a copy's GB/s, and what fusing the blocks' projections would gain."""
-    n = 1024 if dry_run else 8192
-    a = torch.randn(n, n, device=device, dtype=torch.float32 if dry_run else torch.bfloat16)
-    b = torch.randn_like(a)
-
-    def timed(function, repeats):
-        function()
-        if not dry_run:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            function()
-        if not dry_run:
-            torch.cuda.synchronize()
-        return (time.perf_counter() - t0) / repeats
-
-    matmul = 2 * n**3 / timed(lambda: a @ b, 3 if dry_run else 50) / 1e12
-    src = torch.empty(2**24 if dry_run else 2**30, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    copy = 2 * src.numel() / timed(lambda: dst.copy_(src), 3 if dry_run else 20) / 1e9  # read + write
-    results["matmul_tflops"] = matmul
-    # fused projections (a candidate): the 1B block's q, k, v (and gate, up) as one matmul or as several
-    tokens, width, hidden = MICRO * ONE_B["block_size"], ONE_B["n_embd"], ModelArgs(**ONE_B).mlp_hidden_dim
-    kv = width // ONE_B["n_head"] * ONE_B["n_kv_head"]
-    x = torch.randn(tokens, width, device=device, dtype=a.dtype)
-    fusion = {}
-    for name, rows in (("qkv", [width, kv, kv]), ("gate_up", [hidden, hidden])):
-        w = torch.randn(sum(rows), width, device=device, dtype=a.dtype)
-        parts = list(w.split(rows))
-        split_s = timed(lambda: [x @ p.t() for p in parts], 2 if dry_run else 20)
-        fusion[name] = split_s / timed(lambda: x @ w.t(), 2 if dry_run else 20) - 1
-    return {"matmul_tflops": matmul, "copy_gb_per_s": copy, "fused_speedup": fusion,
-            "lines": [f"matmul {matmul:.1f} TFLOP/s ({'fp32' if dry_run else 'bf16'}, {n}^3), copy {copy:.0f} GB/s",
-                      "one fused matmul against the split ones at the 1B block's shapes: "
-                      + ", ".join(f"{k} {100 * v:+.1f}%" for k, v in fusion.items())]}
-
-
 def train_line(r):
     return (f"{r['ms_per_step']:.1f} ms/step, {r['tokens_per_s']:,.0f} tok/s, MFU {pct(r['mfu'])} (PaLM convention "
             f"{pct(r['mfu_full_attention'])}), peak {r['peak_memory_mb'] / 1024:.1f} GB")
@@ -341,59 +304,6 @@ def one_b_fsdp():
     return r
 
 
-def attention():
-    """Forward + backward at the 1B shape per SDPA backend, timed, and compared with the math backend
-    in fp32: the error of the output and of each input's gradient, relative to the largest value."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    heads, kv_heads, length = ONE_B["n_head"], ONE_B["n_kv_head"], ONE_B["block_size"]
-    head_dim = ONE_B["n_embd"] // heads
-    dtype = torch.float32 if dry_run else torch.bfloat16
-    flops = 3.5 * 4 * MICRO * heads * length**2 * head_dim / 2  # causal forward (QK^T, AV) and a 2.5x backward
-    r, lines = {}, []
-    # the config's heads (grouped-query, and with K/V expanded), and half as many of twice the size (a candidate)
-    for variant, q, kv, dim in (("gqa", heads, kv_heads, head_dim), ("expanded", heads, heads, head_dim),
-                                ("gqa_head_dim_128", heads // 2, kv_heads // 2, 2 * head_dim)):
-        inputs = [torch.randn(MICRO, n, length, dim, device=device, dtype=dtype, requires_grad=True)
-                  for n in (q, kv, kv)]
-        grad_out = torch.randn(MICRO, q, length, dim, device=device, dtype=dtype)
-
-        def step(tensors):
-            for t in tensors:
-                t.grad = None
-            out = torch.nn.functional.scaled_dot_product_attention(*tensors, is_causal=True,
-                                                                   enable_gqa=kv < q)
-            out.backward(grad_out.to(out.dtype))
-            return [out.detach()] + [t.grad for t in tensors]
-
-        with sdpa_kernel([SDPBackend.MATH]):
-            reference = step([t.detach().float().requires_grad_() for t in inputs])
-        for backend in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
-            try:
-                with sdpa_kernel([getattr(SDPBackend, backend)]):
-                    got = step(inputs)  # a warmup, whether the backend takes this input at all, and the values
-                    if not dry_run:
-                        torch.cuda.synchronize()
-                    t0 = time.perf_counter()
-                    for _ in range(2 if dry_run else 10):
-                        step(inputs)
-                    if not dry_run:
-                        torch.cuda.synchronize()
-                seconds = (time.perf_counter() - t0) / (2 if dry_run else 10)
-                errors = {name: ((g.float() - e).abs().max() / e.abs().max()).item()
-                          for name, g, e in zip(("out", "dq", "dk", "dv"), got, reference)}
-                r[f"{backend}/{variant}"] = {"ms": 1000 * seconds, "tflops": flops / seconds / 1e12,
-                                             "error_vs_math_fp32": errors}
-                lines.append(f"{backend.lower()} {variant}: {flops / seconds / 1e12:.1f} TFLOP/s "
-                             f"({1000 * seconds:.2f} ms); vs fp32 math: "
-                             + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
-            except RuntimeError as e:
-                r[f"{backend}/{variant}"] = {"error": str(e).splitlines()[0][:200]}
-                lines.append(f"{backend.lower()} {variant}: does not run here ({str(e).splitlines()[0][:80]})")
-    r["lines"] = lines + ["the one training uses: the smoke part's attention kernels"]
-    return r
-
-
 def smoke():
     args = ["configs/pretrain.py", "configs/tiny.py", f"--data_dir={data}", "--eval_tasks={}", f"--device={device}",
             "--eval_interval=1000", "--log_interval=6", *BF16, *NO_COMPILE]
@@ -451,8 +361,8 @@ def largest_micro_batch():
 # second first; DDP and FSDP2 after the plain 1B run they are compared with
 PARTS = [
     ("toolchain", 1, toolchain),
-    ("ceilings", 20, ceilings),
-    ("attention", 20, attention),
+    ("ceilings", 20, lambda: gpu_kernels.ceilings(device=device, dry_run=dry_run, shape=ONE_B, micro=MICRO)),
+    ("attention", 20, lambda: gpu_kernels.attention(device=device, dry_run=dry_run, shape=ONE_B, micro=MICRO)),
     ("smoke", 60, smoke),
     ("1B as configured", 150, one_b_as_configured),
     ("1B with Muon", 60, one_b_with_muon),  # the same compiled graph as the part before (inductor's cache)
