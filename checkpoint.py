@@ -236,8 +236,8 @@ def model_args_for(start, settings, *, tokenizer, data_vocab, data_dir):
 # ---- the training state, by tensor name ---------------------------------------------------------
 def state_pieces(raw_model, optimizers, rank, world_size):
     """This rank's share of the training state, by tensor name, for save_checkpoint: {name: (tensor,
-    first row, full shape)}: the rows parallel.share_to_write gives it, and Muon's momentum rows that
-    it keeps."""
+    first row, full shape)}: the rows parallel.share_to_write gives it, and the part of Muon's state
+    that it keeps (Muon.state_rows)."""
     pieces = {}
 
     def add(name, tensor):
@@ -247,14 +247,10 @@ def state_pieces(raw_model, optimizers, rank, world_size):
 
     for name, p in raw_model.named_parameters():
         add(f"model/{name}", p)
-        for kind, opt in zip(("adamw", "muon"), optimizers):
-            for key, value in opt.state.get(p, {}).items():
-                if kind == "adamw":
-                    add(f"adamw/{name}/{key}", value)
-                elif key == "second_moment" and not replica(p):  # held whole by the matrix's owner
-                    pieces[f"muon/{name}/{key}"] = (value, 0, tuple(value.shape))
-                elif not replica(p):
-                    pieces[f"muon/{name}/{key}"] = (value, rows_held(p)[1], tuple(p.shape))  # the rows it keeps, plain
+        for key, value in optimizers[0].state.get(p, {}).items():  # AdamW: its state is shaped as p is
+            add(f"adamw/{name}/{key}", value)
+        if len(optimizers) > 1 and not replica(p):  # Muon: the rows it keeps, where it says (muon.py)
+            pieces.update({f"muon/{name}/{key}": piece for key, piece in optimizers[1].state_rows(p).items()})
     return pieces
 
 
@@ -270,12 +266,9 @@ def load_state(read, tensors, raw_model, optimizers, device):
         rows_held(p)[0].copy_(rows(f"model/{name}", p))
         for kind, opt in zip(("adamw", "muon"), optimizers):
             keys = [t.rsplit("/", 1)[1] for t in tensors if t.startswith(f"{kind}/{name}/")]
-            if kind == "muon" and keys:  # the rows of the matrices this rank keeps the momentum of
-                kept = opt.momentum_rows(p)
-                if kept is not None:
-                    opt.state[p] = {"momentum_buffer": read(f"muon/{name}/momentum_buffer", *kept).to(device)}
-                if "second_moment" in keys and opt.owns(p):
-                    opt.state[p]["second_moment"] = read(f"muon/{name}/second_moment").to(device)
+            if kind == "muon" and keys:  # the rows this rank keeps (muon.py)
+                opt.load_state_rows(p, lambda key, first, last: read(f"muon/{name}/{key}", first, last).to(device),
+                                    keys)
             elif keys:
                 state = {}
                 for key in keys:

@@ -25,8 +25,8 @@ orthogonalizes the whole matrices it owns and sends each rank back its rows of t
 gather and one scatter of the hidden matrices (all_to_all) per step, not an all-gather of every
 gradient to every rank.
 Either way the momentum memory, the momentum arithmetic and the Newton-Schulz work per GPU fall with
-the number of GPUs. The checkpoint holds the whole momentum (checkpoint.state_pieces: each rank
-writes the rows it keeps; momentum_rows says which). One process issues no collectives.
+the number of GPUs. The checkpoint holds the whole momentum: each rank writes the rows it keeps (state_rows says
+which) and reads them back (load_state_rows). One process issues no collectives.
 """
 import torch
 import torch.distributed as dist
@@ -136,6 +136,25 @@ class Muon(torch.optim.Optimizer):
         if isinstance(p, DTensor):
             return row_range(p.shape[0], rank, world_size)
         return (0, p.shape[0]) if self.owns(p) else None
+
+    def state_rows(self, p):
+        """{key: (tensor, first row, whole shape)}: p's state that this rank keeps, placed in the whole
+        tensor a checkpoint holds: the momentum's rows of p (momentum_rows), NorMuon's second moment
+        whole (only p's owner keeps it)."""
+        if not self.state.get(p):  # not Muon's, or a matrix whose momentum another rank keeps
+            return {}
+        first = self.momentum_rows(p)[0]
+        return {key: (value, 0, tuple(value.shape)) if key == "second_moment" else (value, first, tuple(p.shape))
+                for key, value in self.state[p].items()}
+
+    def load_state_rows(self, p, read, keys):
+        """p's state from a checkpoint that holds the keys of it, the counterpart of state_rows:
+        read(key, first, last) reads rows [first, last) of the whole tensor (None, None: all of it)."""
+        kept = self.momentum_rows(p)
+        if kept is not None:
+            self.state[p] = {"momentum_buffer": read("momentum_buffer", *kept)}
+            if "second_moment" in keys and self.owns(p):
+                self.state[p]["second_moment"] = read("second_moment", None, None)
 
     def owns(self, p):
         """Whether this rank orthogonalizes p (and keeps its neuron_norm state): a share of each shape group."""
