@@ -247,10 +247,12 @@ def state_pieces(raw_model, optimizers, rank, world_size):
 
     for name, p in raw_model.named_parameters():
         add(f"model/{name}", p)
-        for key, value in optimizers[0].state.get(p, {}).items():  # AdamW: its state is shaped as p is
-            add(f"adamw/{name}/{key}", value)
-        if len(optimizers) > 1 and not replica(p):  # Muon: the rows it keeps, where it says (muon.py)
-            pieces.update({f"muon/{name}/{key}": piece for key, piece in optimizers[1].state_rows(p).items()})
+        for kind, opt in zip(("adamw", "muon"), optimizers):
+            if kind == "adamw":  # its state is shaped as p is
+                for key, value in opt.state.get(p, {}).items():
+                    add(f"adamw/{name}/{key}", value)
+            elif not replica(p):  # Muon: the part of its state this rank keeps, placed as muon.py says
+                pieces.update({f"muon/{name}/{key}": piece for key, piece in opt.state_rows(p).items()})
     return pieces
 
 
