@@ -7,7 +7,8 @@ Common benchmarks, from the Hugging Face datasets' parquet files on disk, to eva
 benchmark: hellaswag (Rowan/hellaswag), arc (allenai/ai2_arc, ARC-Easy or ARC-Challenge), mmlu
 (cais/mmlu), gsm8k (openai/gsm8k, main). The prompts, choices and answers are built as
 lm-evaluation-harness builds them, so the scores compare with its (0-shot; GSM8K 5-shot from the
-same file). Writes OUT (the examples) and OUT with .json (the task's options). Needs pyarrow.
+same file). Writes OUT (the examples) and OUT with .json (the task's options), replacing only
+files it wrote itself. Needs pyarrow.
 """
 import glob
 import json
@@ -54,6 +55,28 @@ def gsm8k(row):
     return {"prompt": f"Question: {row['question']}\nAnswer:", "answer": row["answer"]}
 
 
+def task_file_or_absent(path, looks_like_ours):
+    """Whether path may be replaced: absent, or a file whose first JSON value (the first line of a
+    .jsonl, the whole of a .json) looks_like_ours says this tool wrote. So a mistyped --out never
+    replaces a run's metrics.jsonl or a dataset's or checkpoint's .json file."""
+    if not os.path.lexists(path):
+        return True
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = next((line for line in f if line.strip()), "") if path.endswith(".jsonl") else f.read()
+        return looks_like_ours(json.loads(first))
+    except (OSError, ValueError):  # a directory, unreadable, not JSON
+        return False
+
+
+def is_example(value):
+    return isinstance(value, dict) and "answer" in value and ("choices" in value or "prompt" in value)
+
+
+def is_options(value):
+    return isinstance(value, dict) and set(value) <= {"shots", "stop", "max_new_tokens", "normalize"}
+
+
 BENCHMARKS = {  # the conversion of a row, and the task's options
     "hellaswag": (hellaswag, {}),
     "arc": (arc, {}),
@@ -67,6 +90,10 @@ BENCHMARKS = {  # the conversion of a row, and the task's options
 if __name__ == "__main__":
     if benchmark not in BENCHMARKS or not out.endswith(".jsonl"):
         sys.exit(f"convert_tasks.py: error: give --benchmark= one of {', '.join(BENCHMARKS)} and --out=<file>.jsonl")
+    for path, looks_like_ours in ((out, is_example), (out[:-len(".jsonl")] + ".json", is_options)):
+        if not task_file_or_absent(path, looks_like_ours):
+            sys.exit(f"convert_tasks.py: error: {path} exists and is not a task file convert_tasks.py wrote: refusing "
+                     "to replace it; choose another --out")
     try:
         import pyarrow.parquet as pq
     except ImportError:

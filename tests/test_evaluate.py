@@ -202,6 +202,8 @@ def test_convert_benchmarks_from_parquet(tmp_path):
         task = load_task(str(tmp_path / "tasks" / f"{benchmark}.jsonl"))
         assert task["examples"] == [expected[benchmark]]
     assert task["options"]["normalize"] == "number" and task["options"]["shots"] == 5
+    run("convert_tasks.py", str(tmp_path / "arc.parquet"), "--benchmark=arc", f"--out={tmp_path}/tasks/gsm8k.jsonl")
+    assert load_task(str(tmp_path / "tasks" / "gsm8k.jsonl"))["examples"] == [expected["arc"]]  # its own: replaced
     assert normalize(expected["gsm8k"]["answer"], "number") == "5"
     bad = run(
         "convert_tasks.py", str(tmp_path / "arc.parquet"), "--benchmark=gsm8k", f"--out={tmp_path}/x.jsonl", check=False

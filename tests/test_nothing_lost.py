@@ -61,6 +61,21 @@ def test_prepare_and_export_never_replace_a_directory_they_did_not_write(finishe
     assert (tmp_path / "file").read_text() == "mine"
 
 
+def test_convert_tasks_never_replaces_a_file_it_did_not_write(finished, tmp_path):
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    arc = [{"question": "What is 2+2?", "choices": {"text": ["3", "4"], "label": ["A", "B"]}, "answerKey": "B"}]
+    pq.write_table(pa.Table.from_pylist(arc), tmp_path / "arc.parquet")
+    run = copy_of(finished, tmp_path)
+    before = snapshot(run)
+    # a run's history; a checkpoint's meta.json (the task's options file is OUT with .json)
+    for out, hit in ((f"{run}/metrics.jsonl", f"{run}/metrics.jsonl"),
+                     (f"{run}/ckpt_0000008/meta.jsonl", f"{run}/ckpt_0000008/meta.json")):
+        error = one_line_error(run_script("convert_tasks.py", str(tmp_path / "arc.parquet"), "--benchmark=arc",
+                                          f"--out={out}", check=False))
+        assert f"{hit} exists and is not a task file convert_tasks.py wrote" in error
+    assert snapshot(run) == before
+
+
 @pytest.mark.slow
 def test_a_handoff_starts_only_from_a_finished_stage(finished, data, tmp_path):
     unfinished = tmp_path / "unfinished"  # a pretrain stopped at step 4 of its 8
