@@ -45,7 +45,7 @@ if __name__ == "__main__":
     micro_batch_size = 16           # sequences per forward pass when scoring multiple choice
     device = "auto"
     dtype = "auto"                  # 'auto': bfloat16 on cuda, float32 on cpu
-    out_file = ""                   # also write the scores here, as JSON
+    out_file = ""                   # also write the scores here, as JSON (replacing only an earlier scores file)
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 
 import numpy as np  # noqa: E402  (after the command's settings: --help answers without loading torch)
@@ -320,6 +320,19 @@ def scores_line(scores):
                       for name, s in scores.items())
 
 
+def scores_file_or_absent(path):
+    """Whether --out_file may be replaced: absent, or the JSON scores an earlier evaluate.py wrote
+    there. So a mistyped path never replaces a run's metrics.jsonl or a checkpoint's meta.json."""
+    if not os.path.lexists(path):
+        return True
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError):  # a directory, unreadable, not JSON
+        return False
+    return isinstance(value, dict) and {"checkpoint", "step", "tasks"} <= set(value)
+
+
 def task_paths(spec):
     """Task files from a comma-separated list of paths and globs."""
     paths = [p for part in spec.split(",") if part for p in (sorted(glob.glob(part)) or [part])]
@@ -334,6 +347,9 @@ if __name__ == "__main__":
     from device import resolve_device
     from data import open_dataset
     try:
+        if out_file and not scores_file_or_absent(out_file):
+            raise ValueError(f"{out_file} exists and is not a scores file evaluate.py wrote: refusing to replace it; "
+                             "choose another --out_file")
         device, device_type, dtype, autocast = resolve_device(device, dtype)
         checkpoint = load_checkpoint(ckpt)
         loaded = [load_task(path, examples) for path in task_paths(tasks)] if tasks else []
@@ -371,7 +387,8 @@ if __name__ == "__main__":
             f"{name:>24}  "
             + "  ".join(f"{k} {v:.4f}" if k != "examples" else f"({v} examples)" for k, v in metrics.items())
         )
-    if out_file:
-        with open(out_file, "w") as f:
+    if out_file:  # whole or not at all
+        with open(out_file + ".tmp", "w") as f:
             json.dump({"checkpoint": checkpoint["path"], "step": checkpoint["step"], "tasks": scores,
                        **({"val": val_scores} if val_sets else {})}, f, indent=1)
+        os.replace(out_file + ".tmp", out_file)

@@ -61,7 +61,7 @@ def test_prepare_and_export_never_replace_a_directory_they_did_not_write(finishe
     assert (tmp_path / "file").read_text() == "mine"
 
 
-def test_convert_tasks_never_replaces_a_file_it_did_not_write(finished, tmp_path):
+def test_convert_tasks_and_evaluate_never_replace_a_file_they_did_not_write(finished, tmp_path):
     pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
     arc = [{"question": "What is 2+2?", "choices": {"text": ["3", "4"], "label": ["A", "B"]}, "answerKey": "B"}]
     pq.write_table(pa.Table.from_pylist(arc), tmp_path / "arc.parquet")
@@ -73,7 +73,14 @@ def test_convert_tasks_never_replaces_a_file_it_did_not_write(finished, tmp_path
         error = one_line_error(run_script("convert_tasks.py", str(tmp_path / "arc.parquet"), "--benchmark=arc",
                                           f"--out={out}", check=False))
         assert f"{hit} exists and is not a task file convert_tasks.py wrote" in error
+    for out in (f"{run}/metrics.jsonl", f"{run}/ckpt_0000008/meta.json"):
+        error = one_line_error(run_script("evaluate.py", f"--ckpt={run}", "--tasks=", f"--out_file={out}",
+                                          check=False))
+        assert f"{out} exists and is not a scores file evaluate.py wrote" in error
     assert snapshot(run) == before
+    for _ in range(2):  # its own scores file it replaces
+        run_script("evaluate.py", f"--ckpt={run}", "--tasks=", f"--out_file={tmp_path}/scores.json")
+    assert json.loads((tmp_path / "scores.json").read_text())["step"] == 8
 
 
 @pytest.mark.slow
