@@ -145,7 +145,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     """The summed cross-entropy of x (N, C) through the head weight (V, C), computed chunk_tokens rows at a
     time with its gradients in the same pass: softmax - one_hot is each chunk's logits' gradient, so no
     (N, V) tensor outlives its chunk and backward only scales the two saved gradients. The same matmuls
-    as the unchunked loss (one forward, two backward), in compute_dtype, with the softmax in fp32."""
+    as the unchunked loss (one forward, two backward), in compute_dtype, with the softmax in fp32, in
+    place of the logits: in flight, one fp32 (chunk, V) tensor and its compute_dtype copy."""
 
     @staticmethod
     def forward(ctx, x, weight, targets, chunk_tokens, compute_dtype):
@@ -155,12 +156,15 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
         for start in range(0, x.size(0), chunk_tokens):
             xs, ts = x[start:start + chunk_tokens].to(compute_dtype), targets[start:start + chunk_tokens]
-            logits = (xs @ w.t()).float()
-            loss += F.cross_entropy(logits, ts, ignore_index=NOT_LEARNED, reduction="sum")
-            grad = logits.softmax(dim=-1)
-            learned = ts != NOT_LEARNED
-            grad.scatter_add_(1, ts.clamp(min=0)[:, None], -learned[:, None].float())
-            grad = (grad * learned[:, None]).to(compute_dtype)
+            learned, target = ts != NOT_LEARNED, ts.clamp(min=0)[:, None]
+            # the softmax is computed in place of the logits: one fp32 (chunk, V) tensor at a time
+            probs = (xs @ w.t()).float()
+            target_logit, top = probs.gather(1, target), probs.amax(dim=-1, keepdim=True)
+            total = probs.sub_(top).exp_().sum(dim=-1, keepdim=True)
+            loss += torch.where(learned[:, None], top + total.log() - target_logit, 0.0).sum()
+            probs.div_(total).scatter_add_(1, target, -learned[:, None].float())
+            grad = probs.mul_(learned[:, None]).to(compute_dtype)
+            del probs
             grad_x[start:start + chunk_tokens] = grad @ w
             grad_w += (grad.t() @ xs).float()
         ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))

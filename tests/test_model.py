@@ -57,6 +57,25 @@ def test_loss_ignores_minus_one_and_matches_per_token_mean():
     assert torch.allclose(model(idx, targets), per_token[:, 4:].mean())
 
 
+def test_the_chunked_loss_and_its_gradients_are_the_unchunked_ones():
+    model = small_model()
+    idx, targets = torch.randint(0, 100, (3, 16)), torch.randint(0, 100, (3, 16))
+    targets[1, 3:9] = -1
+    results = {}
+    for chunk in (0, 7):  # 48 tokens: six chunks of 7 and one of 6
+        model.zero_grad(set_to_none=True)
+        model.loss_chunk_tokens = chunk
+        for reduction in ("sum", "mean"):
+            loss = model(idx, targets, loss_reduction=reduction)
+            loss.backward()
+            results[chunk, reduction] = loss.detach()
+        results[chunk] = [p.grad.clone() for p in model.parameters()]
+    for reduction in ("sum", "mean"):
+        assert torch.allclose(results[7, reduction], results[0, reduction], rtol=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(results[7], results[0]))
+    assert results[0][-1].abs().sum() > 0  # the head's gradient is there to compare
+
+
 def test_evaluation_runs_the_head_a_chunk_at_a_time_with_the_same_losses():
     # without gradients (validation, task scoring) the loss is computed loss_chunk_tokens rows at a time
     model = small_model()
