@@ -342,18 +342,14 @@ class GPT(nn.Module):
                 loss = _ChunkedHeadLoss.apply(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),
                                               self.loss_chunk_tokens, compute_dtype)
             return loss if loss_reduction == "sum" else loss / (targets != NOT_LEARNED).sum()
-        if self.loss_chunk_tokens and not torch.is_grad_enabled():  # evaluation: the same, chunk by chunk
-            n = self.loss_chunk_tokens
-            rows = zip(x.view(B * T, -1).split(n), targets.reshape(-1).split(n))
-            loss = torch.cat([F.cross_entropy(self.lm_head(xs).float(), ts, ignore_index=NOT_LEARNED, reduction="none")
-                              for xs, ts in rows])
-            if loss_reduction == "none":
-                return loss.view(B, T)
-            return loss.sum() if loss_reduction == "sum" else loss.sum() / (targets != NOT_LEARNED).sum()
-        logits = self.lm_head(x).float()
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
-                               ignore_index=NOT_LEARNED, reduction=loss_reduction)
-        return loss.view(B, T) if loss_reduction == "none" else loss
+        # per token, then reduced: all at once, or without gradients (evaluation) chunk by chunk too
+        n = self.loss_chunk_tokens if self.loss_chunk_tokens and not torch.is_grad_enabled() else B * T
+        rows = zip(x.view(B * T, -1).split(n), targets.reshape(-1).split(n))
+        loss = torch.cat([F.cross_entropy(self.lm_head(xs).float(), ts, ignore_index=NOT_LEARNED, reduction="none")
+                          for xs, ts in rows]).view(B, T)
+        if loss_reduction == "none":
+            return loss
+        return loss.sum() if loss_reduction == "sum" else loss.sum() / (targets != NOT_LEARNED).sum()
 
     def configure_optimizers(self, *, learning_rate, weight_decay, betas, embed_lr=None, head_lr=None, norm_lr=None,
                              decay_embed_head=True, use_muon=False, muon_lr=0.0, muon_weight_decay=0.0,
