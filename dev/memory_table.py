@@ -5,7 +5,8 @@ An estimate of the GPU memory per rank in each data-parallel mode, for the READM
 The training state is counted exactly (bytes per parameter, as parallel.state_bytes measures them);
 the activations a micro-batch keeps for the backward pass are measured on the CPU, as the bytes of
 every tensor autograd saves in one bf16-autocast forward of the real widths (one and two blocks,
-two sequence lengths: the per-token and per-block parts apart), so they follow model.py as it is.
+two sequence lengths: the per-token and per-block parts apart), so they follow model.py as it is;
+and the loss's chunk of logits in flight at the end of the forward pass.
 Not counted: the CUDA context, NCCL's buffers, the allocator's fragmentation and the backward's
 transient gradients of activations (a few GB in all), and torch.compile's fusions, which keep less.
 """
@@ -93,8 +94,11 @@ def table():
         root = P - L * block  # the embedding, the head and the final norm: FSDP2's root unit
         per_token, rest_token, block_copies = activations(args)
         tokens = micro * T
-        act = (L * per_token + rest_token) * tokens
-        act_ckpt = (L * 4 * args["n_embd"] + per_token + rest_token) * tokens  # fp32 block inputs + one block again
+        # the loss's chunk in flight at the end of the forward: its fp32 softmax and bf16 copy (model.py;
+        # measured on the CPU as peak RSS: 1.26 GB at 4096 x 50,264, 3.21 GB at 4096 x 128,256)
+        loss_chunk = 6 * min(4096, tokens) * model.args.padded_vocab_size
+        act = (L * per_token + rest_token) * tokens + loss_chunk
+        act_ckpt = (L * 4 * args["n_embd"] + per_token + rest_token) * tokens + loss_chunk  # fp32 inputs, one block
         ddp = 16 * P + L * block_copies + act  # + autocast's bf16 weights (the gradients are views of DDP's buckets)
         # FSDP2: its 1/N of the fp32 state; in flight two blocks gathered in bf16 (this and the prefetched
         # one) and one block's fp32 gradients before the reduce-scatter; the root's bf16 weights gathered
