@@ -25,8 +25,8 @@ orthogonalizes the whole matrices it owns and sends each rank back its rows of t
 gather and one scatter of the hidden matrices (all_to_all) per step, not an all-gather of every
 gradient to every rank.
 Either way the momentum memory, the momentum arithmetic and the Newton-Schulz work per GPU fall with
-the number of GPUs. The checkpoint holds the whole momentum: each rank writes the rows it keeps (state_rows says
-which) and reads them back (load_state_rows). One process issues no collectives.
+the number of GPUs. The checkpoint holds the whole momentum: each rank writes the rows it keeps
+(state_rows says which) and reads them back (load_state_rows). One process issues no collectives.
 """
 import torch
 import torch.distributed as dist
