@@ -23,6 +23,8 @@ out = ""                        # the task file to write (.jsonl)
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 # ----------------------------------------------------------------------------------------------
 
+from rundir import check_replaceable_file
+
 
 def hellaswag_text(text):
     text = text.strip().replace(" [title]", ". ")
@@ -55,20 +57,6 @@ def gsm8k(row):
     return {"prompt": f"Question: {row['question']}\nAnswer:", "answer": row["answer"]}
 
 
-def task_file_or_absent(path, looks_like_ours):
-    """Whether path may be replaced: absent, or a file whose first JSON value (the first line of a
-    .jsonl, the whole of a .json) looks_like_ours says this tool wrote. So a mistyped --out never
-    replaces a run's metrics.jsonl or a dataset's or checkpoint's .json file."""
-    if not os.path.lexists(path):
-        return True
-    try:
-        with open(path, encoding="utf-8") as f:
-            first = next((line for line in f if line.strip()), "") if path.endswith(".jsonl") else f.read()
-        return looks_like_ours(json.loads(first))
-    except (OSError, ValueError):  # a directory, unreadable, not JSON
-        return False
-
-
 def is_example(value):
     return isinstance(value, dict) and "answer" in value and ("choices" in value or "prompt" in value)
 
@@ -90,10 +78,11 @@ BENCHMARKS = {  # the conversion of a row, and the task's options
 if __name__ == "__main__":
     if benchmark not in BENCHMARKS or not out.endswith(".jsonl"):
         sys.exit(f"convert_tasks.py: error: give --benchmark= one of {', '.join(BENCHMARKS)} and --out=<file>.jsonl")
-    for path, looks_like_ours in ((out, is_example), (out[:-len(".jsonl")] + ".json", is_options)):
-        if not task_file_or_absent(path, looks_like_ours):
-            sys.exit(f"convert_tasks.py: error: {path} exists and is not a task file convert_tasks.py wrote: refusing "
-                     "to replace it; choose another --out")
+    try:  # the examples and, beside them, the options
+        for path, ours in ((out, is_example), (out[:-len(".jsonl")] + ".json", is_options)):
+            check_replaceable_file(path, ours, "a task file convert_tasks.py wrote", "out")
+    except ValueError as e:
+        sys.exit(f"convert_tasks.py: error: {e}")
     try:
         import pyarrow.parquet as pq
     except ImportError:

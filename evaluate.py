@@ -320,19 +320,6 @@ def scores_line(scores):
                       for name, s in scores.items())
 
 
-def scores_file_or_absent(path):
-    """Whether --out_file may be replaced: absent, or the JSON scores an earlier evaluate.py wrote
-    there. So a mistyped path never replaces a run's metrics.jsonl or a checkpoint's meta.json."""
-    if not os.path.lexists(path):
-        return True
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (OSError, ValueError):  # a directory, unreadable, not JSON
-        return False
-    return isinstance(value, dict) and {"checkpoint", "step", "tasks"} <= set(value)
-
-
 def task_paths(spec):
     """Task files from a comma-separated list of paths and globs."""
     paths = [p for part in spec.split(",") if part for p in (sorted(glob.glob(part)) or [part])]
@@ -346,10 +333,11 @@ if __name__ == "__main__":
     from checkpoint import load_checkpoint, model_from_checkpoint
     from device import resolve_device
     from data import open_dataset
+    from rundir import check_replaceable_file
     try:
-        if out_file and not scores_file_or_absent(out_file):
-            raise ValueError(f"{out_file} exists and is not a scores file evaluate.py wrote: refusing to replace it; "
-                             "choose another --out_file")
+        if out_file:
+            scores_file = lambda v: isinstance(v, dict) and {"checkpoint", "step", "tasks"} <= set(v)
+            check_replaceable_file(out_file, scores_file, "a scores file evaluate.py wrote", "out_file")
         device, device_type, dtype, autocast = resolve_device(device, dtype)
         checkpoint = load_checkpoint(ckpt)
         loaded = [load_task(path, examples) for path in task_paths(tasks)] if tasks else []

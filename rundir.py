@@ -8,6 +8,7 @@ The run directory, and the files around it that must never be lost or half-writt
     log, fail, end_run     rank 0's console; how a run ends: one line and exit 1, or its last checkpoint and exit 0
     replace_directory      a finished dataset or export swapped in for an older one, and only over a
                            directory that holds nothing but what the same tool writes
+    check_replaceable_file a tool's output file (task, scores) written only over one it wrote itself
 """
 import atexit
 import fnmatch
@@ -119,6 +120,24 @@ def check_replaceable(final, owned, what):
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise ValueError(f"{final} is not {what} (it holds {shown}): refusing to replace it; choose another "
                          f"output directory, or empty that one")
+
+
+def check_replaceable_file(path, ours, what, option):
+    """Raise ValueError unless path is absent or a file whose first JSON value (the first line of a
+    .jsonl, the whole of another file) ours(value) says the tool wrote: a mistyped output path never
+    replaces a run's metrics.jsonl or a checkpoint's meta.json. what names the tool's output, option
+    the setting to change, for the message."""
+    import json
+    if not os.path.lexists(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = next((line for line in f if line.strip()), "") if path.endswith(".jsonl") else f.read()
+        mine = ours(json.loads(first))
+    except (OSError, ValueError):  # a directory, unreadable, not JSON
+        mine = False
+    if not mine:
+        raise ValueError(f"{path} exists and is not {what}: refusing to replace it; choose another --{option}")
 
 
 def replace_directory(tmp, final):
