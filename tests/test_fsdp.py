@@ -16,11 +16,11 @@ TINY = ["tests/tiny_model.py", "--eval_iters=2", "--log_interval=1", "--micro_ba
 MUON = ["--use_muon=True", "--muon_lr=1e-2"]
 
 
-def train(*args, processes=1, check=True):
+def train(*args, processes=1, check=True, env=None):
     """train.py with args (with Muon in fp32: tests/fp32_muon.py), in one process or under torchrun."""
     launcher = (sys.executable,) if processes == 1 else (*TORCHRUN[:-1], f"--nproc_per_node={processes}")
     script = "tests/fp32_muon.py" if "--use_muon=True" in args else "train.py"
-    return run_script(script, *args, launcher=launcher, check=check)
+    return run_script(script, *args, launcher=launcher, check=check, env=env)
 
 
 
@@ -145,10 +145,13 @@ def test_fsdp_holds_half_the_state_per_rank(data, tmp_path):
     # 56.5M parameters: 11 blocks of width 640
     big = ["--n_layer=11", "--n_embd=640", "--n_head=10", "--n_kv_head=10", "--micro_batch_size=1", "--batch_size=2",
            "--max_iters=1", "--eval_iters=0", "--log_interval=1"]
+    # glibc keeps freed small blocks in its heap, so peak RSS would count FSDP2's freed all-gather buffers;
+    # with this threshold every tensor is its own mapping, given back when freed
+    live = {"MALLOC_MMAP_THRESHOLD_": "65536"}
     state, rss = {}, {}
     for mode in ("ddp", "fsdp"):
         result = train(*TINY, f"--data_dir={data}", *big, f"--out_dir={tmp_path}/{mode}", f"--data_parallel={mode}",
-                       processes=2)
+                       processes=2, env=live)
         assert "model: 56.54M parameters" in result.stdout
         state[mode], rss[mode] = (
             records(tmp_path / mode, "state_mb_per_rank")[1],
@@ -158,9 +161,9 @@ def test_fsdp_holds_half_the_state_per_rank(data, tmp_path):
     # AdamW: weights, gradients and two moments, 16 bytes per parameter, all fp32; sharded in two
     assert state["ddp"] == pytest.approx(56.54e6 * 16 / 2**20, rel=0.01)
     assert state["fsdp"] == pytest.approx(state["ddp"] / 2, rel=0.01)
-    # the process's peak RSS also holds activations, gloo's buffers and the allocator's slack, and
-    # varies from run to run (measured: 1,086 and 1,237 MiB under FSDP2, 1,416 and 1,436 under DDP)
-    assert rss["fsdp"] < rss["ddp"]
+    # the process's peak RSS also holds activations and gloo's buffers; most of the state's saving shows
+    # (measured 2026-12-03: DDP 1,181, FSDP2 755 MiB, a 426 MiB gap for 431 MiB of state)
+    assert rss["ddp"] - rss["fsdp"] > 0.75 * (state["ddp"] - state["fsdp"])
 
 
 @pytest.mark.slow
