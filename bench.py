@@ -49,10 +49,9 @@ import torch  # noqa: E402  (after the config: --help answers without loading to
 from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E402
 
 from data import ceil_div  # noqa: E402
-from device import device_peak_flops, resolve_device  # noqa: E402
+from device import device_peak_flops, resolve_compile, resolve_device  # noqa: E402
 from fp8 import use_fp8  # noqa: E402
 from model import GPT, ModelArgs  # noqa: E402
-from parallel import compiler_problem  # noqa: E402
 
 printed = subprocess.run([sys.executable, TRAIN, *train_args, "--print_config"], capture_output=True, text=True)
 if printed.returncode != 0:
@@ -128,12 +127,9 @@ if profile:
 # ---- the bare step ----------------------------------------------------------------------------
 c = train_config
 device, device_type, dtype, autocast = resolve_device(c["device"], c["dtype"])
-compile = device_type == "cuda" if c["compile"] is None else c["compile"]
-if compile and (problem := compiler_problem(device_type)):
+compile, problem = resolve_compile(c["compile"], device_type)
+if problem:
     print(f"warning: compile=True needs {problem}; timing uncompiled", file=sys.stderr)
-    compile = False
-torch.backends.cuda.matmul.allow_tf32 = True
-torch.backends.cudnn.allow_tf32 = True
 vocab_size, micro_batch_size, batch_size, block_size = (
     c["vocab_size"],
     c["micro_batch_size"],

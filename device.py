@@ -1,8 +1,9 @@
 """
-The device a run trains on: which one ('auto', 'cpu', 'cuda[:N]') with which precision, its name
-and its peak FLOP/s (for MFU), and the peak memory so far.
+The device a run trains on: which one ('auto', 'cpu', 'cuda[:N]') with which precision, whether
+torch.compile can build code on this machine, its name and peak FLOP/s (for MFU), and the peak memory so far.
 """
 from contextlib import nullcontext
+import os
 
 import torch
 
@@ -26,7 +27,7 @@ PEAK_BF16_FLOPS = [
 
 def resolve_device(device="auto", dtype="auto"):
     """(device, device_type, dtype, autocast context): 'auto' is CUDA when there is one, else the CPU;
-    bf16 autocast on CUDA, fp32 on the CPU (bf16 is far slower on CPUs without bf16 units)."""
+    bf16 autocast on CUDA, fp32 on the CPU (bf16 is far slower on CPUs without bf16 units); TF32 on."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device_type = "cuda" if device.startswith("cuda") else "cpu"
@@ -40,7 +41,37 @@ def resolve_device(device="auto", dtype="auto"):
     if dtype not in ("bfloat16", "float32"):
         raise ValueError(f"dtype must be 'auto', 'bfloat16' or 'float32', got {dtype!r}")
     autocast = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+    torch.backends.cuda.matmul.allow_tf32 = True  # what runs in fp32 on CUDA uses TF32's tensor cores
+    torch.backends.cudnn.allow_tf32 = True
     return device, device_type, dtype, autocast
+
+
+def compiler_problem(device_type):
+    """What torch.compile lacks on this machine, as a sentence, or None. It builds code at run time:
+    on CUDA, Triton compiles its launcher with a C compiler against Python's headers; on the CPU,
+    inductor compiles C++. Without them the first compiled step dies deep inside inductor."""
+    import shutil
+    import sysconfig
+    if device_type == "cuda":
+        names, variable, what = ("cc", "gcc", "clang"), "CC", "a C compiler"
+    else:
+        names, variable, what = ("g++", "c++", "clang++"), "CXX", "a C++ compiler"
+    chosen = os.environ.get(variable) or None
+    if not (shutil.which(chosen.split()[0]) if chosen else any(shutil.which(name) for name in names)):
+        return f"{what} ({'$' + variable + '=' + chosen if chosen else ', '.join(names)}) on PATH: install gcc/g++"
+    headers = os.path.join(sysconfig.get_paths()["include"], "Python.h")
+    if device_type == "cuda" and not os.path.exists(headers):
+        return f"Python's headers ({headers}): install python3-dev"
+    return None
+
+
+def resolve_compile(compile, device_type):
+    """(compile, problem): None means on for CUDA, off for the CPU; asked for on a machine that lacks
+    what it needs (compiler_problem), off, with that problem to warn of (uncompiled is slower, not wrong)."""
+    if compile is None:
+        compile = device_type == "cuda"
+    problem = compiler_problem(device_type) if compile else None
+    return compile and problem is None, problem
 
 
 def peak_memory_mb(device):

@@ -90,25 +90,6 @@ def wrap(raw_model, *, mode, device, local_rank, world_size, shard_size, compile
     return raw_model, mesh.get_group("shard")
 
 
-def compiler_problem(device_type):
-    """What torch.compile lacks on this machine, as a sentence, or None. It builds code at run time:
-    on CUDA, Triton compiles its launcher with a C compiler against Python's headers; on the CPU,
-    inductor compiles C++. Without them the first compiled step dies deep inside inductor."""
-    import shutil
-    import sysconfig
-    if device_type == "cuda":
-        names, variable, what = ("cc", "gcc", "clang"), "CC", "a C compiler"
-    else:
-        names, variable, what = ("g++", "c++", "clang++"), "CXX", "a C++ compiler"
-    chosen = os.environ.get(variable) or None
-    if not (shutil.which(chosen.split()[0]) if chosen else any(shutil.which(name) for name in names)):
-        return f"{what} ({'$' + variable + '=' + chosen if chosen else ', '.join(names)}) on PATH: install gcc/g++"
-    headers = os.path.join(sysconfig.get_paths()["include"], "Python.h")
-    if device_type == "cuda" and not os.path.exists(headers):
-        return f"Python's headers ({headers}): install python3-dev"
-    return None
-
-
 def sync_gradients(model, last):
     """Before each micro-step's backward. DDP all-reduces only on the last; FSDP2 reduce-scatters on
     every one (keeping each rank's gradients sharded) but, for HSDP, all-reduces across the replica

@@ -1,16 +1,19 @@
 """
 The run directory, and the files around it that must never be lost or half-written:
     lock_run_directory     one run per out_dir (flock on out_dir/.lock, released on every exit)
-    start_point            where a run starts: resume, a stage handoff or scratch, and what is refused
+    start_point            where a run starts: resume, a stage handoff or scratch, and what is refused;
+                           start_counters, the step, tokens and parent it starts with
     open_run_log           out_dir/config.py, metrics.jsonl (lines appended whole or not at all), wandb;
                            log_line, the console's line of the same metrics
     catch_stop_signals     SIGTERM / SIGUSR1 / Ctrl-C recorded, so train.py stops with a checkpoint
-    log, fail, end_run     rank 0's console; how a run ends: one line and exit 1, or its last checkpoint and exit 0
+    log, fail, end_run     rank 0's console; how a run ends: one line and exit 1, or its last checkpoint and exit 0;
+                           fail_on, a block whose errors of a kind end it that way
     replace_directory      a finished dataset or export swapped in for an older one, and only over a
                            directory that holds nothing but what the same tool writes
     check_replaceable_file a tool's output file (task, scores) written only over one it wrote itself
 """
 import atexit
+from contextlib import contextmanager
 import fnmatch
 import os
 import shutil
@@ -215,6 +218,17 @@ def start_point(out_dir, init_from, *, max_iters, use_muon, init_from_unfinished
     return source, read, resuming
 
 
+def start_counters(source, resuming):
+    """(step, tokens_seen, parent, good_checkpoint) at the start. parent is the checkpoint the run's weights
+    came from; good_checkpoint is the newest of this run known to hold finite weights and evaluation. A
+    resumed run takes all four from its checkpoint; a handoff starts at step 0 with that checkpoint as parent."""
+    if source is None:
+        return 0, 0, None, None
+    if resuming:
+        return source["step"], source["tokens_seen"], source["parent"], source["path"]
+    return 0, 0, source["path"], None
+
+
 class Finished(Exception):
     """A run resumed at its max_iters: nothing to train, and nothing is written."""
 
@@ -248,10 +262,8 @@ def open_run_log(out_dir, config, run, *, master, wandb_project="", wandb_run_na
         wandb.init(project=wandb_project, name=wandb_run_name or None, config=config)
 
     def record(metrics):
-        try:
+        with fail_on(OSError):
             append_line(os.path.join(out_dir, "metrics.jsonl"), json.dumps({**metrics, "time": round(time.time(), 3)}))
-        except OSError as e:
-            fail(str(e))
         if wandb is not None and "step" in metrics:
             wandb.log(metrics, step=metrics["step"])
     record({"config": config, "run": run})
@@ -276,14 +288,22 @@ def fail(message):
     sys.exit(1)
 
 
+@contextmanager
+def fail_on(*errors, prefix=""):
+    """A block whose errors of these types are bad input (a config, a file, a checkpoint): the run
+    ends with the error's one line (fail), prefix first."""
+    try:
+        yield
+    except errors as e:
+        fail(f"{prefix}{e}")
+
+
 def end_run():
     """The end: the last checkpoint written, the lock released, every rank leaving together, exit 0."""
     from checkpoint import wait_for_checkpoint
     import torch.distributed as dist
-    try:
+    with fail_on(OSError):
         wait_for_checkpoint()
-    except OSError as e:
-        fail(str(e))
     release_run_directory()
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # a rank that tears down while another still works can abort the group

@@ -52,8 +52,7 @@ init_zero_projections = False   # o_proj and down_proj start at zero, so each bl
 # batch: sizes in sequences of block_size tokens
 micro_batch_size = 8            # sequences per forward/backward on each device
 batch_size = 64                 # sequences per optimizer step, over all devices and accumulation steps
-batch_size_schedule = None      # e.g. dict(strategy='doubling', start_batch_size=16, interval_steps=100,
-                                #           max_batch_size=64)
+batch_size_schedule = None      # dict(strategy='doubling', start_batch_size=16, interval_steps=100, max_batch_size=64)
 # optimizer: AdamW, weight decay on matrices only
 learning_rate = 6e-4            # peak
 min_lr = 6e-5                   # the schedules end here
@@ -72,8 +71,7 @@ wsd_decay_frac = 0.2            # wsd: the last fraction of max_iters spent deca
 wsd_decay_shape = "linear"      # wsd: 'linear', 'cosine' or 'sqrt' (1 - sqrt(progress))
 # Muon (muon.py) for the hidden matrices (attention and MLP projections); the rest stays on AdamW
 use_muon = False
-muon_lr = 6e-4                  # peak, scaled by the LR schedule like learning_rate; muon.py's update scale
-                                # makes AdamW's learning rate a good value (the best in the tiny sweep)
+muon_lr = 6e-4                  # peak, scaled like learning_rate; muon.py's update scale makes AdamW's LR a good one
 muon_weight_decay = 0.0
 muon_momentum = 0.95
 muon_momentum_warmup_steps = 300  # momentum rises linearly from muon_momentum_start to muon_momentum
@@ -105,12 +103,12 @@ from checkpoint import checkpoint_failure, load_state, model_args_for, save_trai
 from data import micro_batches, open_mixture, val_split_warnings
 from evaluate import evaluate_tasks, load_task, scores_line, validation, validation_line, validation_windows
 from fp8 import problem as fp8_problem, use_fp8
-from device import device_name, device_peak_flops, peak_memory_mb, resolve_device
+from device import device_name, device_peak_flops, peak_memory_mb, resolve_compile, resolve_device
 from model import GPT, Init
-from parallel import (MODES, clip_grad_norm, compiler_problem, join_process_group, mean_over_ranks, ranks, reshard,
+from parallel import (MODES, clip_grad_norm, join_process_group, mean_over_ranks, ranks, reshard,
                       state_bytes, sync_gradients, wrap)
-from rundir import (Finished, Refused, catch_stop_signals, end_run, fail, log, log_line, open_run_log, start_point,
-                    stop_signal)
+from rundir import (Finished, Refused, catch_stop_signals, end_run, fail, fail_on, log, log_line, open_run_log,
+                    start_counters, start_point, stop_signal)
 from settings import batch_size_problem, config_problem
 import tokenizer as tok
 
@@ -123,19 +121,13 @@ master = rank == 0
 # ---- the config, checked before anything starts: each mistake a one-line error (settings.py) ------
 if problem := config_problem(config, world_size=world_size, modes=MODES):
     fail(f"config: {problem}")
-try:
+with fail_on(ValueError, prefix="config: "):
     device, device_type, dtype, autocast = resolve_device(device, dtype)
-except ValueError as e:
-    fail(f"config: {e}")
 if distributed:
     device = join_process_group(device, device_type, local_rank)
-if compile is None:
-    compile = device_type == "cuda"
-if compile and (problem := compiler_problem(device_type)):  # uncompiled is slower, not wrong
+compile, problem = resolve_compile(compile, device_type)
+if problem:
     log(f"warning: compile=True needs {problem}; training uncompiled (--compile=False silences this)")
-    compile = False
-torch.backends.cuda.matmul.allow_tf32 = True
-torch.backends.cudnn.allow_tf32 = True
 
 
 # ---- schedules --------------------------------------------------------------------------------
@@ -192,7 +184,7 @@ except Refused as e:
 except Finished as e:
     log(str(e))
     end_run()
-step, tokens_seen, parent, good_checkpoint = 0, 0, None, None  # parent: the checkpoint this run's weights started from
+step, tokens_seen, parent, good_checkpoint = start_counters(start_ckpt, resuming)
 if start_ckpt is not None:  # the model's shape is the checkpoint's: a later stage's config need not repeat it
     differences = {k: v for k, v in start_ckpt["model_args"].items() if k in config and config[k] != v
                    and not (k == "vocab_size" and config[k] == 0)}
@@ -200,18 +192,13 @@ if start_ckpt is not None:  # the model's shape is the checkpoint's: a later sta
         log(f"model shape from {start_ckpt['path']}, not the config: {differences}")
     config.update(differences)  # what the checkpoints and metrics.jsonl record
     block_size = start_ckpt["model_args"]["block_size"]
-    parent = start_ckpt["path"]
-    if resuming:  # good_checkpoint: the newest of this run known to hold finite weights and evaluation
-        step, tokens_seen, parent, good_checkpoint = (start_ckpt[k] for k in ("step", "tokens_seen", "parent", "path"))
 # the stage before scored these weights on these tasks at its end: no need to again at step 0
 tasks_scored = start_ckpt is not None and not resuming and start_ckpt.get("config", {}).get("eval_tasks") == eval_tasks
 
 
 # ---- data: the windows of step s come from default_rng((seed, s)) -----------------------------------
-try:
+with fail_on(FileNotFoundError, ValueError):
     datasets, mixture_weights, encoder = open_mixture(data_mixture or {data_dir: 1.0}, block_size, align_windows)
-except (FileNotFoundError, ValueError) as e:
-    fail(str(e))
 encoder_state, meta = tok.tokenizer_state(encoder), datasets[0].meta  # checkpoints embed the tokenizer
 for warning in val_split_warnings(datasets, eval_iters * micro_batch_size * world_size * block_size):
     log(warning)
@@ -221,18 +208,14 @@ batches = micro_batches(datasets, mixture_weights, start_step=step, batch_size_a
 
 
 def next_batch():
-    try:
+    with fail_on(ValueError):  # a token id past the vocabulary: a shard edited after prepare.py
         return next(batches)
-    except ValueError as e:  # a token id past the vocabulary: a shard edited after prepare.py
-        fail(str(e))
 
 
 # ---- the model and its optimizers -------------------------------------------------------------
-try:
+with fail_on(ValueError):
     model_args = model_args_for(start_ckpt, config, tokenizer=encoder_state, data_vocab=meta["vocab_size"],
                                 data_dir=data_dir)
-except ValueError as e:
-    fail(str(e))
 with torch.device("meta"):  # no memory yet: wrap gives each rank what it holds, initialised from the seed
     gpt = GPT(model_args)
 if fp8 and (problem := fp8_problem(gpt, device)):
@@ -242,9 +225,8 @@ if fp8:
 gpt.checkpoint_blocks, gpt.loss_chunk_tokens = activation_checkpointing, loss_chunk_tokens
 gpt.document_token = meta["bos_id"] if document_masking else None
 gpt.init = Init(embed_std=init_embed_std, head_std=init_head_std, zero_projections=init_zero_projections)
-# gpt is the GPT module itself (its parameters sharded in place under FSDP2); model is what the training
-# step calls, compiled and wrapped for the mode (parallel.py). Evaluation runs gpt uncompiled: a second
-# compiled graph (no grad) would cost more to compile than it saves every eval_interval steps.
+# gpt: the GPT module (sharded in place under FSDP2); model: what the step calls, compiled and wrapped (parallel.py).
+# Evaluation runs gpt uncompiled: a no-grad graph would cost more to compile than it saves every eval_interval.
 model, muon_group = wrap(gpt, mode=data_parallel if distributed else "ddp", device=device, local_rank=local_rank,
                          world_size=world_size, shard_size=shard_size, compile=compile, bf16=dtype == "bfloat16",
                          reshard_after_forward=reshard_after_forward, seed=seed, ddp_bucket_mb=ddp_bucket_mb)
@@ -259,10 +241,8 @@ log(optimizer_summary)
 # Resuming is exact without saving any random generator's state: nothing draws from one after the
 # initialisation above (no dropout), and the data is a function of the step.
 if start_ckpt is not None:  # each rank reads the rows it holds
-    try:
+    with fail_on(ValueError):  # a weight that is not finite
         load_state(read_tensor, start_ckpt["tensors"], gpt, optimizers if resuming else [], device)
-    except ValueError as e:  # a weight that is not finite
-        fail(str(e))
     log(f"resumed from {good_checkpoint} at step {step}" if resuming else
         f"weights from {parent} (step {start_ckpt['step']}); fresh optimizer, step count and schedule")
     del start_ckpt, read_tensor
@@ -273,25 +253,20 @@ val_windows = validation_windows(datasets, micro_batches=eval_iters, micro_batch
                                  block_size=block_size, seed=seed, rank=rank, world_size=world_size,
                                  full_pass=val_full_pass)
 token_bytes = torch.from_numpy(tok.token_byte_lengths(encoder)).to(device)
-try:
+with fail_on(OSError, ValueError, prefix="eval_tasks: "):
     tasks = [load_task(path, examples) for path, examples in eval_tasks.items()]
-except (OSError, ValueError) as e:
-    fail(f"eval_tasks: {e}")
 
 
 # ---- the run's records: checkpoints, config.py, metrics.jsonl, the console -------------------------
 def write_checkpoint(step, tokens_seen, val_loss, good_checkpoint):
     """All ranks write their share in the background while training goes on (a failed write stops the
     run at the next step); returns the new checkpoint's path (checkpoint.save_training_state)."""
-    meta = training_meta(step=step, tokens_seen=tokens_seen, batch_size=batch_size_at(step),
-                         model_args=asdict(model_args), config=config, tokenizer=encoder_state, data_dir=data_dir,
-                         parent=parent)
-    try:
+    meta = training_meta(step=step, tokens_seen=tokens_seen, batch_size=batch_size_at(step), parent=parent,
+                         model_args=asdict(model_args), config=config, tokenizer=encoder_state, data_dir=data_dir)
+    with fail_on(ValueError):  # weights or an evaluation that are not finite
         return save_training_state(gpt, optimizers, meta, out_dir=out_dir, val_loss=val_loss,
                                    good_checkpoint=good_checkpoint, rank=rank, world_size=world_size,
                                    keep_last=keep_last_checkpoints, keep_every=keep_every_checkpoints)
-    except ValueError as e:  # weights or an evaluation that are not finite
-        fail(str(e))
 
 
 catch_stop_signals(rank)  # SIGTERM / SIGUSR1 / Ctrl-C from here on: finish the step, checkpoint, exit 0

@@ -55,9 +55,8 @@ exec(open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from device import device_peak_flops, resolve_device  # noqa: E402
+from device import compiler_problem, device_peak_flops, resolve_device  # noqa: E402
 from model import GPT, ModelArgs  # noqa: E402
-from parallel import compiler_problem  # noqa: E402
 import gpu_kernels  # noqa: E402  (beside this file: parts 1 and 2)
 
 started = time.time()
