@@ -227,8 +227,10 @@ def test_rank_zero_notices_a_dead_rank_during_a_checkpoint_write(tmp_path, monke
 def test_ctrl_c_stops_the_pipeline_and_the_next_stage_never_starts(tmp_path):
     env = {**os.environ, "OUT_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1"}
     command = ["bash", "run_pipeline.sh", "configs/tiny.py", "tests/slow_pipeline.py"]
+    # its own process group, as a terminal's foreground job, with Ctrl-C at its default: a shell that starts
+    # with SIGINT ignored (pytest launched in the background by a script) can never trap it
     pipeline = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                start_new_session=True)  # its own process group, as a terminal's foreground job
+                                start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     metrics = tmp_path / "pretrain-tiny-slow_pipeline" / "metrics.jsonl"
     deadline = time.time() + 600
     while (
