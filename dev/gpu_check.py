@@ -305,8 +305,9 @@ def one_b_fsdp():
 
 def smoke():
     args = ["configs/pretrain.py", "configs/tiny.py", f"--data_dir={data}", "--eval_tasks={}", f"--device={device}",
-            "--eval_interval=1000", "--log_interval=6", *BF16, *NO_COMPILE]
-    result = run("train.py", *args, f"--out_dir={work}/smoke", "--max_iters=30",
+            "--eval_interval=1000", "--log_interval=6", *BF16, *NO_COMPILE,
+            *(["--micro_batch_size=4", "--batch_size=8"] if dry_run else [])]  # the dry run: fewer, smaller steps
+    result = run("train.py", *args, f"--out_dir={work}/smoke", f"--max_iters={12 if dry_run else 30}",
                  env={"TORCH_LOGS": "dynamo,recompiles"})
     if result.returncode != 0:
         raise failed(result)
