@@ -10,7 +10,7 @@ The run directory, and the files around it that must never be lost or half-writt
                            fail_on, a block whose errors of a kind end it that way
     replace_directory      a finished dataset or export swapped in for an older one, and only over a
                            directory that holds nothing but what the same tool writes
-    check_replaceable_file a tool's output file (task, scores) written only over one it wrote itself
+    check_replaceable_file a tool's output file (task, scores, GPU check) written only over one it wrote itself
 """
 import atexit
 from contextlib import contextmanager

@@ -7,6 +7,7 @@ writes its own dataset under a temporary directory (the demo corpus with the 256
 models use GPT-2's vocabulary size (50,264 with the chat tokens), so their cost is the real one
 whatever the token ids. Parts run in order of importance; each prints its lines as soon as it ends,
 and out_file (JSON) is rewritten after every part, so a check killed half-way keeps what it measured.
+An out_file that exists and is not an earlier check's results is refused before anything runs.
 A part that cannot finish before the deadline (time_limit_s from the start) is skipped and reported;
 a part that fails (a missing package, an out-of-memory) is reported, never the end of the check.
  0. the toolchain: whether torch.compile can build here (a C/C++ compiler, Python's headers), and
@@ -58,7 +59,13 @@ sys.path.insert(0, ROOT)
 from device import compiler_problem, device_peak_flops, resolve_device  # noqa: E402
 from model import GPT, ModelArgs  # noqa: E402
 import gpu_kernels  # noqa: E402  (beside this file: parts 1 and 2)
+from rundir import check_replaceable_file  # noqa: E402
 
+try:  # a mistyped out_file never replaces a checkpoint's meta.json or a run's metrics
+    check_replaceable_file(out_file, lambda r: isinstance(r, dict) and {"parts", "timeline_s"} <= set(r),
+                           "a GPU check's results", "out_file")
+except ValueError as e:
+    sys.exit(f"gpu_check: {e}")
 started = time.time()
 device, device_type, _, _ = resolve_device(device)
 dry_run = device_type != "cuda"

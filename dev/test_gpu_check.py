@@ -93,3 +93,15 @@ def test_a_killed_or_late_check_keeps_what_it_measured(tmp_path):
     parts = json.loads(out.read_text())["parts"]
     assert list(parts) == PARTS and "matmul_tflops" in parts["ceilings"]
     assert "skipped" in parts[PARTS[-1]] and "out of time" in result.stdout
+
+
+def test_the_check_never_replaces_a_file_it_did_not_write(tmp_path):
+    theirs = tmp_path / "meta.json"  # a checkpoint's, say
+    theirs.write_text('{"step": 4}')
+    # (without the refusal, the check would run its parts to the deadline and write its results there)
+    result = subprocess.run([sys.executable, "dev/gpu_check.py", "--device=cpu", f"--out_file={theirs}",
+                             "--time_limit_s=20"], cwd=ROOT, capture_output=True, text=True, timeout=HANG_S,
+                            env=environment(tmp_path))
+    assert result.returncode != 0 and theirs.read_text() == '{"step": 4}'
+    assert result.stderr.strip() == (f"gpu_check: {theirs} exists and is not a GPU check's results: refusing to "
+                                     "replace it; choose another --out_file")
