@@ -52,6 +52,7 @@ from data import ceil_div  # noqa: E402
 from device import device_peak_flops, resolve_compile, resolve_device  # noqa: E402
 from fp8 import use_fp8  # noqa: E402
 from model import GPT, ModelArgs  # noqa: E402
+from parallel import compiled_step_problem  # noqa: E402
 
 printed = subprocess.run([sys.executable, TRAIN, *train_args, "--print_config"], capture_output=True, text=True)
 if printed.returncode != 0:
@@ -201,7 +202,15 @@ def time_ms(function, steps):
     return 1000 * (time.perf_counter() - started) / steps
 
 
-first_step_ms = time_ms(bare_step, 1)  # with compilation, when compiled
+check_ms = 0.0
+if compile:  # what train.py checks before its first step: the compiled gradients are the uncompiled ones
+    started = time.perf_counter()
+    if problem := compiled_step_problem(model, raw_model, x, y, 1 / (grad_accum * y.numel()), autocast=autocast,
+                                        low_precision=dtype == "bfloat16" or c["fp8"]):
+        sys.exit(f"bench.py: compiled and uncompiled training disagree with torch {torch.__version__} on {device}: "
+                 f"{problem}; nothing timed (--compile=False times the uncompiled step)")
+    check_ms = 1000 * (time.perf_counter() - started)
+first_step_ms = check_ms + time_ms(bare_step, 1)  # with compilation and the check, when compiled
 for _ in range(warmup_steps - 1):
     bare_step()
 if device_type == "cuda":

@@ -161,7 +161,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             probs = (xs @ w.t()).float()
             target_logit, top = probs.gather(1, target), probs.amax(dim=-1, keepdim=True)
             total = probs.sub_(top).exp_().sum(dim=-1, keepdim=True)
-            loss += torch.where(learned[:, None], top + total.log() - target_logit, 0.0).sum()
+            # out of place: torch 2.11's compiler zeroes the gradient of an autograd.Function's output updated in place
+            loss = loss + torch.where(learned[:, None], top + total.log() - target_logit, 0.0).sum()
             probs.div_(total).scatter_add_(1, target, -learned[:, None].float())
             grad = probs.mul_(learned[:, None]).to(compute_dtype)
             del probs

@@ -167,3 +167,48 @@ def state_bytes(raw_model, optimizers):
     tensors = [t for p in raw_model.parameters() for t in (p, p.grad) if t is not None]
     tensors += [t for opt in optimizers for state in opt.state.values() for t in state.values() if torch.is_tensor(t)]
     return sum(rows_held(t)[0].numel() * t.element_size() for t in tensors)
+
+
+def compiled_step_problem(model, raw_model, x, y, loss_scale, *, autocast, low_precision):
+    """Whether the compiled model trains as the uncompiled one does, on this torch and this device: a
+    sentence naming the first disagreement, or None (the same on every rank). One micro-batch goes
+    through the compiled model, then through the uncompiled one with its loss negated, so that each
+    gradient accumulates to compiled - uncompiled: every parameter's difference is measured whole,
+    with no copy of the gradients. Compiler faults change numbers without an error (torch 2.11 zeroed
+    the chunked loss's gradients): this is the minute-one check. No optimizer steps and the gradients
+    are dropped, so training then starts exactly as it would without it. low_precision (bf16 or fp8):
+    compiled kernels round differently, so within 5%; in fp32 (TF32 on CUDA) within 1%."""
+    import torch.distributed as dist
+    rtol = 0.05 if low_precision else 0.01
+
+    def one_pass(sign):
+        sync_gradients(model, False)  # no all-reduce across replicas: each rank compares its own gradients
+        with autocast:
+            loss = model(x, y, loss_reduction="sum") * (sign * loss_scale)
+        loss.backward()
+        return sign * loss.detach().float(), torch.stack([
+            rows_held(p.grad)[0].float().norm() if p.grad is not None else torch.zeros((), device=x.device)
+            for p in raw_model.parameters()])
+
+    compiled_loss, compiled_norm = one_pass(1)
+    try:
+        with torch.compiler.set_stance("force_eager"):
+            eager_loss, difference = one_pass(-1)
+    except torch.OutOfMemoryError:  # uncompiled takes more activation memory: then the check is skipped
+        return None
+    finally:
+        raw_model.zero_grad(set_to_none=True)
+    # per parameter, relative to its own gradient, with a floor of 1% of the largest for tiny ones
+    errors = difference / (compiled_norm + 1e-2 * compiled_norm.max()).clamp(min=1e-30)
+    loss_error = (compiled_loss - eager_loss).abs() / eager_loss.abs().clamp(min=1e-30)
+    summary = torch.cat([loss_error[None], errors]).nan_to_num(nan=float("inf"))
+    if dist.is_initialized():  # every rank decides from the same numbers: the largest error anywhere
+        dist.all_reduce(summary, op=dist.ReduceOp.MAX)
+    worst = int(summary[1:].argmax())
+    if summary[0] > rtol:
+        return f"the loss of one micro-batch is {compiled_loss.item():.6g} compiled, {eager_loss.item():.6g} uncompiled"
+    if summary[1 + worst] > rtol:
+        name = [name for name, _ in raw_model.named_parameters()][worst]
+        return (f"the gradient of {name} has norm {compiled_norm[worst].item():.4g} compiled, and is "
+                f"{difference[worst].item():.4g} away from the uncompiled one")
+    return None

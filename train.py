@@ -105,8 +105,8 @@ from evaluate import evaluate_tasks, load_task, scores_line, validation, validat
 from fp8 import problem as fp8_problem, use_fp8
 from device import device_name, device_peak_flops, peak_memory_mb, resolve_compile, resolve_device
 from model import GPT, Init
-from parallel import (MODES, clip_grad_norm, join_process_group, mean_over_ranks, ranks, reshard,
-                      state_bytes, sync_gradients, wrap)
+from parallel import (MODES, clip_grad_norm, compiled_step_problem, join_process_group, mean_over_ranks, ranks,
+                      reshard, state_bytes, sync_gradients, wrap)
 from rundir import (Finished, Refused, catch_stop_signals, end_run, fail, fail_on, log, log_line, open_run_log,
                     start_counters, start_point, stop_signal)
 from settings import batch_size_problem, config_problem
@@ -246,6 +246,15 @@ if start_ckpt is not None:  # each rank reads the rows it holds
     log(f"resumed from {good_checkpoint} at step {step}" if resuming else
         f"weights from {parent} (step {start_ckpt['step']}); fresh optimizer, step count and schedule")
     del start_ckpt, read_tensor
+x, y, loss_scale = next_batch()
+# compiled, the first micro-batch runs through the compiled and the uncompiled model: a compiler that
+# changes the gradients (it happens, silently) stops the run now, not after days of a flat loss
+if compile:
+    log("compiling the model, and checking it against the uncompiled one on one micro-batch (a minute or more)")
+    if problem := compiled_step_problem(model, gpt, x, y, loss_scale, autocast=autocast,
+                                        low_precision=dtype == "bfloat16" or fp8):
+        fail(f"compiled and uncompiled training disagree with torch {torch.__version__} on {device}: {problem}; "
+             f"train with --compile=False")
 
 
 # ---- evaluation: the same validation windows at every evaluation, split between ranks -------------
@@ -284,7 +293,6 @@ record = open_run_log(out_dir, config, run_info, master=master, wandb_project=wa
 
 # ---- the loop ---------------------------------------------------------------------------------
 start_step = step
-x, y, loss_scale = next_batch()
 # divergence guard, on the device: the count of non-finite steps in a row and in all
 bad_in_a_row = torch.zeros((), device=device, dtype=torch.int64)
 bad_total = torch.zeros((), device=device, dtype=torch.int64)
@@ -359,6 +367,9 @@ while True:
             fail(f"the loss or gradients were not finite for {bad_in_a_row.item()} steps in a row (to step {step}), "
                  f"and none of those steps was applied; the newest good checkpoint is "
                  f"{good_checkpoint or 'none (nothing was written)'}: resume from it with a lower learning rate")
+        if last_log_step == start_step and grad_norm.item() == 0:
+            fail(f"the gradient norm is exactly 0 at step {step}: nothing is learning (the loss is {loss_value:.4g}); "
+                 f"a compiler fault (try --compile=False), no learned tokens in the data, or weights all zero")
         now = time.time()
         elapsed, steps_done = now - last_log_time, step - last_log_step
         eta = (now - run_started) / (step - start_step) * (max_iters - step)  # evaluations included
