@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from checkpoint import checkpoint_paths, load_checkpoint
-from conftest import HANG_S, ROOT, TORCHRUN, assert_same_state, records, train
+from conftest import HANG_S, ROOT, TORCHRUN, assert_same_state, one_line_error, records, train
 
 TINY = ["tests/tiny_model.py", "--eval_iters=1", "--log_interval=1", "--micro_batch_size=4", "--learning_rate=1e-2",
         "--warmup_iters=2"]
@@ -165,3 +165,9 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(data, tmp_path):
     assert "not finite for 3 steps in a row" in result.stderr
     # the checkpoint at step 4 is the last: nothing written after the loss went bad
     assert [os.path.basename(p) for p in checkpoint_paths(str(tmp_path / "diverged"))] == ["ckpt_0000004"]
+
+    # every gradient exactly zero (a compiler fault, nothing to learn): the first log step stops the run
+    result = train(*args, f"--out_dir={tmp_path}/zero", script="tests/nan_loss.py",
+                   env={"NAN_FROM": "1", "LOSS_FACTOR": "0"}, check=False)
+    assert "the gradient norm is exactly 0 at step 1: nothing is learning" in one_line_error(result)
+    assert not checkpoint_paths(str(tmp_path / "zero"))
