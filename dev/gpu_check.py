@@ -9,14 +9,17 @@ whatever the token ids. Parts run in order of importance; each prints its lines 
 and out_file (JSON) is rewritten after every part, so a check killed half-way keeps what it measured.
 An out_file that exists and is not an earlier check's results is refused before anything runs.
 A part that cannot finish before the deadline (time_limit_s from the start) is skipped and reported;
-a part that fails (a missing package, an out-of-memory) is reported, never the end of the check.
+a part that fails (a missing package, an out-of-memory) is reported, never the end of the check, and
+makes its exit code 1. Every train.py and bench.py run checks its compiled step against the uncompiled
+one before it starts; a smoke that fails (compiled training does not learn here) skips every later part.
  0. the toolchain: whether torch.compile can build here (a C/C++ compiler, Python's headers), and
     the CUDA, cuDNN, NCCL, driver and Triton versions
  1. ceilings: a large bf16 matmul's TFLOP/s, a large device-to-device copy's GB/s, and the 1B block's
     q/k/v and gate/up projections as one matmul against several (what fusing them would gain)
  2. attention alone at the 1B shape, forward + backward, per SDPA backend, with GQA, with K/V expanded
     and at head_dim 128 (half the heads), each backend's output and gradients against fp32 math
- 3. a smoke of the tiny config in bf16 + compile: loss falling, the host syncs between log steps and
+ 3. a smoke of the tiny config in bf16 + compile (compiled in the dry run too): compiled = uncompiled at
+    the start, gradients finite and non-zero, the loss falling; the host syncs between log steps and
     the attention kernels (bench.py --profile=True), the recompiles
  4. the 1B model of configs/pretrain.py as users run it (train.py: Muon, QK-norm, bf16, compile), one GPU's share
     of the config's step (micro-batch 8, 2 accumulation steps): ms/step, tokens/s, MFU, peak memory,
@@ -24,8 +27,8 @@ a part that fails (a missing package, an out-of-memory) is reported, never the e
  5. the 1B model with Muon (bench.py): Muon's share of the step on one GPU (all the matrices), and
     on 8 (each rank's share of the matrices; the all-gather not measured)
  6. the levers against part 5's step: FP8 matmuls (--fp8=True), the loss unchunked (--loss_chunk_tokens=0)
- 7. the largest micro-batch of the 1B model that fits 80 GB (the process capped at memory_cap_gb, so
-    an H200 answers for an H100), and its step compiled
+ 7. the largest micro-batch of the 1B model that fits 80 GB compiled (the process capped at memory_cap_gb,
+    so an H200 answers for an H100), and its step
  8. the 1B run of part 4 under torchrun --nproc_per_node=1, wrapped in DDP (train.py wraps every torchrun
     run): what the DDP wrapper costs around the compiled model
  9. the same under FSDP2 (data_parallel='fsdp', one rank): the cost of the sharding machinery and of
@@ -39,6 +42,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -50,6 +54,7 @@ import torch
 device = "auto"
 out_file = "gpu_check.json"
 time_limit_s = 540.0            # the whole check, compilation included; no part starts that cannot end before it
+only = ""                       # a comma-separated list of parts to run (e.g. "smoke,1B levers"); "": all
 memory_cap_gb = 79.0            # part 7: the GiB the largest micro-batch must fit in: an H100 80GB's usable memory
                                 # (about 79.6 GiB) less its CUDA context
 exec(open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configurator.py")).read())
@@ -93,16 +98,27 @@ def left():
 
 
 def run(*args, launcher=(sys.executable,), env=None):
-    """A subprocess in the repository, stopped at the deadline."""
+    """A subprocess in the repository, stopped at the deadline with every process it started (torchrun's
+    ranks too: a session of its own, killed whole), so nothing is left holding the GPU."""
+    process = subprocess.Popen([*launcher, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env={**os.environ, **(env or {})}, start_new_session=True)
     try:
-        return subprocess.run([*launcher, *args], cwd=ROOT, capture_output=True, text=True, timeout=max(1.0, left()),
-                              env={**os.environ, **(env or {})})
+        stdout, stderr = process.communicate(timeout=max(1.0, left()))
     except subprocess.TimeoutExpired as e:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
         raise TimeoutError(f"stopped at the deadline ({time_limit_s:.0f}s from the start)") from e
+    finally:
+        if process.poll() is None:  # the check itself interrupted: its children go with it
+            os.killpg(process.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def failed(result):
-    return RuntimeError((result.stderr or result.stdout).strip()[-600:] or f"exit code {result.returncode}")
+    """The error of a train.py or bench.py run: its one-line error when it printed one (not buried under logs)."""
+    text = (result.stderr or result.stdout).strip()
+    errors = [line for line in text.splitlines() if line.startswith(("error (rank", "bench.py:"))]
+    return RuntimeError(errors[-1] if errors else text[-600:] or f"exit code {result.returncode}")
 
 
 def model_flops(shape):
@@ -263,9 +279,11 @@ def one_b_with_muon():
 
 
 def levers():
-    """FP8 matmuls on, and the loss unchunked, each against part 5's bare step (the config's settings)."""
+    """FP8 matmuls on, and the loss unchunked, each against part 5's bare step (the config's settings);
+    each lever's record saved as soon as it is measured, so a deadline in the second keeps the first."""
     base = results["parts"].get("1B with Muon", {})
-    r, lines = {}, []
+    r = results["parts"]["1B levers"]
+    lines = r["lines"] = []
     for name, setting in (("fp8", "--fp8=True"), ("unchunked_loss", "--loss_chunk_tokens=0")):
         b = bench(ONE_B, f"--micro_batch_size={MICRO}", f"--batch_size={2 * MICRO}", "--full_step=False", setting)
         speed = base["ms_per_step"] / b["ms_per_step"] - 1 if base.get("ms_per_step") else None
@@ -275,7 +293,7 @@ def levers():
         lines.append(f"{setting}: bare step {b['ms_per_step']:.1f} ms (MFU {pct(b['mfu'])}), "
                      + (f"{100 * speed:+.1f}% speed, {memory / 1024:+.2f} GB peak against part 5" if speed is not None
                         else "part 5 did not run"))
-    r["lines"] = lines
+        save()
     return r
 
 
@@ -311,27 +329,34 @@ def one_b_fsdp():
 
 
 def smoke():
+    """The tiny config compiled (in the dry run too): train.py's own start-up check compares the compiled
+    step with the uncompiled one, and the gradients must be finite and non-zero and the loss falling, or
+    the part fails: every later part would be timing graphs that do not learn."""
     args = ["configs/pretrain.py", "configs/tiny.py", f"--data_dir={data}", "--eval_tasks={}", f"--device={device}",
-            "--eval_interval=1000", "--log_interval=6", *BF16, *NO_COMPILE,
+            "--eval_interval=1000", "--log_interval=6", "--compile=True", *BF16,
             *(["--micro_batch_size=4", "--batch_size=8"] if dry_run else [])]  # the dry run: fewer, smaller steps
     result = run("train.py", *args, f"--out_dir={work}/smoke", f"--max_iters={12 if dry_run else 30}",
                  env={"TORCH_LOGS": "dynamo,recompiles"})
     if result.returncode != 0:
         raise failed(result)
     with open(f"{work}/smoke/metrics.jsonl") as f:
-        losses = [r["loss"] for r in map(json.loads, f) if "loss" in r]
-    profiled = run("bench.py", *args, "--max_iters=12", "--profile=True", f"--profile_dir={work}/profile")
+        logged = [r for r in map(json.loads, f) if "loss" in r]
+    losses, norms = [r["loss"] for r in logged], [r["grad_norm"] for r in logged]
+    if not (len(losses) > 1 and all(0 < abs(x) < 1e9 for x in losses + norms) and losses[-1] < losses[0] - 0.1):
+        raise RuntimeError(f"the compiled tiny config does not learn: losses {losses}, gradient norms {norms}")
+    profiled = run("bench.py", *args, *NO_COMPILE, "--max_iters=12", "--profile=True",
+                   f"--profile_dir={work}/profile")
     if profiled.returncode != 0:
         raise failed(profiled)
     with open(f"{work}/profile/summary.json") as f:
         syncs = json.load(f)
-    r = {"ok": all(abs(x) < 1e9 for x in losses) and len(losses) > 1 and losses[-1] < losses[0], "losses": losses,
+    r = {"ok": True, "losses": losses, "grad_norms": norms,
          "item_calls_between_logs": syncs["item_calls"], "cuda_syncs_between_logs": syncs["cuda_syncs"],
          "attention_ops": syncs["attention_ops"],
-         "compilations": result.stderr.count("torchdynamo start tracing forward"),  # 1 expected on the GPU (0 dry)
+         "compilations": result.stderr.count("torchdynamo start tracing forward"),  # 1 expected
          "recompiles": result.stderr.count("Recompiling function")}  # 0 expected: evaluation runs uncompiled
     r["lines"] = [
-        f"{'ok' if r['ok'] else 'FAILED'}: losses {[round(x, 3) for x in losses]}",
+        f"ok, compiled = uncompiled at the start: losses {[round(x, 3) for x in losses]}",
         f"in 3 steps between log steps: {r['item_calls_between_logs']} .item(), {r['cuda_syncs_between_logs']} "
         f"CUDA synchronizations; compilations {r['compilations']}, recompiles {r['recompiles']}; "
         f"attention: {r['attention_ops']}",
@@ -341,12 +366,11 @@ def smoke():
 
 def largest_micro_batch():
     fits, tried = None, []
-    # eager: it needs more memory than compiled, so what fits here fits compiled too
-    for micro in ([8, 4] if dry_run else [32, 24, 16, 12, 8]):
+    # compiled, as training runs (each size one compilation; the largest that fits is then timed from the cache)
+    for micro in ([8, 4] if dry_run else [16, 12, 8]):
         trial = run("bench.py", "configs/pretrain.py", *shape_args(ONE_B), f"--data_dir={data}", f"--device={device}",
-                    f"--micro_batch_size={micro}", f"--batch_size={micro}", "--compile=False", "--full_step=False",
-                    "--warmup_steps=1", "--bench_steps=1", f"--memory_cap_gb={memory_cap_gb}",
-                    *([] if dry_run else ["--dtype=bfloat16"]))
+                    f"--micro_batch_size={micro}", f"--batch_size={micro}", "--full_step=False", *BF16, *NO_COMPILE,
+                    "--warmup_steps=1", "--bench_steps=1", f"--memory_cap_gb={memory_cap_gb}")
         tried.append(micro)
         if trial.returncode == 0:
             fits = micro
@@ -374,7 +398,7 @@ PARTS = [
     ("1B as configured", 150, one_b_as_configured),
     ("1B with Muon", 60, one_b_with_muon),  # the same compiled graph as the part before (inductor's cache)
     ("1B levers", 120, levers),  # two more compilations of the 1B step
-    ("1B at 80 GB", 100, largest_micro_batch),
+    ("1B at 80 GB", 150, largest_micro_batch),  # up to three compilations
     ("1B under DDP", 60, one_b_ddp),
     ("1B under FSDP2", 60, one_b_fsdp),
     ("124M", 60, gpt2_small),
@@ -390,20 +414,31 @@ for name, needs, _ in PARTS:  # by each part's own estimate: what a run of time_
         reached.append(name)
 print(f"on an H100/H200 this budget reaches, by the parts' estimates ({planned:.0f}s for all): "
       + ", ".join(reached), flush=True)
+asked = [name.strip() for name in only.split(",") if name.strip()] or [name for name, _, _ in PARTS]
+if unknown := set(asked) - {name for name, _, _ in PARTS}:
+    sys.exit(f"gpu_check: only names unknown parts {sorted(unknown)}; the parts are {[n for n, _, _ in PARTS]}")
 for name, needs, part in PARTS:
-    if left() < (5 if dry_run else needs):
+    if name not in asked:
+        results["parts"][name] = {"skipped": "not asked for (--only)"}
+    elif "error" in results["parts"].get("smoke", {}):  # every later part times compiled graphs
+        results["parts"][name] = {"skipped": "the smoke failed: compiled training does not learn here"}
+    elif left() < (5 if dry_run else needs):
         results["parts"][name] = {"skipped": f"out of time: {left():.0f}s left, the part needs about {needs}s"}
     else:
+        results["parts"][name] = {}  # a part may save what it has measured so far here
         try:
             results["parts"][name] = part()
-        except Exception as e:  # a part that fails is reported, never the end of the check
-            results["parts"][name] = {"error": f"{type(e).__name__}: {str(e).strip()[-600:]}"}
+        except Exception as e:  # a part that fails is reported, never the end of the check, keeping what it measured
+            results["parts"][name]["error"] = f"{type(e).__name__}: {str(e).strip()[-600:]}"
     results["timeline_s"][name] = round(time.time() - started, 1)
     save()
     outcome = results["parts"][name]
-    lines = outcome.get("lines") or [outcome.get("skipped") or f"error: {outcome.get('error')}"]
+    lines = [*outcome.get("lines", []), *([f"error: {outcome['error']}"] if "error" in outcome else [])]
+    lines = lines or [outcome.get("skipped")]
     print(f"[{time.time() - started:5.0f}s] {name}: " + "\n         ".join(lines), flush=True)
 results["seconds"] = round(time.time() - started, 1)
 save()
 shutil.rmtree(work, ignore_errors=True)
-print(f"done in {results['seconds']:.0f}s: {out_file}")
+failures = [name for name, outcome in results["parts"].items() if "error" in outcome]
+print(f"done in {results['seconds']:.0f}s: {out_file}" + (f"; FAILED: {', '.join(failures)}" if failures else ""))
+sys.exit(1 if failures else 0)

@@ -75,8 +75,13 @@ def attention(*, device, dry_run, shape, micro):
             out.backward(grad_out.to(out.dtype))
             return [out.detach()] + [t.grad for t in tensors]
 
-        with sdpa_kernel([SDPBackend.MATH]):
-            reference = step([t.detach().float().requires_grad_() for t in inputs])
+        tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # a true fp32 reference
+        try:
+            with sdpa_kernel([SDPBackend.MATH]):
+                reference = step([t.detach().float().requires_grad_() for t in inputs])
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
         for backend in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
             try:
                 with sdpa_kernel([getattr(SDPBackend, backend)]):

@@ -105,3 +105,19 @@ def test_the_check_never_replaces_a_file_it_did_not_write(tmp_path):
     assert result.returncode != 0 and theirs.read_text() == '{"step": 4}'
     assert result.stderr.strip() == (f"gpu_check: {theirs} exists and is not a GPU check's results: refusing to "
                                      "replace it; choose another --out_file")
+
+
+@pytest.mark.slow
+@pytest.mark.compiled
+def test_the_smoke_fails_when_compiled_gradients_are_wrong(tmp_path):
+    # a stand-in torch.compile that zeroes every gradient (tests/bad_compile), in every process the check starts
+    env = environment(tmp_path)
+    env.update(GRAD_SCALE="0", PYTHONPATH=env["PYTHONPATH"] + os.pathsep + os.path.join(ROOT, "tests", "bad_compile"))
+    result = subprocess.run([sys.executable, "dev/gpu_check.py", "--device=cpu", f"--out_file={tmp_path}/check.json",
+                             "--only=toolchain,smoke,1B as configured"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=HANG_S, env=env)
+    assert result.returncode == 1 and "FAILED: smoke" in result.stdout, result.stdout[-3000:]
+    parts = json.loads((tmp_path / "check.json").read_text())["parts"]
+    assert "compiled and uncompiled training disagree" in parts["smoke"]["error"]
+    assert parts["1B as configured"] == {"skipped": "the smoke failed: compiled training does not learn here"}
+    assert parts["ceilings"] == {"skipped": "not asked for (--only)"} and "error" not in parts["toolchain"]

@@ -1,7 +1,7 @@
 """Compiled training is checked against uncompiled training, on whichever torch runs the suite (CI runs
 each end of requirements.txt's range): the compiled gradients equal the eager ones, a compiled run's
 losses follow the uncompiled run's in every mode, and the start-up check stops a run whose compiler
-changes the gradients (tests/bad_compile.py stands in for such a compiler)."""
+changes the gradients (tests/bad_compile/sitecustomize.py stands in for such a compiler)."""
 import json
 import os
 import subprocess
@@ -47,6 +47,7 @@ def test_compiled_gradients_equal_eager_ones(backend, settings):
         torch.testing.assert_close(compiled[name], eager[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
+BAD_COMPILE = os.path.join(ROOT, "tests", "bad_compile")  # a stand-in torch.compile (GRAD_SCALE)
 TINY = ["tests/tiny_model.py", "--micro_batch_size=4", "--batch_size=4", "--eval_iters=1", "--log_interval=1",
         "--max_iters=3", "--eval_interval=3", "--compile=True"]
 
@@ -54,16 +55,15 @@ TINY = ["tests/tiny_model.py", "--micro_batch_size=4", "--batch_size=4", "--eval
 @pytest.mark.slow
 @pytest.mark.parametrize("scale", ["0", "0.5", "-1"])
 def test_a_compiler_that_changes_gradients_stops_the_run_before_anything_is_written(data, tmp_path, scale):
-    env = {"GRAD_SCALE": scale}
-    result = run_script("tests/bad_compile.py", *TINY, f"--data_dir={data}", f"--out_dir={tmp_path}/run", env=env,
+    env = {"GRAD_SCALE": scale, "PYTHONPATH": BAD_COMPILE}
+    result = run_script("train.py", *TINY, f"--data_dir={data}", f"--out_dir={tmp_path}/run", env=env,
                         check=False)
     line = one_line_error(result)
     assert "compiled and uncompiled training disagree with torch" in line and "--compile=False" in line, line
     assert torch.__version__ in line and not checkpoint_paths(f"{tmp_path}/run")
     assert not os.path.exists(f"{tmp_path}/run/metrics.jsonl")
     if scale == "0":  # the same stand-in compiler stops bench.py before it times anything
-        bench = run_script("tests/bad_compile.py", *TINY, f"--data_dir={data}", "--full_step=False", check=False,
-                           env={**env, "BAD_COMPILE_SCRIPT": "bench.py"})
+        bench = run_script("bench.py", *TINY, f"--data_dir={data}", "--full_step=False", check=False, env=env)
         assert "disagree" in one_line_error(bench) and "bare step" not in bench.stdout
 
 
@@ -71,12 +71,13 @@ def test_a_compiler_that_changes_gradients_stops_the_run_before_anything_is_writ
 def test_the_check_agrees_across_ranks_and_passes_a_faithful_compiler(data, tmp_path):
     # two ranks under DDP: every rank stops on the same line; GRAD_SCALE=1 (the stand-in compiles faithfully) trains
     args = [*TINY, f"--data_dir={data}", "--batch_size=8"]
-    wrong = run_script("tests/bad_compile.py", *args, f"--out_dir={tmp_path}/wrong", launcher=TORCHRUN,
-                       env={"GRAD_SCALE": "0"}, check=False)
+    wrong = run_script("train.py", *args, f"--out_dir={tmp_path}/wrong", launcher=TORCHRUN,
+                       env={"GRAD_SCALE": "0", "PYTHONPATH": BAD_COMPILE}, check=False)
     assert wrong.returncode != 0 and "Traceback" not in wrong.stderr.split("elastic/multiprocessing")[0]
     assert all(f"error (rank {r}): compiled and uncompiled training disagree" in wrong.stderr for r in (0, 1))
     assert not checkpoint_paths(f"{tmp_path}/wrong")
-    run_script("tests/bad_compile.py", *args, f"--out_dir={tmp_path}/right", launcher=TORCHRUN, env={"GRAD_SCALE": "1"})
+    run_script("train.py", *args, f"--out_dir={tmp_path}/right", launcher=TORCHRUN,
+               env={"GRAD_SCALE": "1", "PYTHONPATH": BAD_COMPILE})
     assert checkpoint_paths(f"{tmp_path}/right")
 
 
