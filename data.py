@@ -170,6 +170,20 @@ def write_meta(directory, meta):
         json.dump(meta, f, indent=1)
 
 
+def val_fraction_for(val_tokens, total_tokens):
+    """The --val_fraction that gives a val split of val_tokens out of total_tokens with a 20% margin
+    (documents fall in a split by their name's hash), to two figures, at least 0.01; None above one half."""
+    fraction = 1.2 * val_tokens / max(1, total_tokens)
+    return None if fraction > 0.5 else max(0.01, float(f"{fraction:.2g}"))
+
+
+def val_split_advice(val_tokens, total_tokens):
+    """What to prepare the data with for a val split of val_tokens: a --val_fraction, or more data."""
+    fraction = val_fraction_for(val_tokens, total_tokens)
+    return (f"prepare the data again with --val_fraction={fraction} (or more)" if fraction is not None else
+            f"the dataset ({total_tokens:,} tokens) is too small to hold {val_tokens:,} out: use more data")
+
+
 def val_split_warnings(datasets, tokens_per_evaluation):
     """Warnings on datasets whose val split is under half what an evaluation would read (a val loss
     on so few tokens is noise), and on conversations longer than a window (they are cut)."""
@@ -177,10 +191,11 @@ def val_split_warnings(datasets, tokens_per_evaluation):
     for d in datasets:
         val_tokens = d.meta["splits"]["val"]["tokens"]
         if tokens_per_evaluation > 2 * val_tokens:
+            total = val_tokens + d.meta["splits"]["train"]["tokens"]
             warnings.append(f"warning: the val split of {d.directory} holds only {val_tokens:,} tokens, under half "
                             f"the {tokens_per_evaluation:,} an evaluation could read (eval_iters x micro_batch_size x "
-                            f"world size x block_size): a val loss on so few is noisy; prepare the data with a larger "
-                            f"--val_fraction")
+                            f"world size x block_size): a val loss on so few is noisy; "
+                            f"{val_split_advice(tokens_per_evaluation // 2, total)}, or lower --eval_iters")
         if d.truncated:
             warnings.append(f"{d.directory}: {d.truncated} training conversations are longer than a window "
                             f"(block_size + 1 tokens) and will be cut")

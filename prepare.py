@@ -9,7 +9,8 @@ Text -> tokenizer -> token shards.
 With no sources it builds the offline demo (demo.py): the text corpus from the standard library,
 the chat set of questions on it, and three evaluation tasks (OUT-tasks) on its held-out modules.
 With --chat=True, each .jsonl line is a conversation, {"messages": [{"role": "system"|"user"|
-"assistant", "content": "..."}]}, rendered with tokenizer.encode_chat's template, with a loss mask
+"assistant", "content": "..."}]} (OpenAI's format) or {"conversations": [{"from": "system"|"human"|
+"gpt", "value": "..."}]} (ShareGPT's), rendered with tokenizer.encode_chat's template, with a loss mask
 per token ({split}_mask_NNNNNN.bin); a bad line (not JSON, no messages, an unknown role) is
 reported with its file and line and skipped. Files that are not UTF-8 text are skipped and
 counted; characters JSON can carry but UTF-8 cannot (lone surrogates) become U+FFFD, counted.
@@ -42,7 +43,7 @@ out = ""                        # output directory; '': data/demo, or data/<name
 tokenizer = "bpe"               # bpe (train one here), gpt2, cl100k_base, o200k_base, bytes (256 byte tokens: no
                                 # training, no download), a directory holding a tokenizer.json (an earlier
                                 # dataset's: ids never change between stages), hf:<model dir>
-chat = False                    # the .jsonl sources are conversations: {"messages": [{"role", "content"}, ...]}
+chat = False                    # the .jsonl sources are conversations (OpenAI "messages" or ShareGPT "conversations")
 vocab_size = 4096               # vocabulary of a trained BPE, special tokens included
 tokenizer_train_chars = 2_000_000_000  # train the BPE on at most this many characters
 val_fraction = 0.0              # fraction of documents held out for validation; 0: 0.05 for the demo, else 0.005
@@ -57,7 +58,7 @@ progress_seconds = 30.0         # a progress line this often in a log file (twic
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 # ----------------------------------------------------------------------------------------------
 
-from data import ShardWriter, split_of, write_meta  # noqa: E402
+from data import ShardWriter, split_of, val_split_advice, write_meta  # noqa: E402
 from demo import TASK_FILES, demo_conversations, demo_documents, write_demo_tasks  # noqa: E402
 from rundir import check_replaceable, replace_directory  # noqa: E402
 import tokenizer as tok  # noqa: E402  (after the config: `tokenizer` is also a setting's name)
@@ -120,9 +121,32 @@ def jsonl_documents(path, field):
             yield f"{path}:{line_number}", record[field], None
 
 
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+CHAT_FORMATS = ('{"messages": [{"role": "system"|"user"|"assistant", "content": ...}]} (OpenAI) or '
+                '{"conversations": [{"from": "system"|"human"|"gpt", "value": ...}]} (ShareGPT)')
+
+
+def conversation(record):
+    """(messages, problem) of one chat record in either format: OpenAI's {"messages": [{"role", "content"}]}
+    or ShareGPT's {"conversations": [{"from", "value"}]}, the latter renamed to the former."""
+    if isinstance(record, dict) and "conversations" in record and "messages" not in record:
+        turns = record["conversations"]
+        if not isinstance(turns, list) or not all(isinstance(t, dict) and t.get("from") in SHAREGPT_ROLES
+                                                  and isinstance(t.get("value"), str) for t in turns):
+            return None, f"a ShareGPT turn is not {{'from': {'|'.join(SHAREGPT_ROLES)}, 'value': str}}"
+        messages = [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in turns]
+    elif isinstance(record, dict) and "messages" in record:
+        messages = record["messages"]
+    else:
+        return None, "neither a 'messages' (OpenAI) nor a 'conversations' (ShareGPT) list"
+    problem = tok.chat_problem(messages)
+    return (None, problem) if problem else ([{"role": m["role"], "content": m["content"]} for m in messages], None)
+
+
 def chat_documents(path):
-    """{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]} per line. A bad line
-    is skipped and reported rather than failing a whole dataset for it."""
+    """One conversation per line, in either format conversation() reads. A bad line is skipped and
+    reported rather than failing a whole dataset for it; a file with no conversation at all is refused."""
+    found = False
     with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for line_number, line in enumerate(f, 1):
             if not line.strip():
@@ -133,8 +157,11 @@ def chat_documents(path):
             except json.JSONDecodeError as e:
                 yield where, None, f"not valid JSON ({e.msg})"
                 continue
-            messages = record.get("messages") if isinstance(record, dict) else None
-            yield where, messages, tok.chat_problem(messages)
+            messages, problem = conversation(record)
+            found |= problem is None
+            yield where, messages, problem
+    if not found:
+        fail(f"{path}: no line is a conversation; --chat=True takes one per line, {CHAT_FORMATS}")
 
 
 def parquet_documents(path, field):
@@ -160,11 +187,8 @@ def hf_documents(name):
         fail(f"'{name}' is not a file, and Hugging Face datasets need the datasets package (pip install datasets)")
     stream = datasets.load_dataset(name, hf_config, split=hf_split, streaming=True)
     for row, record in enumerate(stream):
-        if chat:  # conversations in a "messages" column, checked like a .jsonl line
-            messages = record.get("messages")
-            problem = tok.chat_problem(messages)
-            kept = None if problem else [{"role": m["role"], "content": m["content"]} for m in messages]
-            yield f"{name}:{row}", kept, problem
+        if chat:  # conversations in a "messages" or "conversations" column, checked like a .jsonl line
+            yield f"{name}:{row}", *conversation(record)
         else:
             yield f"{name}:{row}", record[text_field], None
 
@@ -202,7 +226,7 @@ def source_documents():
                 fail(f"{path}: not readable")
             if chat:
                 if not path.endswith(".jsonl"):
-                    fail(f"{path}: --chat=True takes .jsonl files of {{\"messages\": [...]}} records")
+                    fail(f"{path}: --chat=True takes .jsonl files of conversations, {CHAT_FORMATS}")
                 yield from chat_documents(path)
             elif path.endswith(".jsonl"):
                 yield from jsonl_documents(path, text_field)
@@ -309,6 +333,8 @@ def build_tokenizer(spec):
         def training_texts():
             for _, split, text, problem in documents():
                 if split == "train" and problem is None:
+                    if chat:  # a conversation: the text of its messages as encode_chat renders them
+                        text = "\n".join(f"{m['role']}\n{m['content']}" for m in text)
                     try:
                         text.encode("utf-8")
                     except UnicodeEncodeError:
@@ -424,8 +450,8 @@ def write_dataset(out, tmp):
     train, val = meta["splits"]["train"], meta["splits"]["val"]
     if val["tokens"] < MIN_VAL_TOKENS:
         print(f"warning: the val split of {out} holds only {val['tokens']:,} tokens ({val['documents']} documents): a "
-              f"validation loss on so few is noise; raise --val_fraction (now {val_fraction}) for at least "
-              f"{MIN_VAL_TOKENS:,}", file=sys.stderr)
+              f"validation loss on so few is noise (now --val_fraction={val_fraction}); for {MIN_VAL_TOKENS:,}, "
+              f"{val_split_advice(MIN_VAL_TOKENS, train['tokens'] + val['tokens'])}", file=sys.stderr)
     print(f"wrote {out}: train {train['tokens']:,} tokens ({train['documents']:,} documents), "
           f"val {val['tokens']:,} tokens ({val['documents']:,} documents), vocab {enc.n_vocab}, "
           f"{train['bytes'] / max(train['tokens'], 1):.2f} bytes/token")
