@@ -1,6 +1,9 @@
 """
 Export a checkpoint as a Hugging Face transformers model (Llama layout; Qwen3 when qk_norm is on):
     python export_hf.py --ckpt=out/finetune --hf_dir=hf/my-model [--dtype=bfloat16]
+float32 by default: the checkpoint's own weights, so the export's logits and greedy text are sample.py's
+(on the CPU, exactly); bfloat16 halves the files (2 GB for the 1B model) at bf16's rounding (the tiny
+pipeline's logits then move by ~0.1 and greedy text parts from sample.py's after a dozen tokens).
 writes config.json, generation_config.json, model.safetensors (or shards and an index above
 max_shard_size_mb), tokenizer.json and tokenizer_config.json (with the chat template), so that
     AutoModelForCausalLM.from_pretrained(dir), AutoTokenizer.from_pretrained(dir)
@@ -27,7 +30,7 @@ import sys
 # ----------------------------------------------------------------------------------------------
 ckpt = "out/run"                # a run directory (its newest checkpoint) or one checkpoint (ckpt_<step>)
 hf_dir = "hf/model"
-dtype = "bfloat16"              # 'bfloat16' or 'float32'
+dtype = "float32"               # 'float32' (the checkpoint's weights as they are) or 'bfloat16' (half the size)
 max_shard_size_mb = 5000        # larger models are split into shards of at most this size
 # ----------------------------------------------------------------------------------------------
 
@@ -153,7 +156,7 @@ def tokenizer_json(enc):
     }
 
 
-def export(checkpoint, hf_dir, dtype_name="bfloat16", max_shard_size_mb=5000):
+def export(checkpoint, hf_dir, dtype_name="float32", max_shard_size_mb=5000):
     from safetensors.torch import save_file
     import torch
     if dtype_name not in ("bfloat16", "float32"):

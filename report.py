@@ -5,7 +5,8 @@ A run's report: Markdown and PNG plots from its metrics.jsonl and those of the s
 The chain of stages follows each run's parent checkpoint (pretrain -> midtrain -> finetune). The plots,
 against tokens seen over the whole chain: train and val loss, the learning rate, tokens/s and MFU,
 the downstream tasks' scores with their chance level. The text: each stage's config, model size,
-hardware, wall time and final numbers. Needs matplotlib (pip install matplotlib).
+hardware, wall time and final numbers. The plots need matplotlib (pip install matplotlib); without
+it, report.md has the text alone and says how to add them.
 """
 import json
 import os
@@ -204,17 +205,18 @@ def markdown(stages, pngs):
 if __name__ == "__main__":
     if len(sources) != 1:
         sys.exit("report.py: error: name one run directory, e.g. python report.py out/finetune-tiny")
+    stages = chain(sources[0])
+    directory = out or os.path.join(sources[0], "report")
+    os.makedirs(directory, exist_ok=True)
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:
-        sys.exit("report.py: error: the plots need matplotlib: pip install matplotlib (it is in requirements-dev.txt)")
-    stages = chain(sources[0])
-    directory = out or os.path.join(sources[0], "report")
-    os.makedirs(directory, exist_ok=True)
-    pngs = plot(stages, directory, plt)
+    except ImportError:  # the text and its numbers need nothing more; only the plots do
+        plt = None
+    pngs = plot(stages, directory, plt) if plt else []
+    no_plots = f"No plots: they need matplotlib (pip install matplotlib, then python report.py {sources[0]} again)."
     with open(os.path.join(directory, "report.md"), "w") as f:
-        f.write(markdown(stages, pngs))
+        f.write(markdown(stages, pngs) + ("" if plt else "\n" + no_plots + "\n"))
     print(f"wrote {directory}/report.md and {len(pngs)} plots, over {len(stages)} stage(s): "
-          + " -> ".join(s["dir"] for s in stages))
+          + " -> ".join(s["dir"] for s in stages) + ("" if plt else "; " + no_plots))

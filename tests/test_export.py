@@ -119,9 +119,11 @@ def test_gpt2_tokenizer_export(tmp_path, gpt2):
 
 
 def test_greedy_generation_matches_sample_py(tmp_path, encoder):
-    checkpoint = make_checkpoint(tmp_path / "run", encoder, boost_padding=True)
-    export(checkpoint, str(tmp_path / "hf"), "float32")
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    make_checkpoint(tmp_path / "run", encoder, boost_padding=True)
+    # export_hf.py's defaults, loaded in the precision the export's config names: the checkpoint's, float32
+    run_script("export_hf.py", f"--ckpt={tmp_path}/run", f"--hf_dir={tmp_path}/hf")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype="auto").eval()
+    assert hf_model.dtype == torch.float32
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     bos = tok.bos_id(encoder)
     # as a new user would: the tokenizer's ids (BOS added) straight into generate, the export's generation config

@@ -4,6 +4,7 @@ labelled line, and a stage's wall time counts its runs, not the gaps between the
 import json
 import os
 import runpy
+import subprocess
 import sys
 
 import pytest
@@ -67,3 +68,15 @@ def test_stage_boundaries_wall_time_and_labels(tmp_path, report):
     assert not any(label in drawn for label in ("a chance", "b chance"))
     text = report["markdown"](stages, pngs)
     assert "wall time: 2.7 min (its runs, without the gaps between them)" in text
+
+
+def test_without_matplotlib_the_report_is_the_text_and_says_how_to_get_the_plots(tmp_path):
+    write_stage(str(tmp_path / "pretrain"), [(0, [10, 20], 100, "data/web")])
+    (tmp_path / "no_matplotlib").mkdir()
+    (tmp_path / "no_matplotlib" / "matplotlib.py").write_text("raise ImportError('matplotlib is not installed')\n")
+    result = subprocess.run([sys.executable, "report.py", str(tmp_path / "pretrain")], cwd=ROOT, capture_output=True,
+                            text=True, env={**os.environ, "PYTHONPATH": str(tmp_path / "no_matplotlib")})
+    assert result.returncode == 0, result.stderr
+    text = (tmp_path / "pretrain" / "report" / "report.md").read_text()
+    assert "last evaluation: step 20, val loss 4.0000" in text and ".png" not in text
+    assert "No plots: they need matplotlib (pip install matplotlib" in text and "pip install matplotlib" in result.stdout
