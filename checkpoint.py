@@ -220,9 +220,14 @@ def model_args_for(start, settings, *, tokenizer, data_vocab, data_dir):
     else:
         args = ModelArgs(**start["model_args"])
         if not tok.same_ids(start["tokenizer"], tokenizer):
-            raise ValueError(f"the tokenizer of {start['path']} (vocabulary {args.vocab_size}) differs from "
-                             f"{data_dir}'s (vocabulary {data_vocab}): prepare the data with "
-                             "--tokenizer=<the earlier dataset's directory>")
+            its_data = (start["path"] if str(start["path"]).startswith("hf:") else start.get("data_dir")
+                        or "<the dataset it was trained on>")
+            raise ValueError(f"{start['path']} was trained with another tokenizer "
+                             f"({tok.tokenizer_label(start['tokenizer'])}) than {data_dir}'s "
+                             f"({tok.tokenizer_label(tokenizer)}): its weights mean other token ids. If it is not "
+                             f"the model you meant to start from, name yours with --init_from (configs/tiny.py "
+                             f"starts a later stage from the demo's run); if it is, prepare {data_dir} again with "
+                             f"--tokenizer={its_data}")
     if args.vocab_size < data_vocab:
         raise ValueError(f"vocab_size={args.vocab_size} is smaller than the dataset's vocabulary ({data_vocab}); "
                          "use 0 to take it from the data")

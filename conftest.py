@@ -39,9 +39,10 @@ def finished(data, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def other_data(tmp_path_factory):
-    """A small text dataset with another tokenizer than data's (a 600-token BPE)."""
+    """A small text dataset with another tokenizer than data's: a BPE of the same size (512 tokens) trained
+    on other documents, so the two differ only in their merges."""
     out = str(tmp_path_factory.mktemp("other") / "other")
-    subprocess.run([sys.executable, "prepare.py", f"--out={out}", "--vocab_size=600", "--max_docs=200"], cwd=ROOT,
+    subprocess.run([sys.executable, "prepare.py", f"--out={out}", "--vocab_size=512", "--max_docs=200"], cwd=ROOT,
                    check=True, capture_output=True)
     return out
 

@@ -2,6 +2,7 @@
 train.py's settings, checked before anything starts. Each function returns the first mistake as
 one line that says what was wrong and what to use instead, or None; train.py prints it and exits 1.
 """
+import importlib.util
 import math
 
 SCHEDULES = ("cosine", "linear", "wsd")
@@ -39,6 +40,9 @@ def config_problem(c, *, world_size, modes):
                  "muon_momentum_warmup_steps", "muon_momentum_cooldown_steps", "loss_chunk_tokens"):
         if c[name] < 0:
             return f"{name} must not be negative, got {c[name]}"
+    if c["wandb_project"] and importlib.util.find_spec("wandb") is None:
+        return ("wandb_project is set, but wandb is not installed: pip install wandb, or leave wandb_project empty "
+                "(out_dir/metrics.jsonl has every logged number either way)")
     return None
 
 

@@ -83,6 +83,14 @@ def same_ids(state_a, state_b):
     return all(state_a[k] == state_b[k] for k in ("pattern", "special_tokens", "ranks"))
 
 
+def tokenizer_label(state):
+    """A tokenizer state in a few words: its name, size and a fingerprint of its merges (two tokenizers
+    of one size differ there)."""
+    import hashlib
+    size = state["ranks"].count("\n") + len(state["special_tokens"])
+    return f"{state['name']!r}, {size:,} tokens, merges {hashlib.sha1(state['ranks'].encode()).hexdigest()[:8]}"
+
+
 def check_tokenizer_state(state, where):
     """A tokenizer state (tokenizer_state's dict) checked for its keys and types: ValueError naming where."""
     if not isinstance(state, dict):

@@ -1,6 +1,7 @@
 """Nothing lost, ever: corrupt checkpoints, divergence, two runs on one directory, failed writes,
 bad data and bad settings. Each is a one-line error or a reported skip, and no good checkpoint or
 dataset is ever lost or left half-written."""
+import importlib.util
 import json
 import os
 import shutil
@@ -137,8 +138,11 @@ def test_bad_settings_and_files_are_one_line_errors(data, tmp_path):
                              ("--micro_batch_size=-1", "micro_batch_size must be at least 1, got -1"),
                              ("--eval_interval=0", "eval_interval must be at least 1"),
                              ("--log_interval=0", "log_interval must be at least 1"),
-                             ("--device=cuda", "torch sees no CUDA device here")]:
+                             ("--device=cuda", "torch sees no CUDA device here"),
+                             *([("--wandb_project=x", "but wandb is not installed: pip install wandb")]
+                               if importlib.util.find_spec("wandb") is None else [])]:
         assert message in one_line_error(run("train.py", *args, setting, check=False))
+    assert not (tmp_path / "out").exists()  # refused before anything is created
     corrupt = tmp_path / "corrupt"
     shutil.copytree(data, corrupt)
     (corrupt / "meta.json").write_text('{"vocab_size": 512, "splits": ')

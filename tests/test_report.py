@@ -79,4 +79,5 @@ def test_without_matplotlib_the_report_is_the_text_and_says_how_to_get_the_plots
     assert result.returncode == 0, result.stderr
     text = (tmp_path / "pretrain" / "report" / "report.md").read_text()
     assert "last evaluation: step 20, val loss 4.0000" in text and ".png" not in text
-    assert "No plots: they need matplotlib (pip install matplotlib" in text and "pip install matplotlib" in result.stdout
+    assert "No plots: they need matplotlib (pip install matplotlib" in text
+    assert "pip install matplotlib" in result.stdout
