@@ -184,10 +184,10 @@ def val_split_advice(val_tokens, total_tokens):
             f"the dataset ({total_tokens:,} tokens) is too small to hold {val_tokens:,} out: use more data")
 
 
-def val_split_warnings(datasets, tokens_per_evaluation):
+def val_split_warnings(datasets, *, eval_iters, tokens_per_eval_iter):
     """Warnings on datasets whose val split is under half what an evaluation would read (a val loss
     on so few tokens is noise), and on conversations longer than a window (they are cut)."""
-    warnings = []
+    warnings, tokens_per_evaluation = [], eval_iters * tokens_per_eval_iter
     for d in datasets:
         val_tokens = d.meta["splits"]["val"]["tokens"]
         if tokens_per_evaluation > 2 * val_tokens:
@@ -195,7 +195,8 @@ def val_split_warnings(datasets, tokens_per_evaluation):
             warnings.append(f"warning: the val split of {d.directory} holds only {val_tokens:,} tokens, under half "
                             f"the {tokens_per_evaluation:,} an evaluation could read (eval_iters x micro_batch_size x "
                             f"world size x block_size): a val loss on so few is noisy; "
-                            f"{val_split_advice(tokens_per_evaluation // 2, total)}, or lower --eval_iters")
+                            f"{val_split_advice(tokens_per_evaluation // 2, total)}, or evaluate less: "
+                            f"--eval_iters={max(1, 2 * val_tokens // tokens_per_eval_iter)}")
         if d.truncated:
             warnings.append(f"{d.directory}: {d.truncated} training conversations are longer than a window "
                             f"(block_size + 1 tokens) and will be cut")

@@ -74,6 +74,20 @@ def resolve_compile(compile, device_type):
     return compile and problem is None, problem
 
 
+def busy_cpu_warning(load=None, cores=None, threads=None):
+    """A warning when the CPU's cores are already busy (the load average says so) and torch would start
+    one thread per core anyway: its threads then wait on each other, several times slower than with the
+    cores that are free. None when OMP_NUM_THREADS is set or torch runs one thread."""
+    load = os.getloadavg()[0] if load is None else load
+    cores = (os.cpu_count() or 1) if cores is None else cores
+    threads = torch.get_num_threads() if threads is None else threads
+    if "OMP_NUM_THREADS" in os.environ or threads == 1 or load < cores / 2:
+        return None
+    free = max(1, cores - round(load))
+    return (f"warning: the load average is {load:.1f} on {cores} cores: other work holds them, and torch's {threads} "
+            f"threads would wait on it (several times slower); run with OMP_NUM_THREADS={free}, the free cores")
+
+
 def peak_memory_mb(device):
     """The peak memory so far: allocated on a GPU, the process's resident set on a CPU."""
     if torch.device(device).type == "cuda":

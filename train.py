@@ -103,7 +103,8 @@ from checkpoint import checkpoint_failure, load_state, model_args_for, save_trai
 from data import micro_batches, open_mixture, val_split_warnings
 from evaluate import evaluate_tasks, load_task, scores_line, validation, validation_line, validation_windows
 from fp8 import problem as fp8_problem, use_fp8
-from device import device_name, device_peak_flops, peak_memory_mb, resolve_compile, resolve_device
+from device import (busy_cpu_warning, device_name, device_peak_flops, peak_memory_mb, resolve_compile,
+                    resolve_device)
 from model import GPT, Init
 from parallel import (MODES, clip_grad_norm, compiled_step_problem, join_process_group, mean_over_ranks, ranks,
                       reshard, state_bytes, sync_gradients, wrap)
@@ -125,6 +126,8 @@ with fail_on(ValueError, prefix="config: "):
     device, device_type, dtype, autocast = resolve_device(device, dtype)
 if distributed:
     device = join_process_group(device, device_type, local_rank)
+if device_type == "cpu" and (warning := busy_cpu_warning()):
+    log(warning)
 compile, problem = resolve_compile(compile, device_type)
 if problem:
     log(f"warning: compile=True needs {problem}; training uncompiled (--compile=False silences this)")
@@ -200,7 +203,8 @@ tasks_scored = start_ckpt is not None and not resuming and start_ckpt.get("confi
 with fail_on(FileNotFoundError, ValueError):
     datasets, mixture_weights, encoder = open_mixture(data_mixture or {data_dir: 1.0}, block_size, align_windows)
 encoder_state, meta = tok.tokenizer_state(encoder), datasets[0].meta  # checkpoints embed the tokenizer
-for warning in val_split_warnings(datasets, eval_iters * micro_batch_size * world_size * block_size):
+for warning in val_split_warnings(datasets, eval_iters=eval_iters,
+                                  tokens_per_eval_iter=micro_batch_size * world_size * block_size):
     log(warning)
 batches = micro_batches(datasets, mixture_weights, start_step=step, batch_size_at=batch_size_at,
                         micro_batch_size=micro_batch_size, rank=rank, world_size=world_size, block_size=block_size,
@@ -315,6 +319,9 @@ while True:
                 record({"step": step, "val_loss": val_loss, "val_bpb": val_bpb, "tokens": tokens_seen,
                         "val_by_dataset": by_dataset})
             if tasks and not (tasks_scored and step == start_step):
+                if step == start_step:  # the first scoring can take a minute or more on a CPU: say so
+                    log(f"step {step}: scoring {len(tasks)} tasks ({sum(len(t['examples']) for t in tasks):,} "
+                        f"examples)...")
                 scores = evaluate_tasks(gpt, encoder, tasks, block_size=block_size,
                                         micro_batch_size=micro_batch_size, device=device, autocast=autocast,
                                         rank=rank, world_size=world_size)

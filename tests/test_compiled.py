@@ -61,6 +61,7 @@ def test_a_compiler_that_changes_gradients_stops_the_run_before_anything_is_writ
     line = one_line_error(result)
     assert "compiled and uncompiled training disagree with torch" in line and "--compile=False" in line, line
     assert torch.__version__ in line and not checkpoint_paths(f"{tmp_path}/run")
+    assert "compiling the model, and checking it against the uncompiled one" in result.stdout  # no silent minute
     assert not os.path.exists(f"{tmp_path}/run/metrics.jsonl")
     if scale == "0":  # the same stand-in compiler stops bench.py before it times anything
         bench = run_script("bench.py", *TINY, f"--data_dir={data}", "--full_step=False", check=False, env=env)

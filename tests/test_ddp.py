@@ -32,7 +32,7 @@ def test_two_processes_match_one(data, tmp_path, variant):
     args = [*TINY, f"--data_dir={data}", *variant, "--max_iters=5", "--eval_interval=5", "--eval_iters=3", tasks]
     run_script("train.py", *args, f"--out_dir={tmp_path}/one")
     two = run_script("train.py", *args, f"--out_dir={tmp_path}/two", launcher=TORCHRUN)
-    assert "world size 2" in two.stdout
+    assert "world size 2" in two.stdout and "step 0: scoring 2 tasks (11 examples)..." in two.stdout
     assert records(f"{tmp_path}/one") == pytest.approx(records(f"{tmp_path}/two"), rel=1e-5)
     assert records(f"{tmp_path}/one", "val_loss") == pytest.approx(records(f"{tmp_path}/two", "val_loss"), rel=1e-6)
     one_tasks, two_tasks = (list(records(f"{tmp_path}/{run}", "tasks").values()) for run in ("one", "two"))

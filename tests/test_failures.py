@@ -201,3 +201,37 @@ def test_an_empty_split_is_named(tmp_path):
         error = one_line_error(run("prepare.py", str(docs), f"--out={tmp_path}/ds", "--tokenizer=bytes",
                                    f"--val_fraction={fraction}", check=False))
         assert f"no documents in the {empty} split (3 in all)" in error and not (tmp_path / "ds").exists()
+
+
+def test_chat_data_in_either_format_prepares_with_the_default_tokenizer(tmp_path):
+    # the same conversations in OpenAI's and ShareGPT's formats, each with one bad line; the default
+    # tokenizer (a BPE trained on the data: the rendered messages' text) for both
+    words = "the a json dumps loads string file path open read write list dict return value error".split()
+    rng = np.random.default_rng(0)
+    talks = [[("system", "Be brief."), ("user", " ".join(rng.choice(words, 8)) + "?"),
+              ("assistant", " ".join(rng.choice(words, 20)))] for _ in range(200)]
+    sharegpt_role = {"system": "system", "user": "human", "assistant": "gpt"}
+    formats = {
+        "openai": [{"messages": [{"role": r, "content": c} for r, c in talk]} for talk in talks]
+        + [{"messages": [{"role": "bot", "content": "x"}]}],
+        "sharegpt": [{"conversations": [{"from": sharegpt_role[r], "value": c} for r, c in talk]} for talk in talks]
+        + [{"conversations": [{"from": "bot", "value": "x"}]}],
+    }
+    shards = {}
+    for name, records in formats.items():  # each as <its directory>/chat.jsonl: the same names, the same split
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        result = run(os.path.join(ROOT, "prepare.py"), "chat.jsonl", "--chat=True", "--vocab_size=300",
+                     "--out=data", "--val_fraction=0.1", cwd=tmp_path / name)
+        assert "chat.jsonl:201" in result.stderr  # the bad line, named and skipped
+        meta = json.loads((tmp_path / name / "data" / "meta.json").read_text())
+        assert meta["chat"] and meta["vocab_size"] == 300
+        shards[name] = [(tmp_path / name / "data" / f).read_bytes()
+                        for f in sorted(os.listdir(tmp_path / name / "data")) if f.endswith(".bin")]
+    assert shards["openai"] == shards["sharegpt"]  # the same tokens and loss masks
+    (tmp_path / "neither.jsonl").write_text('{"prompt": "a", "response": "b"}\n' * 5)
+    result = run("prepare.py", str(tmp_path / "neither.jsonl"), "--chat=True", f"--out={tmp_path}/neither",
+                 check=False)
+    line = one_line_error(result)
+    assert "no line is a conversation" in line and '"messages"' in line and '"conversations"' in line, line
+    assert not (tmp_path / "neither").exists()

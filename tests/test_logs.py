@@ -2,6 +2,7 @@
 files, and Ctrl-C."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -135,10 +136,17 @@ def test_tiny_val_splits_are_warned_about(tmp_path):
     # named docs/<i>.md (run from tmp_path): the split, a hash of the names, is the same on every run
     prepared = run(os.path.join(ROOT, "prepare.py"), "docs", f"--out={tmp_path}/notes", "--tokenizer=bytes",
                    "--val_fraction=0.1", cwd=tmp_path)
-    assert "warning: the val split of" in prepared.stderr and "raise --val_fraction (now 0.1)" in prepared.stderr
+    assert "warning: the val split of" in prepared.stderr and "(now --val_fraction=0.1)" in prepared.stderr
+    # the warning names the fraction that would do: with it, no warning
+    fraction = re.search(r"prepare the data again with --val_fraction=([0-9.]+)", prepared.stderr).group(1)
+    again = run(os.path.join(ROOT, "prepare.py"), "docs", f"--out={tmp_path}/notes2", "--tokenizer=bytes",
+                f"--val_fraction={fraction}", cwd=tmp_path)
+    assert "warning" not in again.stderr, again.stderr
     trained = run("train.py", *TINY, f"--data_dir={tmp_path}/notes", f"--out_dir={tmp_path}/out", "--max_iters=1",
                   "--eval_iters=200", "--block_size=64")  # 51,200 tokens an evaluation could read
-    assert "a val loss on so few is noisy" in trained.stdout
+    # half the 51,200 is most of the corpus: more data, or the eval_iters its val split holds
+    assert "a val loss on so few is noisy" in trained.stdout and "is too small to hold 25,600 out" in trained.stdout
+    assert "or evaluate less: --eval_iters=22" in trained.stdout  # 2 x 2,926 val tokens / 256 per eval iter
     # the demo's tasks are scored only on the demo's data
     printed = run(
         "train.py", "configs/pretrain.py", "configs/tiny.py", f"--data_dir={tmp_path}/notes", "--print_config"
@@ -157,3 +165,15 @@ def test_without_a_compiler_training_runs_uncompiled_and_says_so(data, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "warning: compile=True needs a C++ compiler" in result.stdout and "training uncompiled" in result.stdout
     assert records(tmp_path)[0]["run"]["compile"] is False and checkpoint_paths(str(tmp_path))
+
+
+def test_a_busy_cpu_is_named_with_the_threads_that_would_help(monkeypatch):
+    from device import busy_cpu_warning
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert "load average is 1.8 on 2 cores" in busy_cpu_warning(load=1.8, cores=2, threads=2)
+    assert "OMP_NUM_THREADS=1" in busy_cpu_warning(load=1.8, cores=2, threads=2)
+    assert "OMP_NUM_THREADS=3" in busy_cpu_warning(load=5.2, cores=8, threads=8)
+    assert busy_cpu_warning(load=0.3, cores=2, threads=2) is None  # idle cores: nothing to say
+    assert busy_cpu_warning(load=1.8, cores=2, threads=1) is None
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user chose
+    assert busy_cpu_warning(load=1.8, cores=2, threads=2) is None
