@@ -374,9 +374,9 @@ while True:
             fail(f"the loss or gradients were not finite for {bad_in_a_row.item()} steps in a row (to step {step}), "
                  f"and none of those steps was applied; the newest good checkpoint is "
                  f"{good_checkpoint or 'none (nothing was written)'}: resume from it with a lower learning rate")
-        if last_log_step == start_step and grad_norm.item() == 0:
-            fail(f"the gradient norm is exactly 0 at step {step}: nothing is learning (the loss is {loss_value:.4g}); "
-                 f"a compiler fault (try --compile=False), no learned tokens in the data, or weights all zero")
+        if last_log_step == start_step and grad_norm.item() == 0 and loss_value != 0:  # (a loss of 0: no target)
+            fail(f"the gradient norm is exactly 0 at step {step} while the loss is {loss_value:.4g}: nothing is "
+                 f"learning; a compiler fault (try --compile=False) or weights that are all zero")
         now = time.time()
         elapsed, steps_done = now - last_log_time, step - last_log_step
         eta = (now - run_started) / (step - start_step) * (max_iters - step)  # evaluations included

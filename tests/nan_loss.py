@@ -1,6 +1,6 @@
 """Runs train.py with the training loss made NaN on chosen micro-steps (for test_resume.py):
 NAN_CALLS="5,6" for training forward calls 5 and 6 (counted from 1), NAN_FROM=5 for every call from 5 on;
-LOSS_FACTOR=0 multiplies it by 0 instead (every gradient exactly zero)."""
+ZERO_GRAD=1 keeps the loss's value and makes every gradient exactly zero instead (a compiler fault's signature)."""
 import os
 import runpy
 import sys
@@ -11,7 +11,7 @@ import model  # noqa: E402
 
 nan_calls = {int(c) for c in os.environ.get("NAN_CALLS", "").split(",") if c}
 nan_from = int(os.environ.get("NAN_FROM", "0")) or None
-factor = float(os.environ.get("LOSS_FACTOR", "nan"))
+zero_grad = os.environ.get("ZERO_GRAD") == "1"
 original_forward = model.GPT.forward
 calls = 0
 
@@ -22,7 +22,7 @@ def forward(self, idx, targets=None, loss_reduction="mean", cache=None):
     if targets is not None and loss_reduction != "none":  # a training micro-step, not evaluation
         calls += 1
         if calls in nan_calls or (nan_from is not None and calls >= nan_from):
-            out = out * factor
+            out = out.detach() + 0 * out if zero_grad else out * float("nan")
     return out
 
 
