@@ -250,15 +250,6 @@ if start_ckpt is not None:  # each rank reads the rows it holds
     log(f"resumed from {good_checkpoint} at step {step}" if resuming else
         f"weights from {parent} (step {start_ckpt['step']}); fresh optimizer, step count and schedule")
     del start_ckpt, read_tensor
-x, y, loss_scale = next_batch()
-# compiled, the first micro-batch runs through the compiled and the uncompiled model: a compiler that
-# changes the gradients (it happens, silently) stops the run now, not after days of a flat loss
-if compile:
-    log("compiling the model, and checking it against the uncompiled one on one micro-batch (a minute or more)")
-    if problem := compiled_step_problem(model, gpt, x, y, loss_scale, autocast=autocast,
-                                        low_precision=dtype == "bfloat16" or fp8):
-        fail(f"compiled and uncompiled training disagree with torch {torch.__version__} on {device}: {problem}; "
-             f"train with --compile=False")
 
 
 # ---- evaluation: the same validation windows at every evaluation, split between ranks -------------
@@ -289,6 +280,15 @@ log("config (the rest are train.py's defaults): "
 log(f"model: {gpt.num_params() / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs/token | data: "
     + ", ".join(f"{d.meta['splits']['train']['tokens']:,} train tokens in {d.directory}" for d in datasets)
     + f" | device {device}, {dtype}, world size {world_size}, compile={compile}, {type(model).__name__}")
+x, y, loss_scale = next_batch()
+# compiled, the first micro-batch runs through the compiled and the uncompiled model: a compiler that
+# changes the gradients (it happens, silently) stops the run now, not after days of a flat loss
+if compile:
+    log("compiling the model, and checking it against the uncompiled one on one micro-batch (a minute or more)")
+    if problem := compiled_step_problem(model, gpt, x, y, loss_scale, autocast=autocast,
+                                        low_precision=dtype == "bfloat16" or fp8):
+        fail(f"compiled and uncompiled training disagree with torch {torch.__version__} on {device}: {problem}; "
+             f"train with --compile=False")
 run_info = {"step": step, "parent": parent, "params": gpt.num_params(), "world_size": world_size,
             "device": device_name(device_type), "dtype": dtype, "compile": compile, "torch": torch.__version__}
 record = open_run_log(out_dir, config, run_info, master=master, wandb_project=wandb_project,
