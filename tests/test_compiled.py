@@ -70,13 +70,15 @@ def test_a_compiler_that_changes_gradients_stops_the_run_before_anything_is_writ
 
 @pytest.mark.slow
 def test_the_check_agrees_across_ranks_and_passes_a_faithful_compiler(data, tmp_path):
-    # two ranks under DDP: every rank stops on the same line; GRAD_SCALE=1 (the stand-in compiles faithfully) trains
+    # two ranks under DDP (the whole model compiled) and FSDP2 (each block): every rank stops on the same
+    # line; GRAD_SCALE=1 (the stand-in compiles faithfully) trains
     args = [*TINY, f"--data_dir={data}", "--batch_size=8"]
-    wrong = run_script("train.py", *args, f"--out_dir={tmp_path}/wrong", launcher=TORCHRUN,
-                       env={"GRAD_SCALE": "0", "PYTHONPATH": BAD_COMPILE}, check=False)
-    assert wrong.returncode != 0 and "Traceback" not in wrong.stderr.split("elastic/multiprocessing")[0]
-    assert all(f"error (rank {r}): compiled and uncompiled training disagree" in wrong.stderr for r in (0, 1))
-    assert not checkpoint_paths(f"{tmp_path}/wrong")
+    for mode in ("ddp", "fsdp"):
+        wrong = run_script("train.py", *args, f"--out_dir={tmp_path}/{mode}", f"--data_parallel={mode}",
+                           launcher=TORCHRUN, env={"GRAD_SCALE": "0", "PYTHONPATH": BAD_COMPILE}, check=False)
+        assert wrong.returncode != 0 and "Traceback" not in wrong.stderr.split("elastic/multiprocessing")[0]
+        assert all(f"error (rank {r}): compiled and uncompiled training disagree" in wrong.stderr for r in (0, 1))
+        assert not checkpoint_paths(f"{tmp_path}/{mode}")
     run_script("train.py", *args, f"--out_dir={tmp_path}/right", launcher=TORCHRUN,
                env={"GRAD_SCALE": "1", "PYTHONPATH": BAD_COMPILE})
     assert checkpoint_paths(f"{tmp_path}/right")
