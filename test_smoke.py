@@ -169,7 +169,7 @@ def test_every_script_explains_its_settings():
         ("train.py", "--learning_rate=0.0006\n        peak"),
         ("prepare.py", "--chat=False\n        the .jsonl"),
         ("sample.py", "--temperature=0.8\n        0: greedy"),
-        ("export_hf.py", "--dtype='bfloat16'"),
+        ("export_hf.py", "--dtype='float32'"),
         ("bench.py", "--bench_steps=10\n        timed steps"),
     ]:
         result = run(script, "--help")

@@ -428,12 +428,14 @@ for name, needs, part in PARTS:
         results["parts"][name] = {}  # a part may save what it has measured so far here
         try:
             results["parts"][name] = part()
+        except TimeoutError as e:  # out of time, not a failure: what it measured so far is kept
+            results["parts"][name]["stopped"] = str(e)
         except Exception as e:  # a part that fails is reported, never the end of the check, keeping what it measured
             results["parts"][name]["error"] = f"{type(e).__name__}: {str(e).strip()[-600:]}"
     results["timeline_s"][name] = round(time.time() - started, 1)
     save()
     outcome = results["parts"][name]
-    lines = [*outcome.get("lines", []), *([f"error: {outcome['error']}"] if "error" in outcome else [])]
+    lines = [*outcome.get("lines", []), *[f"{key}: {outcome[key]}" for key in ("error", "stopped") if key in outcome]]
     lines = lines or [outcome.get("skipped")]
     print(f"[{time.time() - started:5.0f}s] {name}: " + "\n         ".join(lines), flush=True)
 results["seconds"] = round(time.time() - started, 1)
