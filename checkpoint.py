@@ -171,35 +171,69 @@ def _write_checkpoint(out_dir, step, pieces, meta, rank, world_size, keep_last, 
             f"checkpoint at step {step} not written: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]} "
             f"(disk full? {free:,.0f} MiB free in {out_dir})"
         ) from e
-    if keep_last > 0:  # only loadable checkpoints are here: one that failed to load was set aside
-        for old in checkpoint_paths(out_dir)[:-keep_last]:
-            if os.path.islink(old):  # a checkpoint linked in from elsewhere is the user's, never deleted
-                continue
-            if not (keep_every and int(CHECKPOINT_NAME.search(old).group(1)) % keep_every == 0):
-                shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
+    rotate(out_dir, keep_last, keep_every)
     size = sum(os.path.getsize(f) for f in glob.glob(os.path.join(path, "*")))
     print(f"wrote {path} ({size / 2**20:,.1f} MiB) in {time.time() - started:.2f}s", flush=True)
     return path
 
 
-def training_meta(*, step, tokens_seen, batch_size, model_args, config, tokenizer, data_dir, parent):
-    """meta.json's keys besides the tensor index: what a checkpoint records of its run."""
+def rotate(out_dir, keep_last, keep_every):
+    """Delete all but the newest keep_last checkpoints, keeping those whose step is a multiple of
+    keep_every, the one with the lowest val loss (meta.json's val_loss: what a user would go back to after
+    a slow degradation) and any linked in from elsewhere (the user's). Only loadable checkpoints are
+    here: one that failed to load was set aside."""
+    if keep_last <= 0:
+        return
+    paths = checkpoint_paths(out_dir)
+
+    def val_loss(path):
+        try:
+            with open(os.path.join(path, "meta.json")) as f:
+                value = json.load(f).get("val_loss")
+            return value if isinstance(value, (int, float)) and math.isfinite(value) else math.inf
+        except (OSError, ValueError, AttributeError):
+            return math.inf
+    losses = {path: val_loss(path) for path in paths}
+    best = min(paths, key=lambda p: losses[p]) if any(math.isfinite(v) for v in losses.values()) else None
+    for old in paths[:-keep_last]:
+        if os.path.islink(old) or old == best:
+            continue
+        if not (keep_every and int(CHECKPOINT_NAME.search(old).group(1)) % keep_every == 0):
+            shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
+
+
+DIVERGED_NATS = 1.0  # a val loss this far above the run's best: the run has diverged (README, "Checkpoints")
+
+
+def training_meta(*, step, tokens_seen, batch_size, model_args, config, tokenizer, data_dir, parent, val_loss=None,
+                  best_val_loss=None):
+    """meta.json's keys besides the tensor index: what a checkpoint records of its run (val_loss: the
+    evaluation at its step; best_val_loss: the run's lowest so far, which a resume carries on)."""
     return {"step": step, "tokens_seen": tokens_seen, "batch_size": batch_size, "model_args": model_args,
-            "config": config, "tokenizer": tokenizer, "data_dir": data_dir, "parent": parent}
+            "config": config, "tokenizer": tokenizer, "data_dir": data_dir, "parent": parent, "val_loss": val_loss,
+            "best_val_loss": best_val_loss}
 
 
 def save_training_state(gpt, optimizers, meta, *, out_dir, val_loss, good_checkpoint, rank, world_size, keep_last,
                         keep_every):
     """Every rank's share of the training state written in the background (save_checkpoint), meta on
     rank 0; returns the checkpoint's path. Weights or an evaluation that are not finite are refused
-    (ValueError, naming good_checkpoint), so rotation never replaces a good checkpoint with a poisoned one."""
+    (ValueError, naming good_checkpoint), and so is a val loss more than DIVERGED_NATS above the run's
+    best so far (meta's best_val_loss before this evaluation): a diverged run stops rather than rotate
+    its good checkpoints away, whether its loss went non-finite or only very large."""
     started, step = time.time(), meta["step"]
     weights_finite = finite(gpt)  # a host sync (and a collective), here only
-    if not weights_finite or (val_loss is not None and not math.isfinite(val_loss)):
+    best = meta.get("best_val_loss")
+    diverged = val_loss is not None and best is not None and val_loss > best + DIVERGED_NATS
+    if not weights_finite or (val_loss is not None and not math.isfinite(val_loss)) or diverged:
         raise ValueError(f"checkpoint at step {step} refused: "
-                         + ("the weights are not finite" if not weights_finite else f"val loss {val_loss}")
+                         + ("the weights are not finite" if not weights_finite else
+                            f"val loss {val_loss:.4g}, more than {DIVERGED_NATS:g} nat above the run's best "
+                            f"({best:.4g}): the run diverged" if diverged else f"val loss {val_loss}")
                          + f"; the newest good checkpoint is {good_checkpoint or 'none (nothing was written)'}: "
                          "resume from it with a lower learning rate")
+    meta["best_val_loss"] = min(best, val_loss) if best is not None and val_loss is not None else \
+        (val_loss if best is None else best)
     pieces = state_pieces(gpt, optimizers, rank, world_size)
     save_checkpoint(out_dir, step, pieces, meta if rank == 0 else None, rank=rank, world_size=world_size,
                     keep_last=keep_last, keep_every=keep_every, background=True)
@@ -372,6 +406,9 @@ def _open_directory(path):
         for key, kind in [("step", int), ("tokens_seen", int)]:
             _expect(f"{meta_path}: {key}", meta.get(key), kind, 0, 2**62, what="an integer")
         _expect(f"{meta_path}: config", meta.get("config"), dict, what="a dict")
+        for key in ("val_loss", "best_val_loss"):  # absent in older checkpoints; None without evaluations
+            if meta.get(key) is not None:
+                _expect(f"{meta_path}: {key}", meta[key], (int, float), -1e30, 1e30, what="a finite number")
         model_args = ModelArgs.from_dict(meta.get("model_args"), meta_path)
         tok.check_tokenizer_state(meta.get("tokenizer"), f"{meta_path}: tokenizer")
         tensors = _expect(f"{meta_path}: tensors", meta.get("tensors"), dict, what="a dict")

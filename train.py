@@ -188,6 +188,8 @@ except Finished as e:
     log(str(e))
     end_run()
 step, tokens_seen, parent, good_checkpoint = start_counters(start_ckpt, resuming)
+# the run's lowest val loss so far: a checkpoint far above it is refused (checkpoint.DIVERGED_NATS)
+best_val_loss = start_ckpt.get("best_val_loss") if resuming else None
 if start_ckpt is not None:  # the model's shape is the checkpoint's: a later stage's config need not repeat it
     differences = {k: v for k, v in start_ckpt["model_args"].items() if k in config and config[k] != v
                    and not (k == "vocab_size" and config[k] == 0)}
@@ -264,10 +266,12 @@ with fail_on(OSError, ValueError, prefix="eval_tasks: "):
 # ---- the run's records: checkpoints, config.py, metrics.jsonl, the console -------------------------
 def write_checkpoint(step, tokens_seen, val_loss, good_checkpoint):
     """All ranks write their share in the background while training goes on (a failed write stops the
-    run at the next step); returns the new checkpoint's path (checkpoint.save_training_state)."""
+    run at the next step); returns the new checkpoint's path (checkpoint.save_training_state). val_loss:
+    this step's evaluation, or None."""
     meta = training_meta(step=step, tokens_seen=tokens_seen, batch_size=batch_size_at(step), parent=parent,
-                         model_args=asdict(model_args), config=config, tokenizer=encoder_state, data_dir=data_dir)
-    with fail_on(ValueError):  # weights or an evaluation that are not finite
+                         model_args=asdict(model_args), config=config, tokenizer=encoder_state, data_dir=data_dir,
+                         val_loss=val_loss, best_val_loss=best_val_loss)
+    with fail_on(ValueError):  # weights or an evaluation that are not finite, or a run that diverged
         return save_training_state(gpt, optimizers, meta, out_dir=out_dir, val_loss=val_loss,
                                    good_checkpoint=good_checkpoint, rank=rank, world_size=world_size,
                                    keep_last=keep_last_checkpoints, keep_every=keep_every_checkpoints)
@@ -329,7 +333,10 @@ while True:
                 record({"step": step, "tokens": tokens_seen, "tasks": scores})
         reshard(gpt)  # under FSDP2, the weights evaluation gathered back into shards (parallel.py)
         if step > start_step:
-            good_checkpoint = write_checkpoint(step, tokens_seen, val_loss, good_checkpoint)
+            good_checkpoint = write_checkpoint(step, tokens_seen, val_loss if eval_iters > 0 else None,
+                                               good_checkpoint)
+        if eval_iters > 0:  # the run's best, after its checkpoint was judged against the best before it
+            best_val_loss = val_loss if best_val_loss is None else min(best_val_loss, val_loss)
         last_log_time += time.time() - paused  # the time evaluating and checkpointing is not training time
     if last_step:
         break
@@ -404,7 +411,7 @@ while True:
         stop = step % log_interval == 0 and mean_over_ranks(torch.tensor(float(stop), device=device)) > 0
     if stop and step < max_iters:
         log(f"stopping at step {step} on a signal")
-        write_checkpoint(step, tokens_seen, val_loss, good_checkpoint)
+        write_checkpoint(step, tokens_seen, None, good_checkpoint)  # no evaluation at this step
         break
 
 end_run()

@@ -131,3 +131,14 @@ def test_rank_zero_never_reads_another_ranks_part_half_written(tmp_path, monkeyp
     assert not errors, errors
     loaded = load_checkpoint(str(tmp_path))["model"]
     assert all(torch.equal(loaded[name], p) for name, p in model.named_parameters())
+
+
+def test_rotation_keeps_the_newest_and_the_best_evaluated_checkpoints(tmp_path):
+    from checkpoint import checkpoint_paths, rotate
+    for step, val_loss in [(5, 5.0), (10, 3.0), (15, None), (20, 4.0), (25, 4.5), (30, 4.8)]:
+        (tmp_path / f"ckpt_{step:07d}").mkdir()
+        (tmp_path / f"ckpt_{step:07d}" / "meta.json").write_text(json.dumps({"step": step, "val_loss": val_loss}))
+    rotate(str(tmp_path), keep_last=2, keep_every=0)
+    # a slow degradation after step 10: its checkpoint, the lowest val loss, outlives the rotation
+    assert [os.path.basename(p) for p in checkpoint_paths(str(tmp_path))] == \
+        ["ckpt_0000010", "ckpt_0000025", "ckpt_0000030"]

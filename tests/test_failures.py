@@ -235,3 +235,16 @@ def test_chat_data_in_either_format_prepares_with_the_default_tokenizer(tmp_path
     line = one_line_error(result)
     assert "no line is a conversation" in line and '"messages"' in line and '"conversations"' in line, line
     assert not (tmp_path / "neither").exists()
+
+
+@pytest.mark.slow
+def test_a_finite_divergence_stops_the_run_and_keeps_every_good_checkpoint(data, tmp_path):
+    # AdamW at a learning rate of 1: the loss stays finite but the model is ruined (val loss up by ~2 nats)
+    args = [*TINY, f"--data_dir={data}", "--eval_interval=5", "--eval_iters=2", f"--out_dir={tmp_path}"]
+    run("train.py", *args, "--max_iters=15")
+    before = checkpoint_paths(str(tmp_path))
+    result = run("train.py", *args, "--init_from=resume", "--max_iters=40", "--learning_rate=1.0", check=False)
+    line = one_line_error(result)
+    assert "checkpoint at step 20 refused: val loss" in line and "nat above the run's best" in line, line
+    assert f"the newest good checkpoint is {before[-1]}" in line
+    assert checkpoint_paths(str(tmp_path)) == before and len(before) == 3  # nothing rotated away
