@@ -142,8 +142,9 @@ def meta_problem(meta):
         if max_ids is not None and not (isinstance(max_ids, list) and len(max_ids) == len(info["shards"])
                                         and all(integer(m, 0, 2**32) for m in max_ids)):
             return f"splits.{split}.max_token_ids must be a list of one integer per shard"
-        if not integer(info.get("tokens", 0), 0, 2**62) or not integer(info.get("bytes", 0), 0, 2**62):
-            return f"splits.{split}.tokens and .bytes must be integers >= 0"
+        if not integer(info.get("tokens", 0), 0, 2**62) or not integer(info.get("bytes", 0), 0, 2**62) \
+                or not integer(info.get("learned_tokens", 0), 0, 2**62):
+            return f"splits.{split}.tokens, .bytes and .learned_tokens must be integers >= 0"
     return None
 
 

@@ -408,6 +408,7 @@ def write_dataset(out, tmp):
     if pool is None:
         _init_worker(tmp)
     encoded = pool.imap(_encode_batch, batches()) if pool else map(_encode_batch, batches())
+    learned = {"train": 0, "val": 0}  # the targets a finetune learns (the loss masks' ones)
     try:
         for batch in encoded:  # imap keeps the input order, so the output is the same for any number of workers
             for split, nbytes, tokens, mask, cleaned in batch:
@@ -415,6 +416,7 @@ def write_dataset(out, tmp):
                 writers[split].add(tokens)
                 if mask is not None:
                     mask_writers[split].add(mask)
+                    learned[split] += int(mask.sum())
                 byte_counts[split] += nbytes
                 progress.update(1, len(tokens), nbytes)
     finally:
@@ -429,6 +431,10 @@ def write_dataset(out, tmp):
         print(f"replaced lone surrogates (valid in JSON, not in UTF-8) with U+FFFD in {replaced} documents",
               file=sys.stderr)
     refuse_an_empty_split({split: writer.documents for split, writer in writers.items()})
+    for split, count in learned.items() if chat else ():  # a finetune would show a loss of 0 and learn nothing
+        if count == 0:
+            fail(f"the {split} split's {writers[split].documents} conversations have no assistant message: nothing "
+                 f"to learn (finetuning learns the assistant's words); add conversations with answers")
 
     meta = {
         "chat": bool(chat),
@@ -440,7 +446,8 @@ def write_dataset(out, tmp):
         "sources": sources or ["demo: CPython standard library " + ("docstring and pydoc topic Q&A" if chat else
                                                                      "sources + pydoc_data.topics")],
         "splits": {split: {"shards": w.shards, "masks": mask_writers[split].shards, "tokens": w.total,
-                           "documents": w.documents, "bytes": byte_counts[split], "max_token_ids": w.max_ids}
+                           "documents": w.documents, "bytes": byte_counts[split], "max_token_ids": w.max_ids,
+                           **({"learned_tokens": learned[split]} if chat else {})}
                    for split, w in writers.items()},
         "skipped_documents": len(skipped),
         "documents_with_replaced_characters": replaced,

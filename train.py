@@ -205,6 +205,10 @@ tasks_scored = start_ckpt is not None and not resuming and start_ckpt.get("confi
 with fail_on(FileNotFoundError, ValueError):
     datasets, mixture_weights, encoder = open_mixture(data_mixture or {data_dir: 1.0}, block_size, align_windows)
 encoder_state, meta = tok.tokenizer_state(encoder), datasets[0].meta  # checkpoints embed the tokenizer
+nothing = [d.directory for d in datasets if d.meta["splits"]["train"].get("learned_tokens") == 0]
+if use_loss_mask and nothing:  # (older datasets do not count them)
+    fail(f"{nothing[0]}: its train split has no assistant message, so use_loss_mask leaves nothing to learn; "
+         f"prepare it from conversations with answers")
 for warning in val_split_warnings(datasets, eval_iters=eval_iters,
                                   tokens_per_eval_iter=micro_batch_size * world_size * block_size):
     log(warning)

@@ -6,7 +6,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import HANG_S, ROOT
+from conftest import HANG_S, ROOT, one_line_error
 from conftest import run_script as run
 from data import learned_targets, open_dataset, read_shard, read_windows, sample_windows
 import tokenizer as tok
@@ -50,35 +50,35 @@ def test_chat_prepare_masks_exactly_the_assistant_tokens(data, tmp_path):
         assert learned in ("Seven.<|im_end|>Eleven, then 13.<|im_end|>", " Ünïcode ok\n  indented<|im_end|>")
 
 
-def test_a_micro_batch_with_nothing_to_learn_gives_a_finite_loss(data, tmp_path):
-    (tmp_path / "questions.jsonl").write_text(
-        "".join(
-            json.dumps({"messages": [{"role": "user", "content": f"Question {i}: what is {i} squared?"}]}) + "\n"
-            for i in range(300)
-        )
-    )
-    run(
-        "prepare.py",
-        str(tmp_path / "questions.jsonl"),
-        "--chat=True",
-        f"--tokenizer={data}",
-        f"--out={tmp_path}/q",
-        "--val_fraction=0.2",
-    )
-    run(
-        "train.py",
-        *TINY,
-        f"--data_dir={tmp_path}/q",
-        f"--out_dir={tmp_path}/out",
-        "--use_loss_mask=True",
-        "--max_iters=3",
-        "--eval_interval=3",
-    )
+def test_nothing_to_learn_is_refused_and_a_micro_batch_with_nothing_gives_a_finite_loss(data, tmp_path):
+    questions = [{"messages": [{"role": "user", "content": f"Question {i}: what is {i} squared?"}]} for i in range(300)]
+    (tmp_path / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    # no assistant message anywhere: nothing a finetune could learn, refused before a dataset is written
+    result = run("prepare.py", str(tmp_path / "questions.jsonl"), "--chat=True", f"--tokenizer={data}",
+                 f"--out={tmp_path}/q", "--val_fraction=0.2", check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr  # after its progress line, one error line
+    assert "conversations have no assistant message: nothing to learn" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "q").exists()
+    # a few answered among them: most micro-batches hold nothing to learn, and their loss is 0, not NaN
+    answered = [{"messages": [*q["messages"], {"role": "assistant", "content": f"{i * i}."}]}
+                for i, q in enumerate(questions[:30])]
+    (tmp_path / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions + answered))
+    run("prepare.py", str(tmp_path / "questions.jsonl"), "--chat=True", f"--tokenizer={data}", f"--out={tmp_path}/q",
+        "--val_fraction=0.2")
+    run("train.py", *TINY, f"--data_dir={tmp_path}/q", f"--out_dir={tmp_path}/out", "--use_loss_mask=True",
+        "--max_iters=6", "--eval_interval=6")
     with open(tmp_path / "out" / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
     losses = [r["loss"] for r in records if "loss" in r]
-    assert losses == [0.0, 0.0, 0.0] and all(r["grad_norm"] == 0.0 for r in records if "loss" in r)
+    assert len(losses) == 6 and all(np.isfinite(losses)) and 0.0 in losses and max(losses) > 0, losses
     assert all(np.isfinite(r["val_loss"]) for r in records if "val_loss" in r)
+    # a dataset that says it holds nothing to learn is refused at the start
+    meta = json.loads((tmp_path / "q" / "meta.json").read_text())
+    meta["splits"]["train"]["learned_tokens"] = 0
+    (tmp_path / "q" / "meta.json").write_text(json.dumps(meta))
+    result = run("train.py", *TINY, f"--data_dir={tmp_path}/q", f"--out_dir={tmp_path}/out2", "--use_loss_mask=True",
+                 check=False)
+    assert "use_loss_mask leaves nothing to learn" in one_line_error(result)
 
 
 def test_mixture_follows_the_weights_and_is_deterministic(data):
