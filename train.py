@@ -110,7 +110,7 @@ from parallel import (MODES, clip_grad_norm, compiled_step_problem, join_process
                       reshard, state_bytes, sync_gradients, wrap)
 from rundir import (Finished, Refused, catch_stop_signals, end_run, fail, fail_on, log, log_line, open_run_log,
                     start_counters, start_point, stop_signal)
-from settings import batch_size_problem, config_problem
+from settings import batch_size_problem, config_problem, schedule_batch_sizes
 import tokenizer as tok
 
 # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; rank 0 logs and writes every file
@@ -172,7 +172,7 @@ def batch_size_at(step):
 
 
 sequences_per_micro_step = micro_batch_size * world_size
-batch_sizes = {batch_size_at(s) for s in range(0, max_iters + 1)}
+batch_sizes = schedule_batch_sizes(batch_size, batch_size_schedule, max_iters)
 if problem := batch_size_problem(batch_sizes, micro_batch_size=micro_batch_size, world_size=world_size):
     fail(problem)
 

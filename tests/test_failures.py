@@ -248,3 +248,30 @@ def test_a_finite_divergence_stops_the_run_and_keeps_every_good_checkpoint(data,
     assert "checkpoint at step 20 refused: val loss" in line and "nat above the run's best" in line, line
     assert f"the newest good checkpoint is {before[-1]}" in line
     assert checkpoint_paths(str(tmp_path)) == before and len(before) == 3  # nothing rotated away
+
+
+def test_settings_out_of_range_are_named_before_anything_starts(tmp_path):
+    import ast
+    from settings import config_problem, sample_problem, schedule_batch_sizes
+    printed = run("train.py", "--print_config").stdout
+    defaults = {k: ast.literal_eval(v) for k, _, v in (line.partition(" = ") for line in printed.splitlines())}
+    schedule = {"strategy": "doubling", "start_batch_size": 16, "interval_steps": 100, "max_batch_size": 64}
+    for change, message in [({"beta2": 1.5}, "beta2 must be in [0, 1)"),
+                            ({"wsd_decay_frac": -1}, "wsd_decay_frac must be in [0, 1]"),
+                            ({"min_lr": 1e-2}, "min_lr=0.01 is above learning_rate=0.0006"),
+                            ({"muon_momentum": 5}, "muon_momentum must be in [0, 1)"),
+                            ({"weight_decay": -0.1}, "weight_decay must be a finite number >= 0"),
+                            ({"batch_size_schedule": {**schedule, "start_batch_size": "16"}}, "whole numbers"),
+                            ({"batch_size_schedule": {**schedule, "interval_steps": 0.5}}, "whole numbers"),
+                            ({"batch_size_schedule": {**schedule, "max_batch_size": 8}}, "max_batch_size >= start")]:
+        assert message in config_problem({**defaults, **change}, world_size=1, modes=("ddp",)), change
+    assert config_problem(defaults, world_size=1, modes=("ddp",)) is None
+    # the schedule's sizes without a step-by-step loop: the same as the loop, and instant for 10**12 steps
+    brute = {min(64, 16 * 2 ** (step // 100)) for step in range(251)}
+    assert schedule_batch_sizes(64, schedule, 250) == brute == {16, 32, 64}
+    assert schedule_batch_sizes(64, schedule, 10**12) == {16, 32, 64}
+    for setting, message in [("--top_k=-3", "top_k must not be negative"),
+                             ("--temperature=-1", "temperature must be a finite number >= 0"),
+                             ("--max_new_tokens=-5", "max_new_tokens must not be negative")]:
+        assert message in one_line_error(run("sample.py", f"--out_dir={tmp_path}", setting, check=False))
+    assert sample_problem({"temperature": 0, "top_k": 0, "max_new_tokens": 0, "num_samples": 1}) is None
