@@ -13,13 +13,12 @@ import json
 import os
 import random
 import re
-import shutil
 import sys
 import sysconfig
 import zlib
 
 from data import split_of
-from rundir import replace_directory
+from rundir import claim_output, replace_directory
 
 DEMO_TASKS = ("next_line", "identifier", "docstring")
 TASK_FILES = tuple(f"{name}.{ext}" for name in DEMO_TASKS for ext in ("jsonl", "json"))  # all write_demo_tasks writes
@@ -176,9 +175,7 @@ def demo_tasks(val_fraction, count=200):
 
 def write_demo_tasks(out, val_fraction):
     """OUT-tasks: each demo task as <name>.jsonl and its options as <name>.json (see evaluate.py)."""
-    tmp = out.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    tmp = claim_output(out, tool="prepare.py", option="out")
     for name, (options, examples) in demo_tasks(val_fraction).items():
         with open(os.path.join(tmp, name + ".jsonl"), "w") as f:
             f.writelines(json.dumps(example) + "\n" for example in examples)

@@ -24,7 +24,6 @@ checkpoint.open_checkpoint("hf:<dir>").
 """
 import json
 import os
-import shutil
 import sys
 
 # ----------------------------------------------------------------------------------------------
@@ -34,7 +33,7 @@ dtype = "float32"               # 'float32' (the checkpoint's weights as they ar
 max_shard_size_mb = 5000        # larger models are split into shards of at most this size
 # ----------------------------------------------------------------------------------------------
 
-from rundir import check_replaceable, replace_directory
+from rundir import check_replaceable, claim_output, replace_directory
 import tokenizer as tok  # (a module, not names: configurator.py treats simple-typed globals as config)
 
 # what export() writes: the only files a directory it replaces may hold
@@ -173,9 +172,7 @@ def export(checkpoint, hf_dir, dtype_name="float32", max_shard_size_mb=5000):
         hf_name = name if name.startswith("lm_head.") else "model." + name
         tensors[hf_name] = tensor.detach().to(getattr(torch, dtype_name)).contiguous()
 
-    tmp = hf_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    tmp = claim_output(hf_dir, tool="export_hf.py", option="hf_dir")
     shards, current, size = [], {}, 0
     for name, tensor in tensors.items():
         nbytes = tensor.numel() * tensor.element_size()

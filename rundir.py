@@ -8,6 +8,8 @@ The run directory, and the files around it that must never be lost or half-writt
     catch_stop_signals     SIGTERM / SIGUSR1 / Ctrl-C recorded, so train.py stops with a checkpoint
     log, fail, end_run     rank 0's console; how a run ends: one line and exit 1, or its last checkpoint and exit 0;
                            fail_on, a block whose errors of a kind end it that way
+    claim_output           a dataset's or an export's directory taken by one writer (flock on its .lock),
+                           its .tmp and .old leftovers deleted only when that tool's mark says they are its own
     replace_directory      a finished dataset or export swapped in for an older one, and only over a
                            directory that holds nothing but what the same tool writes
     check_replaceable_file a tool's output file (task, scores, GPU check) written only over one it wrote itself
@@ -118,7 +120,8 @@ def check_replaceable(final, owned, what):
         return
     if not os.path.isdir(final) or os.path.islink(final):
         raise ValueError(f"{final} exists and is not a directory: choose another output directory")
-    foreign = sorted(name for name in os.listdir(final) if not any(fnmatch.fnmatch(name, p) for p in owned))
+    foreign = sorted(name for name in os.listdir(final)
+                     if not any(fnmatch.fnmatch(name, p) for p in (*owned, OWNER, ".lock")))
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise ValueError(f"{final} is not {what} (it holds {shown}): refusing to replace it; choose another "
@@ -143,12 +146,66 @@ def check_replaceable_file(path, ours, what, option):
         raise ValueError(f"{path} exists and is not {what}: refusing to replace it; choose another --{option}")
 
 
+OWNER = ".owner"  # in a tool's final.tmp and final.old while it works: the tool's name (never in final itself)
+_claims = {}  # the output locks this process holds, by path: open until it ends
+
+
+def claim_output(final, *, tool, option):
+    """Take final for this process before writing it (prepare.py's datasets, export_hf.py's exports):
+    an exclusive lock on final/.lock for the process's life, so a second writer is refused
+    (naming the first's PID) instead of mixing two outputs; then final.tmp and final.old, an earlier
+    run's leftovers, deleted only if their OWNER file names tool (anything else there is someone's,
+    and refused). Returns final.tmp, created empty and marked as tool's."""
+    import fcntl
+    final = final.rstrip("/")
+    lock_path = os.path.join(final, ".lock")  # inside final: what replaces final (final.tmp) never has one
+    if lock_path not in _claims:  # (a process that writes final twice holds it once)
+        try:
+            os.makedirs(final, exist_ok=True)
+            lock = open(lock_path, "a+")
+        except OSError as e:
+            raise ValueError(f"cannot write {final} ({e.strerror}): choose another --{option}") from None
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            lock.close()
+            raise ValueError(f"{final} is being written by another process (PID {holder}): wait for it to end, "
+                             f"or choose another --{option}") from None
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        _claims[lock_path] = lock
+    for leftover in (final + ".tmp", final + ".old"):
+        if not os.path.lexists(leftover):
+            continue
+        try:
+            with open(os.path.join(leftover, OWNER)) as f:
+                mine = f.read().strip() == tool and not os.path.islink(leftover)
+        except OSError:
+            mine = False
+        if not mine:
+            raise ValueError(f"{leftover} exists and was not left by {tool} (no {OWNER} file naming it): refusing "
+                             f"to delete it; move it away, or choose another --{option}")
+        shutil.rmtree(leftover)
+    os.makedirs(final + ".tmp")
+    with open(os.path.join(final + ".tmp", OWNER), "w") as f:
+        f.write(tool + "\n")
+    return final + ".tmp"
+
+
 def replace_directory(tmp, final):
     """Swap a finished directory (a dataset, an export) in for final; an older one there is removed
-    only after that. The caller has checked final with check_replaceable before any work."""
+    only after that. The caller has checked final with check_replaceable and made tmp with
+    claim_output (which cleared final.old) before any work."""
     old = final.rstrip("/") + ".old"
-    shutil.rmtree(old, ignore_errors=True)
+    with open(os.path.join(tmp, OWNER)) as f:
+        tool = f.read()
+    os.remove(os.path.join(tmp, OWNER))  # what a user copies or renames as a backup never carries the mark
     if os.path.exists(final):
+        with open(os.path.join(final, OWNER), "w") as f:  # final.old, should this stop before it is removed
+            f.write(tool)
         os.rename(final, old)
     os.rename(tmp, final)
     shutil.rmtree(old, ignore_errors=True)

@@ -43,7 +43,7 @@ def test_prepare_and_export_never_replace_a_directory_they_did_not_write(finishe
         (tmp_path / "docs" / f"{i}.txt").write_text(f"Some words to make dataset {i} of. " * 50)
     error = one_line_error(run_script("prepare.py", str(tmp_path / "docs"), f"--out={run}", "--tokenizer=bytes",
                                       "--val_fraction=0.5", check=False))
-    assert f"{run} is not a dataset prepare.py wrote (it holds .lock, ckpt_0000004, ckpt_0000008" in error
+    assert f"{run} is not a dataset prepare.py wrote (it holds ckpt_0000004, ckpt_0000008" in error
     error = one_line_error(run_script("export_hf.py", f"--ckpt={run}", f"--hf_dir={run}", check=False))
     assert f"{run} is not a Hugging Face export" in error
     assert snapshot(run) == before
@@ -59,6 +59,42 @@ def test_prepare_and_export_never_replace_a_directory_they_did_not_write(finishe
     assert "exists and is not a directory" in one_line_error(
         run_script("export_hf.py", f"--ckpt={run}", f"--hf_dir={tmp_path}/file", check=False))
     assert (tmp_path / "file").read_text() == "mine"
+    # a backup beside the output (hf.old, empty.tmp) is the user's: refused, never deleted
+    shutil.copytree(tmp_path / "hf", tmp_path / "hf.old")
+    (tmp_path / "empty.tmp").mkdir()
+    (tmp_path / "empty.tmp" / "notes.txt").write_text("mine")
+    backups = snapshot(tmp_path / "hf.old"), snapshot(tmp_path / "empty.tmp")
+    error = one_line_error(run_script("export_hf.py", f"--ckpt={run}", f"--hf_dir={tmp_path}/hf", check=False))
+    assert f"{tmp_path}/hf.old exists and was not left by export_hf.py" in error
+    error = one_line_error(run_script("prepare.py", str(tmp_path / "docs"), f"--out={tmp_path}/empty",
+                                      "--tokenizer=bytes", "--val_fraction=0.5", check=False))
+    assert f"{tmp_path}/empty.tmp exists and was not left by prepare.py" in error
+    assert (snapshot(tmp_path / "hf.old"), snapshot(tmp_path / "empty.tmp")) == backups
+    # a leftover of the tool's own (an export killed half-way) is its to delete
+    shutil.rmtree(tmp_path / "hf.old")
+    (tmp_path / "hf.tmp").mkdir()
+    (tmp_path / "hf.tmp" / ".owner").write_text("export_hf.py\n")
+    run_script("export_hf.py", f"--ckpt={run}", f"--hf_dir={tmp_path}/hf")
+    assert not (tmp_path / "hf.tmp").exists() and not (tmp_path / "hf.old").exists()
+
+
+def test_two_writers_of_one_output_never_mix(tmp_path):
+    # a prepare.py (or an export) already writing data/x: a second one is refused, naming its PID
+    import fcntl
+    (tmp_path / "docs").mkdir()
+    for i in range(10):
+        (tmp_path / "docs" / f"{i}.txt").write_text(f"Some words of document {i}. " * 100)
+    (tmp_path / "x").mkdir()
+    with open(tmp_path / "x" / ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("4242\n")
+        held.flush()
+        result = run_script("prepare.py", str(tmp_path / "docs"), f"--out={tmp_path}/x", "--tokenizer=bytes",
+                            "--val_fraction=0.5", check=False)
+    assert f"{tmp_path}/x is being written by another process (PID 4242)" in one_line_error(result)
+    assert os.listdir(tmp_path / "x") == [".lock"] and not (tmp_path / "x.tmp").exists()
+    run_script("prepare.py", str(tmp_path / "docs"), f"--out={tmp_path}/x", "--tokenizer=bytes", "--val_fraction=0.5")
+    assert (tmp_path / "x" / "meta.json").exists()
 
 
 @pytest.mark.slow
