@@ -135,6 +135,8 @@ def meta_problem(meta):
         if not isinstance(info, dict) or not isinstance(info.get("shards"), list) or not info["shards"] \
                 or not all(isinstance(name, str) and "/" not in name for name in info["shards"]):
             return f"splits.{split}.shards must be a list of shard file names"
+        if any(name in (".", "..") or "\\" in name for name in info["shards"] + (info.get("masks") or [])):
+            return f"splits.{split} names a file outside the dataset's directory"
         if meta.get("chat") and not (isinstance(info.get("masks"), list) and len(info["masks"]) == len(info["shards"])
                                      and all(isinstance(name, str) and "/" not in name for name in info["masks"])):
             return f"splits.{split}.masks must name one mask file per shard"
@@ -145,6 +147,9 @@ def meta_problem(meta):
         if not integer(info.get("tokens", 0), 0, 2**62) or not integer(info.get("bytes", 0), 0, 2**62) \
                 or not integer(info.get("learned_tokens", 0), 0, 2**62):
             return f"splits.{split}.tokens, .bytes and .learned_tokens must be integers >= 0"
+    train, val = meta["splits"]["train"], meta["splits"]["val"]
+    if set(train["shards"] + (train.get("masks") or [])) & set(val["shards"] + (val.get("masks") or [])):
+        return "the train and val splits share a file: the val split must be held out"
     return None
 
 
@@ -319,6 +324,10 @@ def open_mixture(mixture, block_size, align_to_documents=False):
         raise ValueError(f"data_mixture must be a dict of dataset directory -> finite positive weight, got {mixture!r}")
     datasets = [open_dataset(directory, block_size, align_to_documents) for directory in mixture]
     encoders = [tok.load_tokenizer(d.directory) for d in datasets]
+    for dataset, encoder in zip(datasets, encoders):
+        if encoder.n_vocab != dataset.meta["vocab_size"]:
+            raise ValueError(f"{dataset.directory}/meta.json says vocab_size {dataset.meta['vocab_size']}, but its "
+                             f"tokenizer has {encoder.n_vocab} tokens: prepare the dataset again")
     for dataset, encoder in zip(datasets[1:], encoders[1:]):
         if not tok.same_ids(tok.tokenizer_state(encoder), tok.tokenizer_state(encoders[0])):
             raise ValueError(f"{dataset.directory} and {datasets[0].directory} use different tokenizers: a mixture "

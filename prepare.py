@@ -373,6 +373,9 @@ def build(out):
         fail(str(e))
     try:
         write_dataset(out, tmp)
+    except OSError as e:  # a full disk, a file too large: one line, and the old dataset (if any) as it was
+        free = shutil.disk_usage(tmp).free / 2**20 if os.path.isdir(tmp) else 0
+        fail(f"cannot write {out}: {e.strerror or e} ({free:,.0f} MiB free): free some space or choose another --out")
     finally:  # on any failure, nothing but the old dataset (if any) is left
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -469,6 +472,9 @@ if __name__ == "__main__":
     val_fraction = val_fraction or (0.005 if sources else 0.05)
     if not 0 < val_fraction < 1:
         fail(f"--val_fraction={val_fraction} must be between 0 and 1")
+    if tokenizer == "bpe" and vocab_size < 256 + len(tok.SPECIAL_TOKENS):
+        fail(f"--vocab_size={vocab_size} is too small for a BPE: it needs 256 byte tokens + "
+             f"{len(tok.SPECIAL_TOKENS)} specials at least")
     out = out or os.path.join("data", "demo" if not sources else
                               os.path.splitext(os.path.basename(sources[0].rstrip("/")))[0] or "corpus")
     demo = not sources and not chat

@@ -168,8 +168,12 @@ def tokenizer_from_hf(directory):
     path = os.path.join(directory, "tokenizer.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no tokenizer.json in {directory}")
-    with open(path, encoding="utf-8") as f:
-        spec = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            spec = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is corrupt ({type(e).__name__}: {e}): copy the model's tokenizer.json "
+                         "again") from None
     model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     split = [s for s in steps if s.get("type") == "Split"]

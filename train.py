@@ -319,9 +319,10 @@ while True:
         paused = time.time()
         with torch.compiler.set_stance("force_eager"):  # uncompiled, FSDP2's blocks too (compiled in place)
             if eval_iters > 0:
-                per_dataset, (val_loss, val_bpb) = validation(
-                    gpt, datasets, val_windows, weights=mixture_weights, block_size=block_size,
-                    token_bytes=token_bytes, device=device, autocast=autocast)
+                with fail_on(ValueError):  # a token id past the vocabulary in a val shard edited after prepare.py
+                    per_dataset, (val_loss, val_bpb) = validation(
+                        gpt, datasets, val_windows, weights=mixture_weights, block_size=block_size,
+                        token_bytes=token_bytes, device=device, autocast=autocast)
                 by_dataset = {name: {"loss": loss, "bpb": bpb} for name, (loss, bpb) in per_dataset.items()}
                 log(f"step {step}: {validation_line(val_loss, val_bpb, by_dataset)}")
                 record({"step": step, "val_loss": val_loss, "val_bpb": val_bpb, "tokens": tokens_seen,

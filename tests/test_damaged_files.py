@@ -54,6 +54,9 @@ DATASET_META = [("no vocab_size", without("vocab_size"), "vocab_size"),
                 ("no splits", without("splits"), "splits"),
                 ("shards not a list", split_setting("shards", "train_000000.bin"), "shards"),
                 ("a shard path outside", split_setting("shards", ["../x.bin"]), "shards"),
+                ("a shard named ..", split_setting("shards", [".."]), "outside the dataset's directory"),
+                ("the val split is the train split",
+                 lambda d: {**d, "splits": {**d["splits"], "val": d["splits"]["train"]}}, "share a file"),
                 ("max_token_ids of another length", split_setting("max_token_ids", [1, 2, 3]), "max_token_ids"),
                 ("format_version", setting("format_version", 99), "format_version"),
                 ("a JSON list", lambda d: [d], "not a JSON object")]
@@ -190,3 +193,31 @@ def test_task_files_damaged_line_by_line(finished, tmp_path):
         run_script("evaluate.py", f"--ckpt={finished}", f"--tasks={tmp_path}/task.jsonl", check=False)
     )
     assert f"{tmp_path}/task.jsonl:2: " in error and "must be strings" in error
+
+
+def test_a_dataset_that_disagrees_with_itself_and_bad_inputs_to_prepare(data, tmp_path):
+    from data import open_mixture
+    # meta.json's vocab_size is not its tokenizer's: refused, not a 16x embedding trained in silence
+    shutil.copytree(data, tmp_path / "data")
+    edited(tmp_path / "data" / "meta.json", setting("vocab_size", 8192))
+    with pytest.raises(ValueError, match="says vocab_size 8192, but its tokenizer has 512 tokens"):
+        open_mixture({str(tmp_path / "data"): 1.0}, 64)
+    # a val shard whose bytes were edited after prepare.py (token ids past the vocabulary): one line at
+    # the step-0 evaluation, no traceback
+    shutil.rmtree(tmp_path / "data")
+    shutil.copytree(data, tmp_path / "data")
+    shard = tmp_path / "data" / "val_000000.bin"
+    raw = bytearray(shard.read_bytes())
+    raw[32:] = np.full((len(raw) - 32) // 2, 65000, dtype="<u2").tobytes()
+    shard.write_bytes(bytes(raw))
+    error = one_line_error(run_script("train.py", *TINY, f"--data_dir={tmp_path}/data", f"--out_dir={tmp_path}/run",
+                                      "--max_iters=2", check=False))
+    assert "holds token id 65000" in error, error
+    # prepare.py: a BPE too small to hold the bytes, and a Hugging Face tokenizer.json cut short, named
+    error = one_line_error(run_script("prepare.py", f"--out={tmp_path}/small", "--vocab_size=100", check=False))
+    assert "--vocab_size=100 is too small for a BPE" in error and not (tmp_path / "small").exists()
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "tokenizer.json").write_text('{"model": {"type": "BPE", "vocab": {"a"')
+    error = one_line_error(run_script("prepare.py", f"--out={tmp_path}/x", f"--tokenizer=hf:{tmp_path}/hf",
+                                      check=False))
+    assert f"{tmp_path}/hf/tokenizer.json is corrupt" in error, error
