@@ -342,7 +342,7 @@ def open_checkpoint(path, set_aside_corrupt=False, check_weights=False):
     read(name, first=None, last=None), which reads a tensor, or its rows [first, last), from disk;
     a weight that is not finite raises ValueError when it is read.
     path: a checkpoint, a run directory (its newest checkpoint that loads; with check_weights, whose
-    weights are all read once and found finite: a newer one that does not is reported and, with
+    tensors are all read once and found finite: a newer one that does not is reported and, with
     set_aside_corrupt, set aside), a Hugging
     Face model directory (hf:<dir>, or a directory with a config.json and no checkpoints).
     Everything is validated before it is returned: a damaged or
@@ -361,9 +361,8 @@ def open_checkpoint(path, set_aside_corrupt=False, check_weights=False):
         for candidate in reversed(candidates):
             try:
                 meta, read = open_checkpoint(candidate)
-                for name in meta["tensors"] if check_weights else []:
-                    if name.startswith("model/"):
-                        read(name)
+                for name in meta["tensors"] if check_weights else []:  # weights and optimizer state
+                    read(name)
                 return meta, read
             except (ValueError, FileNotFoundError) as e:  # FileNotFoundError: set aside meanwhile by rank 0
                 print(f"warning: skipping {candidate}: {e}", flush=True)
@@ -384,11 +383,43 @@ def _expect(where, value, kind, low=None, high=None, what="a value"):
     return value
 
 
+def _check_tensor_index(meta_path, tensors, shapes):
+    """meta.json's tensor index against the model's parameter shapes: every weight there with its shape,
+    everything float32 (what training writes), and optimizer state, if any, whole for every parameter:
+    AdamW's exp_avg and exp_avg_sq shaped as the parameter and a scalar step, or Muon's state shaped as
+    the parameter or one value per row or column. ValueError naming the first tensor that is not so."""
+    for name, shape in shapes.items():
+        if f"model/{name}" not in tensors:
+            raise ValueError(f"{meta_path}: the tensor model/{name} is missing")
+        if tensors[f"model/{name}"].get("shape") != shape:
+            raise ValueError(f"{meta_path}: model/{name} has shape {tensors[f'model/{name}'].get('shape')}, "
+                             f"the model {shape}")
+    for name, entry in tensors.items():
+        if not isinstance(entry, dict) or entry.get("dtype") != "float32" or not isinstance(entry.get("shape"), list):
+            raise ValueError(f"{meta_path}: {name} is not float32 (training writes nothing else): {str(entry)[:80]}")
+        kind, _, rest = name.partition("/")
+        parameter, _, key = rest.rpartition("/")
+        if kind != "model" and (kind not in ("adamw", "muon") or parameter not in shapes):
+            raise ValueError(f"{meta_path}: {name} is the state of no parameter of this model")
+        if kind == "adamw" and entry["shape"] != ([] if key == "step" else shapes[parameter]):
+            raise ValueError(f"{meta_path}: {name} has shape {entry['shape']}, not its parameter's")
+        if kind == "muon" and not (len(entry["shape"]) == len(shapes[parameter]) and all(
+                size in (full, 1) for size, full in zip(entry["shape"], shapes[parameter]))):  # or one per row/col
+            raise ValueError(f"{meta_path}: {name} has shape {entry['shape']}, not its parameter's")
+    if any(not name.startswith("model/") for name in tensors):  # a training state: whole, or not at all
+        for parameter in shapes:
+            adamw = {key for key in ("exp_avg", "exp_avg_sq", "step") if f"adamw/{parameter}/{key}" in tensors}
+            muon = any(name.startswith(f"muon/{parameter}/") for name in tensors)
+            if not (adamw == {"exp_avg", "exp_avg_sq", "step"}) ^ muon or (adamw and muon):
+                raise ValueError(f"{meta_path}: the optimizer state of {parameter} is missing or incomplete")
+
+
 def _checked_read(path, read):
-    """read, raising ValueError when a weight it reads is not finite (NaN bytes written into a file)."""
+    """read, raising ValueError when a tensor it reads (a weight or optimizer state) is not finite (NaN
+    bytes written into a file)."""
     def checked(name, first=None, last=None):
         tensor = read(name, first, last)
-        if name.startswith("model/") and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise ValueError(f"{path}: {name} holds values that are not finite (NaN or inf): the checkpoint is corrupt")
         return tensor
     return checked
@@ -412,12 +443,10 @@ def _open_directory(path):
         model_args = ModelArgs.from_dict(meta.get("model_args"), meta_path)
         tok.check_tokenizer_state(meta.get("tokenizer"), f"{meta_path}: tokenizer")
         tensors = _expect(f"{meta_path}: tensors", meta.get("tensors"), dict, what="a dict")
-        for name, shape in parameter_shapes(model_args).items():
-            name = f"model/{name}"
-            if name not in tensors:
-                raise ValueError(f"{meta_path}: the tensor {name} is missing")
-            if tensors[name].get("shape") != shape:
-                raise ValueError(f"{meta_path}: {name} has shape {tensors[name].get('shape')}, the model {shape}")
+        named = CHECKPOINT_NAME.search(os.path.basename(os.path.normpath(path)))
+        if named and int(named.group(1)) != meta["step"]:
+            raise ValueError(f"{meta_path}: step {meta['step']}, but the directory is named for step {named.group(1)}")
+        _check_tensor_index(meta_path, tensors, parameter_shapes(model_args))
         files = {}
         for name, entry in tensors.items():
             rows = entry["shape"][0] if entry["shape"] else 1
@@ -427,10 +456,12 @@ def _open_directory(path):
             for file, first, last in entry["pieces"]:
                 if file not in files:  # reads the header only, and checks it against the file's length
                     files[file] = safe_open(os.path.join(path, file), framework="pt")
-                stored = files[file].get_slice(f"{name}:{first}").get_shape()
-                if stored[:1] != ([last - first] if entry["shape"] else []) or stored[1:] != entry["shape"][1:]:
-                    raise ValueError(f"{os.path.join(path, file)}: {name} rows {first}:{last} have shape {stored}, "
-                                     f"not the {entry['shape']} of meta.json")
+                stored = files[file].get_slice(f"{name}:{first}")
+                if stored.get_shape()[:1] != ([last - first] if entry["shape"] else []) \
+                        or stored.get_shape()[1:] != entry["shape"][1:] or stored.get_dtype() != "F32":
+                    raise ValueError(f"{os.path.join(path, file)}: {name} rows {first}:{last} are "
+                                     f"{stored.get_dtype()} of shape {stored.get_shape()}, not the float32 "
+                                     f"{entry['shape']} of meta.json")
     except ValueError as e:
         raise ValueError(f"{path} is corrupt: {e}") from None
     except Exception as e:

@@ -26,19 +26,21 @@ def run(out_dir, mode, neuron_norm):
                     seed=0)
     hidden = [p for name, p in model.named_parameters() if name.startswith("layers.") and p.dim() == 2]
     optimizer = Muon(hidden, lr=0.01, weight_decay=0.1, ns_steps=5, neuron_norm=neuron_norm, group=group)
+    # the rest on AdamW, as in training: a checkpoint holds every parameter's optimizer state
+    adamw = torch.optim.AdamW([p for p in model.parameters() if not any(p is h for h in hidden)], lr=0.01)
     for step in range(3):
         generator = torch.Generator().manual_seed(100 + step)
-        for p in hidden:
+        for p in model.parameters():
             grad = torch.randn(p.shape, generator=generator)
             if hasattr(p, "device_mesh"):  # an FSDP2 parameter's gradient is sharded as it is
                 from torch.distributed.tensor import distribute_tensor
                 grad = distribute_tensor(grad, p.device_mesh, p.placements)
             p.grad = grad
         optimizer.step()
+        adamw.step()
     kept = sum(state["momentum_buffer"].numel() for state in optimizer.state.values())
     print(f"rank {rank}: momentum elements kept {kept} of {sum(p.numel() for p in hidden)}", flush=True)
-    no_adamw = torch.optim.SGD([torch.zeros(1)])  # state_pieces takes (adamw, muon)
-    save_checkpoint(out_dir, 3, state_pieces(model, [no_adamw, optimizer], rank, world_size),
+    save_checkpoint(out_dir, 3, state_pieces(model, [adamw, optimizer], rank, world_size),
                     checkpoint_meta(model, 3) if rank == 0 else None, rank=rank, world_size=world_size)
 
 

@@ -112,6 +112,10 @@ def tensor_shape(d):
     return {**d, "tensors": {**d["tensors"], name: {**d["tensors"][name], "shape": [3, 3]}}}
 
 
+def tensor_entry(name, **change):
+    return lambda d: {**d, "tensors": {**d["tensors"], name: {**d["tensors"][name], **change}}}
+
+
 CHECKPOINT_META = [
     ("no model_args", without("model_args"), "model_args"),
     ("n_layer a string", model_args("n_layer", "2"), "n_layer"),
@@ -124,6 +128,13 @@ CHECKPOINT_META = [
     ("tokenizer a string", setting("tokenizer", "gpt2"), "tokenizer"),
     ("step negative", setting("step", -1), "step"),
     ("no config", without("config"), "config"),
+    ("a weight stored as int32", tensor_entry("model/norm.weight", dtype="int32"), "is not float32"),
+    ("optimizer state of another shape", tensor_entry("adamw/norm.weight/exp_avg", shape=[3]), "not its parameter's"),
+    ("optimizer state left out", lambda d: {**d, "tensors": without("adamw/norm.weight/exp_avg")(d["tensors"])},
+     "optimizer state of norm.weight is missing"),
+    ("state of no parameter", lambda d: {**d, "tensors": {**d["tensors"], "adamw/nothing/step":
+                                                          d["tensors"]["adamw/norm.weight/step"]}}, "no parameter"),
+    ("a step that is not the directory's", setting("step", 9), "named for step 0000008"),
     ("format_version", setting("format_version", 1), "format version"),
 ]
 
@@ -150,6 +161,19 @@ def test_resume_falls_back_over_an_invalid_newest_checkpoint(finished, data, tmp
     assert "skipping" in result.stdout and "resumed from" in result.stdout
     assert "ckpt_0000004" in result.stdout.split("resumed from")[1].splitlines()[0]
     assert (run / "ckpt_0000008.corrupt").is_dir() and (run / "ckpt_0000008").is_dir()
+    # NaN written into the optimizer state: set aside too, and the checkpoint before it resumed from
+    from safetensors.torch import load_file, save_file
+    shutil.rmtree(run)
+    shutil.copytree(finished, run)
+    path = run / "ckpt_0000008" / "rank-00000.safetensors"
+    tensors = load_file(path)
+    name = next(n for n in tensors if n.startswith("adamw/") and "exp_avg_sq" in n)
+    tensors[name][0] = float("nan")
+    save_file(tensors, path)
+    result = run_script("train.py", *TINY, f"--data_dir={data}", f"--out_dir={run}", "--init_from=resume",
+                        "--max_iters=8", "--eval_interval=4")
+    assert f"{name.split(':')[0]} holds values that are not finite" in result.stdout
+    assert "ckpt_0000004" in result.stdout.split("resumed from")[1].splitlines()[0]
 
 
 HF_CONFIG = [("no hidden_size", without("hidden_size"), "hidden_size"),
