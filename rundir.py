@@ -161,7 +161,9 @@ def claim_output(final, *, tool, option):
     lock_path = os.path.join(final, ".lock")  # inside final: what replaces final (final.tmp) never has one
     if lock_path not in _claims:  # (a process that writes final twice holds it once)
         try:
-            os.makedirs(final, exist_ok=True)
+            if not os.path.isdir(final):  # made here: removed again at exit if nothing was written in it
+                os.makedirs(final)
+                atexit.register(_remove_if_unused, final)
             lock = open(lock_path, "a+")
         except OSError as e:
             raise ValueError(f"cannot write {final} ({e.strerror}): choose another --{option}") from None
@@ -193,6 +195,16 @@ def claim_output(final, *, tool, option):
     with open(os.path.join(final + ".tmp", OWNER), "w") as f:
         f.write(tool + "\n")
     return final + ".tmp"
+
+
+def _remove_if_unused(final):
+    """final, made by claim_output, removed when it holds nothing but its lock (the tool failed first)."""
+    try:
+        if os.listdir(final) == [".lock"]:
+            os.remove(os.path.join(final, ".lock"))
+            os.rmdir(final)
+    except OSError:
+        pass
 
 
 def replace_directory(tmp, final):
