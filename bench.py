@@ -248,6 +248,7 @@ result = {
     else None,
     "first_step_ms": first_step_ms,
     "compile_s": (first_step_ms - bare_ms) / 1000 if compile else 0.0,
+    "compile_check_s": check_ms / 1000,  # the first compiled micro-batch and one uncompiled one (parallel.py)
     "peak_memory_mb": peak_memory_mb,
     "adamw_step_ms": optimizer_ms[0],
     "muon_step_ms": optimizer_ms[1] if c["use_muon"] else None,
