@@ -25,37 +25,45 @@ import sys
 _lock_file = None  # held open (and locked) for the whole run
 
 
-def lock_run_directory(out_dir):
-    """Take out_dir for this process: an exclusive lock on out_dir/.lock. The kernel drops it when the
-    process ends however it ends, so a lock left by a killed run is simply taken over; every exit
-    through Python empties it too (no PID left behind). Refuses, naming the PID of a run
-    that holds it, or saying why out_dir cannot be used (Refused)."""
-    global _lock_file
+def _lock(path):
+    """(the open file, the PID it held before) with an exclusive lock on path and this PID written in
+    it, or (None, the PID of the process that holds it). The kernel drops the lock when the process
+    ends however it ends, so a lock left by a killed process is simply taken over."""
     import fcntl
-    path = os.path.join(out_dir, ".lock")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        lock_file = open(path, "a+")
-    except OSError as e:
-        raise Refused(
-            f"cannot use {out_dir} as the run directory ({e.strerror}): choose a writable --out_dir"
-        ) from None
+    lock_file = open(path, "a+")
     try:
         fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock_file.seek(0)
         holder = lock_file.read().strip() or "unknown"
         lock_file.close()
-        raise Refused(f"{out_dir} is in use by another run (PID {holder}): wait for it to end, or choose "
-                           f"another --out_dir") from None
+        return None, holder
     lock_file.seek(0)
     previous = lock_file.read().strip()
-    if previous:
-        print(f"{out_dir}: taking over the lock of an earlier run (PID {previous}) that ended without releasing it",
-              flush=True)
     lock_file.truncate(0)
     lock_file.write(f"{os.getpid()}\n")
     lock_file.flush()
+    return lock_file, previous
+
+
+def lock_run_directory(out_dir):
+    """Take out_dir for this process: an exclusive lock on out_dir/.lock (_lock); every exit through
+    Python empties it too (no PID left behind). Refuses, naming the PID of a run that holds it, or
+    saying why out_dir cannot be used (Refused)."""
+    global _lock_file
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        lock_file, previous = _lock(os.path.join(out_dir, ".lock"))
+    except OSError as e:
+        raise Refused(
+            f"cannot use {out_dir} as the run directory ({e.strerror}): choose a writable --out_dir"
+        ) from None
+    if lock_file is None:
+        raise Refused(f"{out_dir} is in use by another run (PID {previous}): wait for it to end, or choose "
+                      f"another --out_dir")
+    if previous:
+        print(f"{out_dir}: taking over the lock of an earlier run (PID {previous}) that ended without releasing it",
+              flush=True)
     _lock_file = lock_file
     atexit.register(release_run_directory)
 
@@ -156,7 +164,6 @@ def claim_output(final, *, tool, option):
     (naming the first's PID) instead of mixing two outputs; then final.tmp and final.old, an earlier
     run's leftovers, deleted only if their OWNER file names tool (anything else there is someone's,
     and refused). Returns final.tmp, created empty and marked as tool's."""
-    import fcntl
     final = final.rstrip("/")
     lock_path = os.path.join(final, ".lock")  # inside final: what replaces final (final.tmp) never has one
     if lock_path not in _claims:  # (a process that writes final twice holds it once)
@@ -164,20 +171,12 @@ def claim_output(final, *, tool, option):
             if not os.path.isdir(final):  # made here: removed again at exit if nothing was written in it
                 os.makedirs(final)
                 atexit.register(_remove_if_unused, final)
-            lock = open(lock_path, "a+")
+            lock, holder = _lock(lock_path)
         except OSError as e:
             raise ValueError(f"cannot write {final} ({e.strerror}): choose another --{option}") from None
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip() or "unknown"
-            lock.close()
+        if lock is None:
             raise ValueError(f"{final} is being written by another process (PID {holder}): wait for it to end, "
-                             f"or choose another --{option}") from None
-        lock.truncate(0)
-        lock.write(f"{os.getpid()}\n")
-        lock.flush()
+                             f"or choose another --{option}")
         _claims[lock_path] = lock
     for leftover in (final + ".tmp", final + ".old"):
         if not os.path.lexists(leftover):
