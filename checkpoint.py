@@ -25,6 +25,7 @@ read for being finite. The data position is the step: the windows of a step are 
 (seed, step).
 """
 import glob
+import hashlib
 import json
 import math
 import os
@@ -118,8 +119,27 @@ def _write_and_sync(path, data=None):
         os.close(fd)
 
 
+def _write_safetensors(path, tensors):
+    """tensors ({key: float32 tensor}) written to path in the safetensors format, streamed (no second copy
+    in memory) through sha256; returns the digest, which meta.json records and a verified open checks."""
+    header, offset = {}, 0
+    for key, t in tensors.items():
+        if t.dtype != torch.float32:
+            raise ValueError(f"{key} is {t.dtype}: a checkpoint holds float32 only")
+        header[key] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + 4 * t.numel()]}
+        offset += 4 * t.numel()
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data 8-byte aligned, as safetensors writes it
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        for chunk in (len(head).to_bytes(8, "little"), head,
+                      *(t.contiguous().view(-1).numpy().data for t in tensors.values() if t.numel())):
+            digest.update(chunk)
+            f.write(chunk)
+    return digest.hexdigest()
+
+
 def _write_checkpoint(out_dir, step, pieces, meta, rank, world_size, keep_last, keep_every, wait_s=600):
-    from safetensors.torch import save_file
     started = time.time()
     path = checkpoint_path(out_dir, step)
     tmp = path + ".tmp"
@@ -128,13 +148,13 @@ def _write_checkpoint(out_dir, step, pieces, meta, rank, world_size, keep_last, 
         own = f"rank-{rank:05d}"
         rows = {name: [row, row + (len(t) if t.dim() else 1), shape, str(t.dtype).removeprefix("torch.")]
                 for name, (t, row, shape) in pieces.items() if t.dim() == 0 or len(t)}
+        sha256 = None
         if rows:
-            save_file({f"{name}:{row}": pieces[name][0].contiguous() for name, (row, *_) in rows.items()},
-                      os.path.join(tmp, own + ".safetensors"))
-            os.chmod(os.path.join(tmp, own + ".safetensors"), os.stat(out_dir).st_mode & 0o666)  # not safetensors' 0600
+            sha256 = _write_safetensors(os.path.join(tmp, own + ".safetensors"),
+                                        {f"{name}:{row}": pieces[name][0] for name, (row, *_) in rows.items()})
             _write_and_sync(os.path.join(tmp, own + ".safetensors"))
         # last: this rank's part is complete. Renamed into place, so rank 0 never reads it half-written
-        _write_and_sync(os.path.join(tmp, own + ".json.tmp"), json.dumps(rows).encode())
+        _write_and_sync(os.path.join(tmp, own + ".json.tmp"), json.dumps({"rows": rows, "sha256": sha256}).encode())
         os.replace(os.path.join(tmp, own + ".json.tmp"), os.path.join(tmp, own + ".json"))
         if rank != 0:
             return path
@@ -151,14 +171,16 @@ def _write_checkpoint(out_dir, step, pieces, meta, rank, world_size, keep_last, 
             last_arrival = time.time()
             with open(os.path.join(tmp, f"rank-{r:05d}.json")) as f:
                 parts[r] = json.load(f)
-        tensors = {}
+        tensors, files = {}, {}
         for r, part in parts.items():
-            for name, (first, last, shape, dtype) in part.items():
+            for name, (first, last, shape, dtype) in part["rows"].items():
                 entry = tensors.setdefault(name, {"shape": shape, "dtype": dtype, "pieces": []})
                 entry["pieces"].append([f"rank-{r:05d}.safetensors", first, last])
+            if part["sha256"] is not None:
+                files[f"rank-{r:05d}.safetensors"] = {"sha256": part["sha256"]}
         _write_and_sync(
             os.path.join(tmp, "meta.json"),
-            json.dumps({"format_version": FORMAT_VERSION, **meta, "tensors": tensors}).encode(),
+            json.dumps({"format_version": FORMAT_VERSION, **meta, "tensors": tensors, "files": files}).encode(),
         )
         _write_and_sync(tmp)
         os.replace(tmp, path)
@@ -337,37 +359,41 @@ def set_aside(path):
     return target
 
 
-def open_checkpoint(path, set_aside_corrupt=False, check_weights=False):
+def open_checkpoint(path, set_aside_corrupt=False, verify=False):
     """(meta, read): a checkpoint's metadata (everything but the tensors, with its "path") and
-    read(name, first=None, last=None), which reads a tensor, or its rows [first, last), from disk;
-    a weight that is not finite raises ValueError when it is read.
-    path: a checkpoint, a run directory (its newest checkpoint that loads; with check_weights, whose
-    tensors are all read once and found finite: a newer one that does not is reported and, with
-    set_aside_corrupt, set aside), a Hugging
-    Face model directory (hf:<dir>, or a directory with a config.json and no checkpoints).
-    Everything is validated before it is returned: a damaged or
-    hand-edited file raises ValueError naming the file and what is wrong."""
+    read(name, first=None, last=None), which reads a tensor, or its rows [first, last); a weight that
+    is not finite raises ValueError when it is read.
+    path: a checkpoint, a run directory (its newest checkpoint that opens: a newer one that does not
+    is reported and, with set_aside_corrupt, set aside), or a Hugging Face model directory (hf:<dir>,
+    or a directory with a config.json and no checkpoints).
+    verify: every file read whole, once, into memory, its sha256 checked against meta.json's and every
+    tensor found finite; read then serves from that memory (a resume reads each byte once).
+    Everything is validated before it is returned: a damaged or hand-edited file raises ValueError
+    naming the file and what is wrong."""
     if path.startswith("hf:") or (os.path.isdir(path) and not checkpoint_paths(path)
                                    and os.path.exists(os.path.join(path, "config.json"))):
         directory = path.removeprefix("hf:")
         meta, read = open_hf(directory)
         return meta, _checked_read(directory, read)
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "meta.json")):
-        return _open_directory(path)
+        return _open_directory(path, verify)
     if os.path.isdir(path):
-        candidates = checkpoint_paths(path)
-        if not candidates:
-            raise FileNotFoundError(f"no checkpoints (ckpt_*) in {path}")
-        for candidate in reversed(candidates):
+        tried = set()
+        while candidates := [c for c in checkpoint_paths(path) if c not in tried]:
+            candidate = candidates[-1]
+            tried.add(candidate)
             try:
-                meta, read = open_checkpoint(candidate)
-                for name in meta["tensors"] if check_weights else []:  # weights and optimizer state
-                    read(name)
-                return meta, read
-            except (ValueError, FileNotFoundError) as e:  # FileNotFoundError: set aside meanwhile by rank 0
+                return open_checkpoint(candidate, verify=verify)
+            except (ValueError, FileNotFoundError) as e:
+                if not os.path.exists(candidate):  # rotated away (or set aside) by the run writing path
+                    print(f"note: {candidate} was removed while it was read (by the run that writes "
+                          f"{path}?): trying the newest one left", flush=True)
+                    continue
                 print(f"warning: skipping {candidate}: {e}", flush=True)
-                if set_aside_corrupt and os.path.exists(candidate):
+                if set_aside_corrupt:
                     set_aside(candidate)
+        if not tried:
+            raise FileNotFoundError(f"no checkpoints (ckpt_*) in {path}")
         raise ValueError(f"no checkpoint in {path} could be loaded")
     raise FileNotFoundError(f"no checkpoint at {path}")
 
@@ -425,7 +451,31 @@ def _checked_read(path, read):
     return checked
 
 
-def _open_directory(path):
+def _read_verified(path, sha256):
+    """{key: tensor} of a safetensors file read whole, once, into one buffer the tensors are views of;
+    ValueError if its sha256 is not the one given (None: an older checkpoint, which recorded none) or a
+    tensor is not finite. The header was validated by safe_open before."""
+    with open(path, "rb") as f:
+        data = bytearray(os.fstat(f.fileno()).st_size)
+        view, done = memoryview(data), 0
+        while done < len(data) and (n := f.readinto(view[done:])):
+            done += n
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise ValueError(f"{path}: its content is not what was written (sha256 differs from meta.json's)")
+    size = int.from_bytes(data[:8], "little")
+    tensors = {}
+    for key, info in json.loads(data[8 : 8 + size]).items():
+        if key != "__metadata__":
+            first, last = info["data_offsets"]
+            flat = torch.frombuffer(data, dtype=torch.float32, offset=8 + size + first, count=(last - first) // 4) \
+                if last > first else torch.empty(0)
+            tensors[key] = flat.view(info["shape"])
+            if not torch.isfinite(tensors[key]).all():
+                raise ValueError(f"{path}: {key} holds values that are not finite (NaN or inf)")
+    return tensors
+
+
+def _open_directory(path, verify=False):
     from safetensors import safe_open
     meta_path = os.path.join(path, "meta.json")
     try:
@@ -447,7 +497,11 @@ def _open_directory(path):
         if named and int(named.group(1)) != meta["step"]:
             raise ValueError(f"{meta_path}: step {meta['step']}, but the directory is named for step {named.group(1)}")
         _check_tensor_index(meta_path, tensors, parameter_shapes(model_args))
-        files = {}
+        checksums = _expect(f"{meta_path}: files", meta.get("files", {}), dict, what="a dict")  # absent: older
+        for file, entry in checksums.items():
+            if not (isinstance(entry, dict) and re.fullmatch(r"[0-9a-f]{64}", str(entry.get("sha256")))):
+                raise ValueError(f"{meta_path}: files: {file} has no valid sha256")
+        files, loaded = {}, {}
         for name, entry in tensors.items():
             rows = entry["shape"][0] if entry["shape"] else 1
             covered = sorted((first, last) for _, first, last in entry["pieces"])
@@ -462,6 +516,10 @@ def _open_directory(path):
                     raise ValueError(f"{os.path.join(path, file)}: {name} rows {first}:{last} are "
                                      f"{stored.get_dtype()} of shape {stored.get_shape()}, not the float32 "
                                      f"{entry['shape']} of meta.json")
+        if checksums and set(checksums) != set(files):
+            raise ValueError(f"{meta_path}: files lists {sorted(checksums)}, the tensors are in {sorted(files)}")
+        for file in files if verify else []:
+            loaded[file] = _read_verified(os.path.join(path, file), checksums.get(file, {}).get("sha256"))
     except ValueError as e:
         raise ValueError(f"{path} is corrupt: {e}") from None
     except Exception as e:
@@ -469,27 +527,31 @@ def _open_directory(path):
             f"{path} is incomplete or corrupt ({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})"
         ) from None
 
+    def stored(file, key):  # from memory when verified, else sliced from the file on disk
+        return loaded[file][key] if file in loaded else files[file].get_slice(key)
+
     def read(name, first=None, last=None):
         entry = meta["tensors"][name]
         if not entry["shape"]:
-            return files[entry["pieces"][0][0]].get_tensor(f"{name}:0")
+            file, key = entry["pieces"][0][0], f"{name}:0"
+            return loaded[file][key].clone() if file in loaded else files[file].get_tensor(key)
         first, last = first or 0, entry["shape"][0] if last is None else last
         parts = [
-            files[file].get_slice(f"{name}:{start}")[max(first, start) - start : min(last, end) - start]
+            stored(file, f"{name}:{start}")[max(first, start) - start : min(last, end) - start]
             for file, start, end in sorted(entry["pieces"], key=lambda piece: piece[1])
             if start < last and end > first
         ]
         return (
             torch.cat(parts) if parts else torch.empty((0, *entry["shape"][1:]), dtype=getattr(torch, entry["dtype"]))
         )
-    return {**{k: v for k, v in meta.items() if k != "tensors"}, "path": path, "tensors": list(meta["tensors"])}, \
-        _checked_read(path, read)
+    info = {k: v for k, v in meta.items() if k not in ("tensors", "files")}
+    return {**info, "path": path, "tensors": list(meta["tensors"])}, _checked_read(path, read)
 
 
 def load_checkpoint(path, set_aside_corrupt=False):
     """A whole checkpoint in CPU memory (open_checkpoint's metadata, and its tensors): "model" as
     {parameter: tensor}, "optimizers" as {"adamw" or "muon": {parameter: {key: tensor}}}."""
-    meta, read = open_checkpoint(path, set_aside_corrupt)
+    meta, read = open_checkpoint(path, set_aside_corrupt, verify=True)
     checkpoint = {**meta, "model": {}, "optimizers": {}}
     for name in meta["tensors"]:
         kind, _, rest = name.partition("/")

@@ -258,12 +258,15 @@ def start_point(out_dir, init_from, *, max_iters, use_muon, init_from_unfinished
     source = read = None
     try:
         if resuming and master:
-            source, read = open_checkpoint(out_dir, set_aside_corrupt=True, check_weights=True)
+            source, read = open_checkpoint(out_dir, set_aside_corrupt=True, verify=True)
         barrier()
         if source is None and (resuming or init_from not in ("scratch", "resume")):
             source, read = open_checkpoint(out_dir if resuming else init_from)
     except (ValueError, FileNotFoundError) as e:
         raise Refused(str(e)) from None
+    if resuming and (foreign := _foreign_shape(out_dir, source)):
+        raise Refused(f"{source['path']} is a model of another shape than {foreign}: it is not this run's "
+                      f"checkpoint; move it out of {out_dir} to resume the run")
     if resuming and source["step"] > max_iters:
         raise Refused(f"{source['path']} is at step {source['step']}, past max_iters={max_iters}: nothing to train and "
                       f"nothing written; resume with --max_iters={source['config'].get('max_iters', source['step'])} "
@@ -284,6 +287,25 @@ def start_point(out_dir, init_from, *, max_iters, use_muon, init_from_unfinished
     if init_from == "resume" and source is None and master:
         print(f"no checkpoint in {out_dir}: starting from scratch", flush=True)
     return source, read, resuming
+
+
+def _foreign_shape(out_dir, source):
+    """None, or what says that source is not this run's: a run's checkpoints all have one model shape
+    (meta.json's model_args), so one of another shape beside them was copied in from elsewhere."""
+    import json
+    from checkpoint import checkpoint_paths
+    for path in checkpoint_paths(out_dir):
+        try:
+            with open(os.path.join(path, "meta.json")) as f:
+                args = json.load(f)["model_args"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not loadable: it never counts
+        if path != source["path"] and args != source["model_args"]:
+            ours = source["model_args"]
+            differences = [f"{k}={ours.get(k)} against {args.get(k)}"
+                           for k in sorted(set(ours) | set(args)) if ours.get(k) != args.get(k)]
+            return f"{os.path.basename(path)} beside it: {', '.join(differences)}"
+    return None
 
 
 def start_counters(source, resuming):

@@ -57,6 +57,28 @@ def test_round_trip_rotation_and_model(tmp_path):
     ] == [16]
 
 
+def test_a_verified_open_reads_each_file_once_and_checks_its_sha256(tmp_path):
+    """Written: each file's sha256 in meta.json. Opened with verify (a resume's rank 0, load_checkpoint):
+    every file read whole once, checked, and served from memory: the files can go and reads still work."""
+    import hashlib
+    from checkpoint import open_checkpoint
+    path, model, _ = write(tmp_path, 5)
+    meta = json.loads(open(os.path.join(path, "meta.json")).read())
+    with open(os.path.join(path, "rank-00000.safetensors"), "rb") as f:
+        assert meta["files"] == {"rank-00000.safetensors": {"sha256": hashlib.sha256(f.read()).hexdigest()}}
+    info, read = open_checkpoint(path, verify=True)
+    os.remove(os.path.join(path, "rank-00000.safetensors"))
+    for name, p in model.named_parameters():
+        assert torch.equal(read(f"model/{name}"), p.detach())
+    assert read("adamw/norm.weight/step").item() == 1 and "files" not in info
+    # a file that was rewritten after its checkpoint was (the same tensors, other bytes): refused
+    path, _, _ = write(tmp_path, 6)
+    from safetensors.torch import load_file, save_file
+    save_file(load_file(os.path.join(path, "rank-00000.safetensors")), os.path.join(path, "rank-00000.safetensors"))
+    with pytest.raises(ValueError, match="sha256 differs from meta.json's"):
+        open_checkpoint(path, verify=True)
+
+
 def test_truncated_newest_falls_back_to_previous(tmp_path, capsys):
     write(tmp_path, 1)
     newest, _, _ = write(tmp_path, 2)

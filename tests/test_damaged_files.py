@@ -161,19 +161,41 @@ def test_resume_falls_back_over_an_invalid_newest_checkpoint(finished, data, tmp
     assert "skipping" in result.stdout and "resumed from" in result.stdout
     assert "ckpt_0000004" in result.stdout.split("resumed from")[1].splitlines()[0]
     assert (run / "ckpt_0000008.corrupt").is_dir() and (run / "ckpt_0000008").is_dir()
-    # NaN written into the optimizer state: set aside too, and the checkpoint before it resumed from
-    from safetensors.torch import load_file, save_file
+    # one byte of the optimizer state changed on disk (the header intact): its sha256 differs from the one
+    # recorded at write time, so it is set aside too, and the checkpoint before it resumed from
     shutil.rmtree(run)
     shutil.copytree(finished, run)
     path = run / "ckpt_0000008" / "rank-00000.safetensors"
+    data_bytes = bytearray(path.read_bytes())
+    data_bytes[-3] ^= 0x01
+    path.write_bytes(data_bytes)
+    result = run_script("train.py", *TINY, f"--data_dir={data}", f"--out_dir={run}", "--init_from=resume",
+                        "--max_iters=8", "--eval_interval=4")
+    assert "rank-00000.safetensors: its content is not what was written (sha256" in result.stdout
+    assert "ckpt_0000004" in result.stdout.split("resumed from")[1].splitlines()[0]
+    assert (run / "ckpt_0000008.corrupt").is_dir()
+
+
+def test_non_finite_optimizer_state_is_refused_with_its_checksum_intact(finished, tmp_path):
+    """NaN in the state that training itself wrote (so its checksum matches): refused by name on the verified
+    read a resume makes."""
+    import hashlib
+    from safetensors.torch import load_file, save_file
+    from checkpoint import open_checkpoint
+    damaged = tmp_path / "ckpt_0000008"
+    shutil.copytree(finished / "ckpt_0000008", damaged)
+    path = damaged / "rank-00000.safetensors"
     tensors = load_file(path)
     name = next(n for n in tensors if n.startswith("adamw/") and "exp_avg_sq" in n)
     tensors[name][0] = float("nan")
     save_file(tensors, path)
-    result = run_script("train.py", *TINY, f"--data_dir={data}", f"--out_dir={run}", "--init_from=resume",
-                        "--max_iters=8", "--eval_interval=4")
-    assert f"{name.split(':')[0]} holds values that are not finite" in result.stdout
-    assert "ckpt_0000004" in result.stdout.split("resumed from")[1].splitlines()[0]
+    meta = json.loads((damaged / "meta.json").read_text())
+    meta["files"]["rank-00000.safetensors"]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (damaged / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=f"{name} holds values that are not finite"):
+        open_checkpoint(str(damaged), verify=True)
+    meta, read = open_checkpoint(str(damaged))  # unverified, the weights still read (the NaN is in the state)
+    assert read("model/lm_head.weight").isfinite().all()
 
 
 HF_CONFIG = [("no hidden_size", without("hidden_size"), "hidden_size"),

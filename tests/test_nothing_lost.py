@@ -299,3 +299,41 @@ def test_a_shard_edited_after_prepare_is_refused_when_read(data, tmp_path):
     assert f"{bad / shard} holds token id {meta['vocab_size'] + 1} at offset" in error
     assert not checkpoint_paths(str(tmp_path / "out"))
 
+
+
+def test_a_checkpoint_of_another_model_copied_into_a_run_is_refused_not_resumed(finished, data, tmp_path):
+    """A newer checkpoint of another shape beside the run's own (copied in from elsewhere) would be resumed
+    and the run's own rotated away: refused in one line, nothing changed."""
+    import torch
+    from checkpoint import save_checkpoint, state_pieces
+    from conftest import checkpoint_meta
+    from model import GPT, ModelArgs
+    run = copy_of(finished, tmp_path)
+    torch.manual_seed(0)
+    other = GPT(ModelArgs(vocab_size=300, block_size=16, n_layer=1, n_head=2, n_kv_head=2, n_embd=16))
+    meta = checkpoint_meta(other, 12)
+    meta["config"] = json.loads((run / "ckpt_0000008" / "meta.json").read_text())["config"]
+    save_checkpoint(str(run), 12, state_pieces(other, [], 0, 1), meta, keep_last=0)
+    before = snapshot(run)
+    error = one_line_error(run_script("train.py", *TINY, f"--data_dir={data}", f"--out_dir={run}",
+                                      "--init_from=resume", "--max_iters=16", check=False))
+    assert "ckpt_0000012 is a model of another shape than ckpt_0000004 beside it:" in error
+    assert "n_embd=16 against 64" in error
+    assert "move it out of" in error and snapshot(run) == before
+
+
+def test_a_checkpoint_rotated_away_while_it_is_opened_is_not_called_corrupt(finished, tmp_path, monkeypatch, capsys):
+    """A handoff from a run that is still writing: the newest checkpoint can rotate away between the listing
+    and the read. The next newest is opened, and nothing is called corrupt or set aside."""
+    run = copy_of(finished, tmp_path)
+    opened = checkpoint._open_directory
+
+    def rotated_first(path, verify=False):
+        if path.endswith("ckpt_0000008") and os.path.exists(path):
+            shutil.rmtree(path)  # what the writing run's rotation does
+        return opened(path, verify)
+    monkeypatch.setattr(checkpoint, "_open_directory", rotated_first)
+    meta, _ = checkpoint.open_checkpoint(str(run), set_aside_corrupt=True)
+    out = capsys.readouterr().out
+    assert meta["step"] == 4 and "was removed while it was read" in out
+    assert "corrupt" not in out and not list(run.glob("*.corrupt*"))
