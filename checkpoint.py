@@ -39,6 +39,7 @@ import torch
 from import_hf import open_hf
 from model import GPT, ModelArgs, parameter_shapes
 from parallel import finite, replica, rows_held, share_to_write
+from rundir import stop_signal
 import tokenizer as tok
 
 FORMAT_VERSION = 2
@@ -164,6 +165,9 @@ def _write_checkpoint(out_dir, step, pieces, meta, rank, world_size, keep_last, 
         for r in range(world_size):
             while not os.path.exists(os.path.join(tmp, f"rank-{r:05d}.json")):
                 waited = time.time() - last_arrival
+                if not threading.main_thread().is_alive() and stop_signal() is not None:
+                    raise OSError(f"rank {r}'s part never came: this rank's training failed and the launcher is "
+                                  f"stopping the job (a rank died?)")  # the job is being torn down: no waiting
                 if waited > min(wait_s, max(PART_STALL_S, 3 * own_s)):
                     raise OSError(f"rank {r}'s part did not appear within {waited:.0f}s of the last one "
                                   f"(rank 0 wrote its own in {own_s:.1f}s): did rank {r} die?")

@@ -92,6 +92,11 @@ def catch_stop_signals(rank):
               f"(a second signal stops at once)", file=sys.stderr, flush=True)
     for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(signum, on_signal)
+    if "TORCHELASTIC_RUN_ID" in os.environ and sys.platform == "linux":
+        # a launcher killed outright (SIGKILL: it cannot pass the signal on) sends its ranks a SIGTERM, so they
+        # stop together with a checkpoint instead of running on, orphaned, holding their devices
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def stop_signal():

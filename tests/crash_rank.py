@@ -1,11 +1,16 @@
-"""Runs train.py with an exception injected into rank 1's third optimizer step (for test_ddp.py)."""
+"""Runs train.py with rank 1 failing (for test_ddp.py), as CRASH says: 'step' (default), an exception in
+its third optimizer step; 'write', the process dying in its first checkpoint write; 'disk_full', that
+write failing as on a full disk."""
 import os
 import runpy
 import sys
 
 import torch
 
-if os.environ.get("RANK") == "1":
+root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, root)
+crash = os.environ.get("CRASH", "step")
+if os.environ.get("RANK") == "1" and crash == "step":
     original_step = torch.optim.AdamW.step
     calls = 0
 
@@ -17,8 +22,14 @@ if os.environ.get("RANK") == "1":
         return original_step(self, *args, **kwargs)
 
     torch.optim.AdamW.step = failing_step
-root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+elif os.environ.get("RANK") == "1":
+    import checkpoint
+
+    def failing_write(path, tensors):
+        if crash == "disk_full":
+            raise OSError(28, "No space left on device")
+        os._exit(9)
+    checkpoint._write_safetensors = failing_write
 train_py = os.path.join(root, "train.py")
-sys.path.insert(0, root)
 sys.argv = [train_py] + sys.argv[1:]
 runpy.run_path(train_py, run_name="__main__")

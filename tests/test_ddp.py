@@ -1,6 +1,7 @@
 """Data-parallel training with torchrun and gloo on the CPU: equivalent to one process, and no hangs."""
 import ast
 import logging
+import os
 import time
 
 import pytest
@@ -79,6 +80,57 @@ def test_an_exception_on_one_rank_ends_the_run_without_hanging(data, tmp_path):
     assert result.returncode != 0
     assert time.time() - started < 100
     assert "[rank1]" in result.stderr and "injected failure" in result.stderr  # torch names the rank of each line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("crash", ["write", "disk_full"])
+def test_a_rank_that_dies_or_fills_its_disk_in_a_checkpoint_write_ends_the_job_in_seconds(data, tmp_path, crash):
+    """Rank 0 used to wait 30 s for the dead rank's part of the checkpoint, after its own training had
+    already failed on the broken process group: the job now ends as soon as the launcher stops it."""
+    started = time.time()
+    result = run_script("tests/crash_rank.py", *TINY, f"--data_dir={data}", f"--out_dir={tmp_path}", "--max_iters=50",
+                        "--eval_interval=4", launcher=TORCHRUN, env={"CRASH": crash}, check=False, timeout=120)
+    assert result.returncode != 0 and time.time() - started < 20, time.time() - started
+    assert "ckpt_0000004" not in os.listdir(tmp_path)  # (its .tmp goes at the next start)
+    if crash == "disk_full":
+        assert "error (rank 1): checkpoint at step 4 not written: OSError: [Errno 28] No space" in result.stderr
+
+
+@pytest.mark.slow
+def test_ranks_whose_launcher_is_killed_stop_with_a_checkpoint(data, tmp_path):
+    """torchrun SIGKILLed cannot pass anything on: its ranks get a SIGTERM from the kernel (parent death
+    signal) and stop as on any stop signal, with a checkpoint, instead of running on orphaned."""
+    import signal
+    import subprocess
+    from conftest import ROOT
+    if not os.path.isdir("/proc"):
+        pytest.skip("needs Linux's /proc")
+    process = subprocess.Popen([*TORCHRUN, "train.py", *TINY, f"--data_dir={data}", f"--out_dir={tmp_path}",
+                                "--max_iters=100000", "--eval_interval=100000", "--log_interval=2"], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in process.stdout:  # training has started on both ranks
+        if line.startswith("step 4/"):
+            break
+    children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+    assert len(children) == 2, children
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    def running(pid):  # (a zombie waiting for init to reap it has ended)
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+    deadline = time.time() + 30
+    while time.time() < deadline and any(map(running, children)):
+        time.sleep(0.2)
+    orphaned = [pid for pid in children if running(pid)]
+    for pid in orphaned:
+        os.kill(int(pid), signal.SIGKILL)  # (they hold the output pipe open)
+    rest = process.stdout.read()
+    assert not orphaned, rest[-2000:]
+    assert "stopping at step" in rest and any(p.startswith("ckpt_") for p in os.listdir(tmp_path)), rest[-2000:]
 
 
 def compiled_graphs(monkeypatch, tmp_path, shape, ddp_bucket_mb):
