@@ -5,7 +5,7 @@ The run directory, and the files around it that must never be lost or half-writt
                            start_counters, the step, tokens and parent it starts with
     open_run_log           out_dir/config.py, metrics.jsonl (lines appended whole or not at all), wandb;
                            log_line, the console's line of the same metrics
-    catch_stop_signals     SIGTERM / SIGUSR1 / Ctrl-C recorded, so train.py stops with a checkpoint
+    catch_stop_signals     SIGTERM / SIGUSR1 / Ctrl-C / SIGHUP recorded, so train.py stops with a checkpoint
     log, fail, end_run     rank 0's console; how a run ends: one line and exit 1, or its last checkpoint and exit 0;
                            fail_on, a block whose errors of a kind end it that way
     claim_output           a dataset's or an export's directory taken by one writer (flock on its .lock),
@@ -81,22 +81,26 @@ _stop = {"signal": None}
 
 
 def catch_stop_signals(rank):
-    """From now on SIGTERM / SIGUSR1 (what SLURM and cloud schedulers send before they kill) and
-    Ctrl-C are only recorded, for stop_signal(): train.py then finishes its step, checkpoints and
-    exits. A second signal exits at once (a checkpoint being written stays a *.tmp)."""
+    """From now on SIGTERM / SIGUSR1 (what SLURM and cloud schedulers send before they kill), Ctrl-C
+    and SIGHUP (a closed terminal; under torchrun, the launcher's death) are only recorded, for
+    stop_signal(): train.py then finishes its step, checkpoints and exits. A second signal exits at
+    once (a checkpoint being written stays a *.tmp)."""
     def on_signal(signum, frame):
         if _stop["signal"] is not None:
+            if signum == signal.SIGHUP:  # the launcher's death, told once more: already stopping
+                return
             os._exit(128 + signum)
         _stop["signal"] = signum
-        print(f"rank {rank}: got {signal.Signals(signum).name}; stopping after this step with a checkpoint "
-              f"(a second signal stops at once)", file=sys.stderr, flush=True)
-    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        what = "its launcher died" if signum == signal.SIGHUP else f"got {signal.Signals(signum).name}"
+        print(f"rank {rank}: {what}; stopping after this step with a checkpoint (a second signal stops at once)",
+              file=sys.stderr, flush=True)
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, on_signal)
     if "TORCHELASTIC_RUN_ID" in os.environ and sys.platform == "linux":
-        # a launcher killed outright (SIGKILL: it cannot pass the signal on) sends its ranks a SIGTERM, so they
+        # a launcher killed outright (SIGKILL: it cannot pass the signal on) sends its ranks a SIGHUP, so they
         # stop together with a checkpoint instead of running on, orphaned, holding their devices
         import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGHUP)  # PR_SET_PDEATHSIG
 
 
 def stop_signal():

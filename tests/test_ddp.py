@@ -98,7 +98,7 @@ def test_a_rank_that_dies_or_fills_its_disk_in_a_checkpoint_write_ends_the_job_i
 
 @pytest.mark.slow
 def test_ranks_whose_launcher_is_killed_stop_with_a_checkpoint(data, tmp_path):
-    """torchrun SIGKILLed cannot pass anything on: its ranks get a SIGTERM from the kernel (parent death
+    """torchrun SIGKILLed cannot pass anything on: its ranks get a SIGHUP from the kernel (parent death
     signal) and stop as on any stop signal, with a checkpoint, instead of running on orphaned."""
     import signal
     import subprocess
