@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from checkpoint import checkpoint_paths, load_checkpoint
-from conftest import ROOT, TINY_RUN as TINY, metric_records, one_line_error
+from conftest import ROOT, TINY_RUN as TINY, metric_records, one_line_error, snapshot
 from conftest import run_script as run
 
 
@@ -275,3 +275,18 @@ def test_settings_out_of_range_are_named_before_anything_starts(tmp_path):
                              ("--max_new_tokens=-5", "max_new_tokens must not be negative")]:
         assert message in one_line_error(run("sample.py", f"--out_dir={tmp_path}", setting, check=False))
     assert sample_problem({"temperature": 0, "top_k": 0, "max_new_tokens": 0, "num_samples": 1}) is None
+
+
+def test_prepare_on_a_full_disk_is_one_line_and_leaves_the_old_dataset(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(40):
+        (docs / f"{i}.txt").write_text(f"Document {i}: the quick brown fox jumps over the lazy dog.\n" * 20)
+    run("prepare.py", str(docs), f"--out={tmp_path}/ds", "--vocab_size=300", "--val_fraction=0.2")
+    before = snapshot(tmp_path / "ds")
+    result = run("tests/file_size_limit.py", str(docs), f"--out={tmp_path}/ds", "--vocab_size=300",
+                 "--val_fraction=0.2", env={"FILE_SIZE_LIMIT": "2000", "SCRIPT": "prepare.py"}, check=False)
+    error = result.stderr.strip().splitlines()[-1]  # (after prepare.py's progress lines)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"cannot write {tmp_path}/ds: File too large" in error and "free some space or choose another --out" in error
+    assert snapshot(tmp_path / "ds") == before and sorted(os.listdir(tmp_path)) == ["docs", "ds"]
