@@ -49,10 +49,10 @@ import torch  # noqa: E402  (after the config: --help answers without loading to
 from torch.optim.optimizer import register_optimizer_step_post_hook  # noqa: E402
 
 from data import ceil_div  # noqa: E402
-from device import device_peak_flops, resolve_compile, resolve_device  # noqa: E402
+from infra.device import device_peak_flops, resolve_compile, resolve_device  # noqa: E402
 from fp8 import use_fp8  # noqa: E402
 from model import GPT, ModelArgs  # noqa: E402
-from parallel import compiled_step_problem  # noqa: E402
+from infra.parallel import compiled_step_problem  # noqa: E402
 
 printed = subprocess.run([sys.executable, TRAIN, *train_args, "--print_config"], capture_output=True, text=True)
 if printed.returncode != 0:
@@ -248,7 +248,7 @@ result = {
     else None,
     "first_step_ms": first_step_ms,
     "compile_s": (first_step_ms - bare_ms) / 1000 if compile else 0.0,
-    "compile_check_s": check_ms / 1000,  # the first compiled micro-batch and one uncompiled one (parallel.py)
+    "compile_check_s": check_ms / 1000,  # the first compiled micro-batch and one uncompiled one (infra/parallel.py)
     "peak_memory_mb": peak_memory_mb,
     "adamw_step_ms": optimizer_ms[0],
     "muon_step_ms": optimizer_ms[1] if c["use_muon"] else None,

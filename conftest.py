@@ -64,7 +64,7 @@ def gpt2(tmp_path, monkeypatch):
 
 def checkpoint_meta(model, step, encoder=None, **extra):
     """The metadata train.py writes with a checkpoint, for tests that save one of their own model."""
-    from checkpoint import training_meta
+    from infra.resume import training_meta
     import tokenizer as tok
     return {**training_meta(step=step, tokens_seen=0, batch_size=0, model_args=vars(model.args), config={},
                             tokenizer=tok.tokenizer_state(encoder or tok.byte_tokenizer()), data_dir="", parent=None),

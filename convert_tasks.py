@@ -23,7 +23,7 @@ out = ""                        # the task file to write (.jsonl)
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 # ----------------------------------------------------------------------------------------------
 
-from rundir import check_replaceable_file
+from infra.rundir import check_replaceable_file
 
 
 def hellaswag_text(text):

@@ -18,7 +18,7 @@ import sysconfig
 import zlib
 
 from data import split_of
-from rundir import claim_output, replace_directory
+from infra.rundir import claim_output, replace_directory
 
 DEMO_TASKS = ("next_line", "identifier", "docstring")
 TASK_FILES = tuple(f"{name}.{ext}" for name in DEMO_TASKS for ext in ("jsonl", "json"))  # all write_demo_tasks writes

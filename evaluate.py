@@ -330,10 +330,10 @@ def task_paths(spec):
 
 
 if __name__ == "__main__":
-    from checkpoint import load_checkpoint, model_from_checkpoint
-    from device import resolve_device
+    from infra.checkpoint import load_checkpoint, model_from_checkpoint
+    from infra.device import resolve_device
     from data import open_dataset
-    from rundir import check_replaceable_file
+    from infra.rundir import check_replaceable_file
     try:
         if out_file:
             scores_file = lambda v: isinstance(v, dict) and {"checkpoint", "step", "tasks"} <= set(v)

@@ -33,7 +33,7 @@ dtype = "float32"               # 'float32' (the checkpoint's weights as they ar
 max_shard_size_mb = 5000        # larger models are split into shards of at most this size
 # ----------------------------------------------------------------------------------------------
 
-from rundir import check_replaceable, claim_output, replace_directory
+from infra.rundir import check_replaceable, claim_output, replace_directory
 import tokenizer as tok  # (a module, not names: configurator.py treats simple-typed globals as config)
 
 # what export() writes: the only files a directory it replaces may hold
@@ -221,7 +221,7 @@ def write_json(path, value):
 
 if __name__ == "__main__":
     exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
-    from checkpoint import load_checkpoint  # after the config: --help answers without loading torch
+    from infra.checkpoint import load_checkpoint  # after the config: --help answers without loading torch
     try:
         check_replaceable(hf_dir, EXPORT_FILES, "a Hugging Face export")  # before the checkpoint is read
         checkpoint = load_checkpoint(ckpt)

@@ -60,7 +60,7 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator
 
 from data import ShardWriter, split_of, val_split_advice, write_meta  # noqa: E402
 from demo import TASK_FILES, demo_conversations, demo_documents, write_demo_tasks  # noqa: E402
-from rundir import check_replaceable, claim_output, replace_directory  # noqa: E402
+from infra.rundir import check_replaceable, claim_output, replace_directory  # noqa: E402
 import tokenizer as tok  # noqa: E402  (after the config: `tokenizer` is also a setting's name)
 
 DATASET_FILES = ("meta.json", "tokenizer.json", "tokenizer.tiktoken", "train_*.bin", "val_*.bin")  # what build writes

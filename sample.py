@@ -27,14 +27,14 @@ compile = False
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 # ----------------------------------------------------------------------------------------------
 
-from settings import sample_problem  # noqa: E402
+from infra.settings import sample_problem  # noqa: E402
 if problem := sample_problem(globals()):
     sys.exit(f"sample.py: error: {problem}")
 
 import torch  # after the config: --help answers without loading torch
 
-from checkpoint import load_checkpoint, model_from_checkpoint
-from device import resolve_device
+from infra.checkpoint import load_checkpoint, model_from_checkpoint
+from infra.device import resolve_device
 import tokenizer as tok
 
 torch.manual_seed(seed)

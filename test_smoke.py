@@ -297,7 +297,7 @@ def test_vocab_size_above_the_datasets_trains_and_below_is_refused(demo_data, tm
     args = [*TINY_MODEL, f"--data_dir={demo_data}", "--max_iters=2", "--micro_batch_size=2", "--batch_size=2",
             "--eval_iters=1"]
     run("train.py", *args, f"--out_dir={tmp_path}/larger", "--vocab_size=2000")
-    from checkpoint import load_checkpoint
+    from infra.checkpoint import load_checkpoint
     assert load_checkpoint(str(tmp_path / "larger"))["model"]["lm_head.weight"].shape[0] == 2048  # padded to 128
     result = run("train.py", *args, f"--out_dir={tmp_path}/smaller", "--vocab_size=1000", check=False)
     assert result.returncode != 0 and "vocab_size=1000 is smaller than the dataset's vocabulary (1024)" in result.stderr

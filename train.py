@@ -99,19 +99,21 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator
 import torch  # after the config: --help answers without loading torch
 import torch.distributed as dist
 
-from checkpoint import checkpoint_failure, load_state, model_args_for, save_training_state, training_meta
 from data import micro_batches, open_mixture, val_split_warnings
 from evaluate import evaluate_tasks, load_task, scores_line, validation, validation_line, validation_windows
 from fp8 import problem as fp8_problem, use_fp8
-from device import (busy_cpu_warning, device_name, device_peak_flops, peak_memory_mb, resolve_compile,
-                    resolve_device)
 from model import GPT, Init
-from parallel import (MODES, clip_grad_norm, compiled_step_problem, join_process_group, mean_over_ranks, ranks,
-                      reshard, state_bytes, sync_gradients, wrap)
-from rundir import (Finished, Refused, catch_stop_signals, end_run, fail, fail_on, log, log_line, open_run_log,
-                    start_counters, start_point, stop_signal)
-from settings import batch_size_problem, config_problem, schedule_batch_sizes
 import tokenizer as tok
+# the machinery (infra/): where a run starts, checkpoints, the run directory, parallelism, the device
+from infra.checkpoint import checkpoint_failure, wait_for_checkpoint
+from infra.device import (busy_cpu_warning, device_name, device_peak_flops, peak_memory_mb, resolve_compile,
+                          resolve_device)
+from infra.parallel import (MODES, clip_grad_norm, compiled_step_problem, join_process_group, mean_over_ranks,
+                            ranks, reshard, state_bytes, sync_gradients, wrap)
+from infra.resume import (Finished, Refused, load_state, model_args_for, save_training_state, start_counters,
+                          start_point, training_meta)
+from infra.rundir import catch_stop_signals, end_run, fail, fail_on, log, log_line, open_run_log, stop_signal
+from infra.settings import batch_size_problem, config_problem, schedule_batch_sizes
 
 # torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; rank 0 logs and writes every file
 distributed = "RANK" in os.environ  # under torchrun, whichever the mode (DDP, FSDP2, HSDP)
@@ -119,7 +121,7 @@ rank, local_rank, world_size = ranks()
 master = rank == 0
 
 
-# ---- the config, checked before anything starts: each mistake a one-line error (settings.py) ------
+# ---- the config, checked before anything starts: each mistake a one-line error (infra/settings.py) ------
 if problem := config_problem(config, world_size=world_size, modes=MODES):
     fail(f"config: {problem}")
 with fail_on(ValueError, prefix="config: "):
@@ -177,7 +179,7 @@ if problem := batch_size_problem(batch_sizes, micro_batch_size=micro_batch_size,
     fail(problem)
 
 
-# ---- where to start from: resume, a stage handoff, or scratch (rundir.start_point has the rule) ----
+# ---- where to start from: resume, a stage handoff, or scratch (infra/resume.py: start_point) ----
 try:
     start_ckpt, read_tensor, resuming = start_point(out_dir, init_from, max_iters=max_iters, use_muon=use_muon,
                                          init_from_unfinished=init_from_unfinished, master=master,
@@ -188,7 +190,7 @@ except Finished as e:
     log(str(e))
     end_run()
 step, tokens_seen, parent, good_checkpoint = start_counters(start_ckpt, resuming)
-# the run's lowest val loss so far: a checkpoint far above it is refused (checkpoint.DIVERGED_NATS)
+# the run's lowest val loss so far: a checkpoint far above it is refused (resume.DIVERGED_NATS)
 best_val_loss = start_ckpt.get("best_val_loss") if resuming else None
 if start_ckpt is not None:  # the model's shape is the checkpoint's: a later stage's config need not repeat it
     differences = {k: v for k, v in start_ckpt["model_args"].items() if k in config and config[k] != v
@@ -235,7 +237,7 @@ if fp8:
 gpt.checkpoint_blocks, gpt.loss_chunk_tokens = activation_checkpointing, loss_chunk_tokens
 gpt.document_token = meta["bos_id"] if document_masking else None
 gpt.init = Init(embed_std=init_embed_std, head_std=init_head_std, zero_projections=init_zero_projections)
-# gpt: the GPT module (sharded in place under FSDP2); model: what the step calls, compiled and wrapped (parallel.py).
+# gpt: the GPT module (sharded in place under FSDP2); model: what the step calls, compiled and wrapped (infra/parallel.py).
 # Evaluation runs gpt uncompiled: a no-grad graph would cost more to compile than it saves every eval_interval.
 model, muon_group = wrap(gpt, mode=data_parallel if distributed else "ddp", device=device, local_rank=local_rank,
                          world_size=world_size, shard_size=shard_size, compile=compile, bf16=dtype == "bfloat16",
@@ -270,7 +272,7 @@ with fail_on(OSError, ValueError, prefix="eval_tasks: "):
 # ---- the run's records: checkpoints, config.py, metrics.jsonl, the console -------------------------
 def write_checkpoint(step, tokens_seen, val_loss, good_checkpoint):
     """All ranks write their share in the background while training goes on (a failed write stops the
-    run at the next step); returns the new checkpoint's path (checkpoint.save_training_state). val_loss:
+    run at the next step); returns the new checkpoint's path (resume.save_training_state). val_loss:
     this step's evaluation, or None."""
     meta = training_meta(step=step, tokens_seen=tokens_seen, batch_size=batch_size_at(step), parent=parent,
                          model_args=asdict(model_args), config=config, tokenizer=encoder_state, data_dir=data_dir,
@@ -336,7 +338,7 @@ while True:
                                         rank=rank, world_size=world_size)
                 log(f"step {step}: tasks ({time.time() - paused:.1f}s with validation) | {scores_line(scores)}")
                 record({"step": step, "tokens": tokens_seen, "tasks": scores})
-        reshard(gpt)  # under FSDP2, the weights evaluation gathered back into shards (parallel.py)
+        reshard(gpt)  # under FSDP2, the weights evaluation gathered back into shards (infra/parallel.py)
         if step > start_step:
             good_checkpoint = write_checkpoint(step, tokens_seen, val_loss if eval_iters > 0 else None,
                                                good_checkpoint)
@@ -357,7 +359,7 @@ while True:
     accum_steps = batch_size_at(step) // sequences_per_micro_step
     loss_sum = torch.zeros((), device=device)  # accumulated on the device: no host sync per micro-step
     for micro_step in range(accum_steps):
-        if distributed:  # the gradients of the whole step cross ranks on the last micro-step (parallel.py)
+        if distributed:  # the gradients of the whole step cross ranks on the last micro-step (infra/parallel.py)
             sync_gradients(model, micro_step == accum_steps - 1)
         with autocast:
             loss = model(x, y, loss_reduction="sum") * loss_scale
@@ -419,4 +421,6 @@ while True:
         write_checkpoint(step, tokens_seen, None, good_checkpoint)  # no evaluation at this step
         break
 
+with fail_on(OSError):  # the last checkpoint, written in the background
+    wait_for_checkpoint()
 end_run()

@@ -61,10 +61,10 @@ exec(open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from device import compiler_problem, device_peak_flops, resolve_device  # noqa: E402
+from infra.device import compiler_problem, device_peak_flops, resolve_device  # noqa: E402
 from model import GPT, ModelArgs  # noqa: E402
 import gpu_kernels  # noqa: E402  (beside this file: parts 1 and 2)
-from rundir import check_replaceable_file  # noqa: E402
+from infra.rundir import check_replaceable_file  # noqa: E402
 
 try:  # a mistyped out_file never replaces a checkpoint's meta.json or a run's metrics
     check_replaceable_file(out_file, lambda r: isinstance(r, dict) and {"parts", "timeline_s"} <= set(r),

@@ -23,7 +23,7 @@ if os.environ.get("RANK") == "1" and crash == "step":
 
     torch.optim.AdamW.step = failing_step
 elif os.environ.get("RANK") == "1":
-    import checkpoint
+    import infra.checkpoint as checkpoint
 
     def failing_write(path, tensors):
         if crash == "disk_full":

@@ -9,7 +9,7 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import GPT, ModelArgs  # noqa: E402
-from parallel import wrap  # noqa: E402
+from infra.parallel import wrap  # noqa: E402
 
 mode, out = sys.argv[1], sys.argv[2]
 if "RANK" in os.environ:

@@ -9,12 +9,12 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from checkpoint import save_checkpoint
+from infra.checkpoint import save_checkpoint
 from conftest import checkpoint_meta
 from model import GPT, ModelArgs
 from muon import Muon
-from checkpoint import state_pieces
-from parallel import wrap
+from infra.resume import state_pieces
+from infra.parallel import wrap
 
 
 def run(out_dir, mode, neuron_norm):

@@ -4,7 +4,8 @@ import os
 import pytest
 import torch
 
-from checkpoint import checkpoint_paths, load_checkpoint, model_from_checkpoint, save_checkpoint, state_pieces
+from infra.checkpoint import checkpoint_paths, load_checkpoint, model_from_checkpoint, save_checkpoint
+from infra.resume import state_pieces
 from conftest import checkpoint_meta
 from model import GPT, ModelArgs
 
@@ -61,7 +62,7 @@ def test_a_verified_open_reads_each_file_once_and_checks_its_sha256(tmp_path):
     """Written: each file's sha256 in meta.json. Opened with verify (a resume's rank 0, load_checkpoint):
     every file read whole once, checked, and served from memory: the files can go and reads still work."""
     import hashlib
-    from checkpoint import open_checkpoint
+    from infra.checkpoint import open_checkpoint
     path, model, _ = write(tmp_path, 5)
     meta = json.loads(open(os.path.join(path, "meta.json")).read())
     with open(os.path.join(path, "rank-00000.safetensors"), "rb") as f:
@@ -117,7 +118,7 @@ def test_rank_zero_never_reads_another_ranks_part_half_written(tmp_path, monkeyp
     import threading
     import time
 
-    import checkpoint
+    import infra.checkpoint as checkpoint
     real_write = checkpoint._write_and_sync
 
     def slow_write(path, data=None):
@@ -156,7 +157,7 @@ def test_rank_zero_never_reads_another_ranks_part_half_written(tmp_path, monkeyp
 
 
 def test_rotation_keeps_the_newest_and_the_best_evaluated_checkpoints(tmp_path):
-    from checkpoint import checkpoint_paths, rotate
+    from infra.checkpoint import checkpoint_paths, rotate
     for step, val_loss in [(5, 5.0), (10, 3.0), (15, None), (20, 4.0), (25, 4.5), (30, 4.8)]:
         (tmp_path / f"ckpt_{step:07d}").mkdir()
         (tmp_path / f"ckpt_{step:07d}" / "meta.json").write_text(json.dumps({"step": step, "val_loss": val_loss}))

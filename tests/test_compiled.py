@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from checkpoint import checkpoint_paths
+from infra.checkpoint import checkpoint_paths
 from conftest import HANG_S, ROOT, TORCHRUN, one_line_error, run_script
 from fp8 import use_fp8
 from model import GPT, ModelArgs

@@ -140,7 +140,7 @@ CHECKPOINT_META = [
 
 
 def test_checkpoint_meta_damaged_field_by_field(finished, tmp_path):
-    from checkpoint import load_checkpoint
+    from infra.checkpoint import load_checkpoint
     damaged = tmp_path / "ckpt_0000008"
     for what, field in damaged_copies(finished / "ckpt_0000008", damaged, "meta.json", CHECKPOINT_META):
         with pytest.raises(ValueError) as error:
@@ -181,7 +181,7 @@ def test_non_finite_optimizer_state_is_refused_with_its_checksum_intact(finished
     read a resume makes."""
     import hashlib
     from safetensors.torch import load_file, save_file
-    from checkpoint import open_checkpoint
+    from infra.checkpoint import open_checkpoint
     damaged = tmp_path / "ckpt_0000008"
     shutil.copytree(finished / "ckpt_0000008", damaged)
     path = damaged / "rank-00000.safetensors"
@@ -207,7 +207,7 @@ HF_CONFIG = [("no hidden_size", without("hidden_size"), "hidden_size"),
 
 
 def test_hf_config_damaged_field_by_field(finished, data, tmp_path):
-    from checkpoint import open_checkpoint
+    from infra.checkpoint import open_checkpoint
     damaged = tmp_path / "hf"
     for what, field in damaged_copies(finished / "hf", damaged, "config.json", HF_CONFIG):
         with pytest.raises(ValueError) as error:

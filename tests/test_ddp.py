@@ -16,7 +16,7 @@ TINY = ["tests/tiny_model.py", "--eval_iters=2", "--log_interval=1", "--micro_ba
 
 
 def final_parameters(out_dir):
-    from checkpoint import load_checkpoint
+    from infra.checkpoint import load_checkpoint
     return load_checkpoint(out_dir)["model"]
 
 
@@ -138,7 +138,7 @@ def compiled_graphs(monkeypatch, tmp_path, shape, ddp_bucket_mb):
     the graph at the buckets (DDPOptimizer) before any backend sees it: the eager backend counts them."""
     import torch.distributed as dist
     from model import GPT, ModelArgs
-    from parallel import wrap
+    from infra.parallel import wrap
     counts = []
 
     class Count(logging.Handler):

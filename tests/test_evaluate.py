@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoint import load_checkpoint, model_from_checkpoint
+from infra.checkpoint import load_checkpoint, model_from_checkpoint
 from conftest import HANG_S, metric_records
 from conftest import run_script as run
 from data import read_shard

@@ -7,7 +7,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, state_pieces
+from infra.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from infra.resume import state_pieces
 from conftest import ROOT, run_script
 from export_hf import export
 from model import GPT, ModelArgs

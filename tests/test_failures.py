@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from checkpoint import checkpoint_paths, load_checkpoint
+from infra.checkpoint import checkpoint_paths, load_checkpoint
 from conftest import ROOT, TINY_RUN as TINY, metric_records, one_line_error, snapshot
 from conftest import run_script as run
 
@@ -252,7 +252,7 @@ def test_a_finite_divergence_stops_the_run_and_keeps_every_good_checkpoint(data,
 
 def test_settings_out_of_range_are_named_before_anything_starts(tmp_path):
     import ast
-    from settings import config_problem, sample_problem, schedule_batch_sizes
+    from infra.settings import config_problem, sample_problem, schedule_batch_sizes
     printed = run("train.py", "--print_config").stdout
     defaults = {k: ast.literal_eval(v) for k, _, v in (line.partition(" = ") for line in printed.splitlines())}
     schedule = {"strategy": "doubling", "start_batch_size": 16, "interval_steps": 100, "max_batch_size": 64}

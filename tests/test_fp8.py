@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from checkpoint import load_checkpoint
+from infra.checkpoint import load_checkpoint
 from conftest import TINY_RUN, one_line_error, records, state_tensors, train
 from fp8 import Float8Linear, use_fp8
 from model import GPT, ModelArgs

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from checkpoint import load_checkpoint
+from infra.checkpoint import load_checkpoint
 from conftest import TORCHRUN, assert_same_state, records, run_script
 
 TINY = ["tests/tiny_model.py", "--eval_iters=2", "--log_interval=1", "--micro_batch_size=4", "--batch_size=8",
@@ -44,7 +44,7 @@ def test_the_chunked_loss_keeps_no_logits_under_fsdp2(tmp_path):
     # fp32 log-softmax of every token for the backward pass; chunked, only the head's and the input's gradients
     import torch.distributed as dist
     from model import GPT, ModelArgs
-    from parallel import wrap
+    from infra.parallel import wrap
     store = dist.FileStore(str(tmp_path / "store"), 1)
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
@@ -169,7 +169,7 @@ def test_fsdp_holds_half_the_state_per_rank(data, tmp_path):
 @pytest.mark.slow
 def test_export_and_sample_from_an_fsdp_checkpoint(data, tmp_path):
     transformers = pytest.importorskip("transformers")
-    from checkpoint import model_from_checkpoint
+    from infra.checkpoint import model_from_checkpoint
     import tokenizer as tok
     train(*TINY, f"--data_dir={data}", "--max_iters=4", "--eval_interval=4", f"--out_dir={tmp_path}/fsdp",
           "--data_parallel=fsdp", processes=2)

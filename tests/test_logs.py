@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from checkpoint import checkpoint_paths
+from infra.checkpoint import checkpoint_paths
 from conftest import HANG_S, ROOT, metric_records as records, run_script as run
 
 TINY = ["tests/tiny_model.py", "--micro_batch_size=4", "--batch_size=4", "--learning_rate=1e-2", "--warmup_iters=2"]
@@ -168,7 +168,7 @@ def test_without_a_compiler_training_runs_uncompiled_and_says_so(data, tmp_path)
 
 
 def test_a_busy_cpu_is_named_with_the_threads_that_would_help(monkeypatch):
-    from device import busy_cpu_warning
+    from infra.device import busy_cpu_warning
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert "load average is 1.8 on 2 cores" in busy_cpu_warning(load=1.8, cores=2, threads=2)
     assert "OMP_NUM_THREADS=1" in busy_cpu_warning(load=1.8, cores=2, threads=2)

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from checkpoint import load_checkpoint
+from infra.checkpoint import load_checkpoint
 from conftest import HANG_S
 from muon import Muon, newton_schulz, update_scale
 

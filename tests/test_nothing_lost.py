@@ -12,8 +12,8 @@ import time
 import numpy as np
 import pytest
 
-import checkpoint
-from checkpoint import checkpoint_paths, load_checkpoint
+import infra.checkpoint as checkpoint
+from infra.checkpoint import checkpoint_paths, load_checkpoint
 from conftest import ROOT, TINY_RUN as TINY, one_line_error, run_script, snapshot
 
 
@@ -250,7 +250,7 @@ def test_rank_zero_notices_a_dead_rank_during_a_checkpoint_write(tmp_path, monke
 
     from conftest import checkpoint_meta
     from model import GPT, ModelArgs
-    from checkpoint import state_pieces
+    from infra.resume import state_pieces
     model = GPT(ModelArgs(vocab_size=300, block_size=16, n_layer=1, n_head=2, n_kv_head=2, n_embd=16))
     started = time.time()
     with pytest.raises(OSError, match="rank 1's part did not appear .* did rank 1 die"):
@@ -305,7 +305,8 @@ def test_a_checkpoint_of_another_model_copied_into_a_run_is_refused_not_resumed(
     """A newer checkpoint of another shape beside the run's own (copied in from elsewhere) would be resumed
     and the run's own rotated away: refused in one line, nothing changed."""
     import torch
-    from checkpoint import save_checkpoint, state_pieces
+    from infra.checkpoint import save_checkpoint
+    from infra.resume import state_pieces
     from conftest import checkpoint_meta
     from model import GPT, ModelArgs
     run = copy_of(finished, tmp_path)

@@ -107,7 +107,7 @@ def test_the_pipeline_end_to_end(data, tmp_path):
     for stage in ("pretrain", "midtrain", "finetune"):
         assert f"=== {stage} -> {tmp_path}/{stage}-tiny-fast_pipeline" in result.stdout
         assert os.path.exists(tmp_path / f"{stage}-tiny-fast_pipeline" / "ckpt_0000008")
-    from checkpoint import load_checkpoint
+    from infra.checkpoint import load_checkpoint
 
     assert load_checkpoint(str(tmp_path / "finetune-tiny-fast_pipeline"))["parent"].startswith(
         str(tmp_path / "midtrain-tiny-fast_pipeline")

@@ -152,13 +152,13 @@ def defaults():
     ({"use_muon": True, "muon_lr": 0.0}, "muon_lr must be a finite number > 0, got 0.0"),
 ])
 def test_each_bad_setting_is_named(defaults, setting, message):
-    from settings import config_problem
+    from infra.settings import config_problem
     assert config_problem(defaults, world_size=1, modes=("ddp", "fsdp", "hsdp")) is None
     assert config_problem({**defaults, **setting}, world_size=1, modes=("ddp", "fsdp", "hsdp")) == message
 
 
 def test_a_batch_the_micro_batches_cannot_fill_is_named():
-    from settings import batch_size_problem
+    from infra.settings import batch_size_problem
     assert batch_size_problem({32, 64}, micro_batch_size=8, world_size=2) is None
     assert batch_size_problem({32, 40}, micro_batch_size=8, world_size=2) == (
         "batch size 40 is not a multiple of micro_batch_size x world_size = 8 x 2 = 16; use e.g. 32 or 48")

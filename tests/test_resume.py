@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from checkpoint import checkpoint_paths, load_checkpoint
+from infra.checkpoint import checkpoint_paths, load_checkpoint
 from conftest import HANG_S, ROOT, TORCHRUN, assert_same_state, one_line_error, records, train
 
 TINY = ["tests/tiny_model.py", "--eval_iters=1", "--log_interval=1", "--micro_batch_size=4", "--learning_rate=1e-2",

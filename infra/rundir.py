@@ -1,8 +1,7 @@
 """
 The run directory, and the files around it that must never be lost or half-written:
-    lock_run_directory     one run per out_dir (flock on out_dir/.lock, released on every exit)
-    start_point            where a run starts: resume, a stage handoff or scratch, and what is refused;
-                           start_counters, the step, tokens and parent it starts with
+    lock_run_directory     one run per out_dir (flock on out_dir/.lock, released on every exit; where a
+                           run starts within it: resume.py)
     open_run_log           out_dir/config.py, metrics.jsonl (lines appended whole or not at all), wandb;
                            log_line, the console's line of the same metrics
     catch_stop_signals     SIGTERM / SIGUSR1 / Ctrl-C / SIGHUP recorded, so train.py stops with a checkpoint
@@ -16,11 +15,16 @@ The run directory, and the files around it that must never be lost or half-writt
 """
 import atexit
 from contextlib import contextmanager
+import ctypes
+from datetime import timedelta
+import fcntl
 import fnmatch
+import json
 import os
 import shutil
 import signal
 import sys
+import time
 
 _lock_file = None  # held open (and locked) for the whole run
 
@@ -29,7 +33,6 @@ def _lock(path):
     """(the open file, the PID it held before) with an exclusive lock on path and this PID written in
     it, or (None, the PID of the process that holds it). The kernel drops the lock when the process
     ends however it ends, so a lock left by a killed process is simply taken over."""
-    import fcntl
     lock_file = open(path, "a+")
     try:
         fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -44,6 +47,10 @@ def _lock(path):
     lock_file.write(f"{os.getpid()}\n")
     lock_file.flush()
     return lock_file, previous
+
+
+class Refused(Exception):
+    """A start that would lose or misuse a run: train.py prints the message and exits 1."""
 
 
 def lock_run_directory(out_dir):
@@ -99,7 +106,6 @@ def catch_stop_signals(rank):
     if "TORCHELASTIC_RUN_ID" in os.environ and sys.platform == "linux":
         # a launcher killed outright (SIGKILL: it cannot pass the signal on) sends its ranks a SIGHUP, so they
         # stop together with a checkpoint instead of running on, orphaned, holding their devices
-        import ctypes
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGHUP)  # PR_SET_PDEATHSIG
 
 
@@ -150,7 +156,6 @@ def check_replaceable_file(path, ours, what, option):
     .jsonl, the whole of another file) ours(value) says the tool wrote: a mistyped output path never
     replaces a run's metrics.jsonl or a checkpoint's meta.json. what names the tool's output, option
     the setting to change, for the message."""
-    import json
     if not os.path.lexists(path):
         return
     try:
@@ -231,110 +236,8 @@ def replace_directory(tmp, final):
     shutil.rmtree(old, ignore_errors=True)
 
 
-class Refused(Exception):
-    """A start that would lose or misuse a run: train.py prints the message and exits 1."""
-
-
-def start_point(out_dir, init_from, *, max_iters, use_muon, init_from_unfinished, master, barrier):
-    """Where training starts: (source, read, resuming), source and read as checkpoint.open_checkpoint
-    gives them, or None, None for a fresh model. Rank 0 first locks out_dir: one run per directory, a
-    second is refused, naming the first's PID. The rule:
-    - a run directory that holds checkpoints is resumed, never overwritten: by 'resume', and by a
-      stage handoff too (so rerunning a pipeline resumes each stage); 'scratch' over it is refused;
-      resuming, rank 0 first finds the newest checkpoint that loads with finite weights, setting
-      aside those that do not (every rank then opens that one: barrier() between);
-    - a directory of set-aside checkpoints only is refused, never trained over from step 0;
-    - otherwise 'resume' starts from scratch, and a handoff (an earlier stage's out_dir or checkpoint,
-      or hf:<dir>) takes that model's weights only, and only from a stage that finished (its newest
-      checkpoint at the max_iters it ran with) unless init_from_unfinished.
-    A run already at or past max_iters raises Finished (at it) or Refused (past it): nothing to train."""
-    # here, not at the top: prepare.py uses this file and never needs torch
-    from checkpoint import checkpoint_paths, open_checkpoint, remove_stale_writes, set_aside_paths
-    if master:
-        lock_run_directory(out_dir)
-        remove_stale_writes(out_dir)
-    resuming = bool(checkpoint_paths(out_dir))
-    if not resuming and set_aside_paths(out_dir):
-        raise Refused(f"{out_dir} holds no checkpoint that loads, only ones set aside as corrupt "
-                      f"({', '.join(map(os.path.basename, set_aside_paths(out_dir)))}): move them out of {out_dir} "
-                      f"to start it again from scratch, or choose a new --out_dir")
-    if resuming and init_from == "scratch":
-        raise Refused(f"{out_dir} already holds checkpoints ({os.path.basename(checkpoint_paths(out_dir)[-1])}): "
-                      f"continue with --init_from=resume, or choose a new --out_dir")
-    if resuming and init_from != "resume" and master:
-        print(f"{out_dir} already holds this stage's checkpoints: resuming it (not starting again from {init_from})",
-              flush=True)
-    source = read = None
-    try:
-        if resuming and master:
-            source, read = open_checkpoint(out_dir, set_aside_corrupt=True, verify=True)
-        barrier()
-        if source is None and (resuming or init_from not in ("scratch", "resume")):
-            source, read = open_checkpoint(out_dir if resuming else init_from)
-    except (ValueError, FileNotFoundError) as e:
-        raise Refused(str(e)) from None
-    if resuming and (foreign := _foreign_shape(out_dir, source)):
-        raise Refused(f"{source['path']} is a model of another shape than {foreign}: it is not this run's "
-                      f"checkpoint; move it out of {out_dir} to resume the run")
-    if resuming and source["step"] > max_iters:
-        raise Refused(f"{source['path']} is at step {source['step']}, past max_iters={max_iters}: nothing to train and "
-                      f"nothing written; resume with --max_iters={source['config'].get('max_iters', source['step'])} "
-                      f"or more")
-    if resuming and source["step"] == max_iters:
-        raise Finished(f"{out_dir} is finished ({os.path.basename(source['path'])} is at max_iters={max_iters}): "
-                       f"nothing to train; raise --max_iters to train on")
-    if resuming and bool(source["config"].get("use_muon")) != use_muon:
-        raise Refused(f"{source['path']} was trained with use_muon={source['config'].get('use_muon')}: use_muon must "
-                      f"stay as it was")
-    planned = source["config"].get("max_iters") if source is not None and not resuming else None
-    if isinstance(planned, int) and source["step"] < planned and not init_from_unfinished:
-        raise Refused(
-            f"{source['path']} stopped at step {source['step']} of its max_iters={planned}: finish that stage "
-            f"first (run it again with --init_from=resume), or start from it anyway with "
-            f"--init_from_unfinished=True"
-        )
-    if init_from == "resume" and source is None and master:
-        print(f"no checkpoint in {out_dir}: starting from scratch", flush=True)
-    return source, read, resuming
-
-
-def _foreign_shape(out_dir, source):
-    """None, or what says that source is not this run's: a run's checkpoints all have one model shape
-    (meta.json's model_args), so one of another shape beside them was copied in from elsewhere."""
-    import json
-    from checkpoint import checkpoint_paths
-    for path in checkpoint_paths(out_dir):
-        try:
-            with open(os.path.join(path, "meta.json")) as f:
-                args = json.load(f)["model_args"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # not loadable: it never counts
-        if path != source["path"] and args != source["model_args"]:
-            ours = source["model_args"]
-            differences = [f"{k}={ours.get(k)} against {args.get(k)}"
-                           for k in sorted(set(ours) | set(args)) if ours.get(k) != args.get(k)]
-            return f"{os.path.basename(path)} beside it: {', '.join(differences)}"
-    return None
-
-
-def start_counters(source, resuming):
-    """(step, tokens_seen, parent, good_checkpoint) at the start. parent is the checkpoint the run's weights
-    came from; good_checkpoint is the newest of this run known to hold finite weights and evaluation. A
-    resumed run takes all four from its checkpoint; a handoff starts at step 0 with that checkpoint as parent."""
-    if source is None:
-        return 0, 0, None, None
-    if resuming:
-        return source["step"], source["tokens_seen"], source["parent"], source["path"]
-    return 0, 0, source["path"], None
-
-
-class Finished(Exception):
-    """A run resumed at its max_iters: nothing to train, and nothing is written."""
-
-
 def log_line(metrics, *, max_iters, elapsed_s, eta_s):
     """The console line of a log step's metrics (train.py's record), with the elapsed time and the ETA."""
-    from datetime import timedelta
     m = metrics
     return (
         f"step {m['step']}/{max_iters} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | grad norm {m['grad_norm']:.3f} | "
@@ -351,8 +254,6 @@ def open_run_log(out_dir, config, run, *, master, wandb_project="", wandb_run_na
     out_dir/config.py), metrics.jsonl's first record ({"config", "run"}) and wandb. Returns
     record(metrics), a no-op on the other ranks: a metrics.jsonl line with the wall-clock time,
     written whole or not at all, and the same to wandb. A full disk stops the run (fail)."""
-    import json
-    import time
     if not master:
         return lambda metrics: None
     wandb = None
@@ -381,10 +282,16 @@ def log(*args):
 def fail(message):
     """One line on stderr naming the rank, and exit 1 (the lock is released on the way out)."""
     print(f"error (rank {os.environ.get('RANK', '0')}): {message}", file=sys.stderr, flush=True)
-    import torch.distributed as dist  # here: prepare.py uses this file and never needs torch
-    if dist.is_available() and dist.is_initialized():
+    if dist := _process_group():
         dist.destroy_process_group()
     sys.exit(1)
+
+
+def _process_group():
+    """torch.distributed when this process has joined a process group, else None (without importing
+    torch: the tools that use this file never need it)."""
+    dist = sys.modules.get("torch.distributed")
+    return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
 
 
 @contextmanager
@@ -398,13 +305,9 @@ def fail_on(*errors, prefix=""):
 
 
 def end_run():
-    """The end: the last checkpoint written, the lock released, every rank leaving together, exit 0."""
-    from checkpoint import wait_for_checkpoint
-    import torch.distributed as dist
-    with fail_on(OSError):
-        wait_for_checkpoint()
+    """The end, once the last checkpoint is written: the lock released, every rank leaving together, exit 0."""
     release_run_directory()
-    if dist.is_available() and dist.is_initialized():
+    if dist := _process_group():
         dist.barrier()  # a rank that tears down while another still works can abort the group
         dist.destroy_process_group()
     # Without Python's exit: gloo's C++ teardown at interpreter exit can abort a process (SIGABRT,

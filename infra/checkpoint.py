@@ -36,10 +36,9 @@ import time
 
 import torch
 
-from import_hf import open_hf
+from infra.import_hf import open_hf
 from model import GPT, ModelArgs, parameter_shapes
-from parallel import finite, replica, rows_held, share_to_write
-from rundir import stop_signal
+from infra.rundir import stop_signal
 import tokenizer as tok
 
 FORMAT_VERSION = 2
@@ -228,121 +227,7 @@ def rotate(out_dir, keep_last, keep_every):
             shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
 
 
-DIVERGED_NATS = 1.0  # a val loss this far above the run's best: the run has diverged (README, "Checkpoints")
-
-
-def training_meta(*, step, tokens_seen, batch_size, model_args, config, tokenizer, data_dir, parent, val_loss=None,
-                  best_val_loss=None):
-    """meta.json's keys besides the tensor index: what a checkpoint records of its run (val_loss: the
-    evaluation at its step; best_val_loss: the run's lowest so far, which a resume carries on)."""
-    return {"step": step, "tokens_seen": tokens_seen, "batch_size": batch_size, "model_args": model_args,
-            "config": config, "tokenizer": tokenizer, "data_dir": data_dir, "parent": parent, "val_loss": val_loss,
-            "best_val_loss": best_val_loss}
-
-
-def save_training_state(gpt, optimizers, meta, *, out_dir, val_loss, good_checkpoint, rank, world_size, keep_last,
-                        keep_every):
-    """Every rank's share of the training state written in the background (save_checkpoint), meta on
-    rank 0; returns the checkpoint's path. Weights or an evaluation that are not finite are refused
-    (ValueError, naming good_checkpoint), and so is a val loss more than DIVERGED_NATS above the run's
-    best so far (meta's best_val_loss before this evaluation): a diverged run stops rather than rotate
-    its good checkpoints away, whether its loss went non-finite or only very large."""
-    started, step = time.time(), meta["step"]
-    weights_finite = finite(gpt)  # a host sync (and a collective), here only
-    best = meta.get("best_val_loss")
-    diverged = val_loss is not None and best is not None and val_loss > best + DIVERGED_NATS
-    if not weights_finite or (val_loss is not None and not math.isfinite(val_loss)) or diverged:
-        raise ValueError(f"checkpoint at step {step} refused: "
-                         + ("the weights are not finite" if not weights_finite else
-                            f"val loss {val_loss:.4g}, more than {DIVERGED_NATS:g} nat above the run's best "
-                            f"({best:.4g}): the run diverged" if diverged else f"val loss {val_loss}")
-                         + f"; the newest good checkpoint is {good_checkpoint or 'none (nothing was written)'}: "
-                         "resume from it with a lower learning rate")
-    meta["best_val_loss"] = min(best, val_loss) if best is not None and val_loss is not None else \
-        (val_loss if best is None else best)
-    pieces = state_pieces(gpt, optimizers, rank, world_size)
-    save_checkpoint(out_dir, step, pieces, meta if rank == 0 else None, rank=rank, world_size=world_size,
-                    keep_last=keep_last, keep_every=keep_every, background=True)
-    if rank == 0:
-        host_mb = sum(t.numel() * t.element_size() for t, _, _ in pieces.values()) / 2**20
-        print(f"checkpoint at step {step}: training paused {time.time() - started:.2f}s, {host_mb:,.1f} MiB of "
-              f"rank 0's state in host memory (written in the background)", flush=True)
-    return checkpoint_path(out_dir, step)
-
-
-def model_args_for(start, settings, *, tokenizer, data_vocab, data_dir):
-    """The model's shape: the start checkpoint's when there is one (a later stage's config need not
-    repeat it), else settings' (train.py's config; vocab_size 0 is the data's). ValueError for a start
-    checkpoint whose tokenizer is not the data's, or a vocabulary smaller than the data's."""
-    if start is None:
-        shape = {k: settings[k] for k in ModelArgs.__dataclass_fields__ if k in settings}
-        args = ModelArgs(**{**shape, "vocab_size": shape["vocab_size"] or data_vocab})
-    else:
-        args = ModelArgs(**start["model_args"])
-        if not tok.same_ids(start["tokenizer"], tokenizer):
-            its_data = (start["path"] if str(start["path"]).startswith("hf:") else start.get("data_dir")
-                        or "<the dataset it was trained on>")
-            raise ValueError(f"{start['path']} was trained with another tokenizer "
-                             f"({tok.tokenizer_label(start['tokenizer'])}) than {data_dir}'s "
-                             f"({tok.tokenizer_label(tokenizer)}): its weights mean other token ids. If it is not "
-                             f"the model you meant to start from, name yours with --init_from (configs/tiny.py "
-                             f"starts a later stage from the demo's run); if it is, prepare {data_dir} again with "
-                             f"--tokenizer={its_data}")
-    if args.vocab_size < data_vocab:
-        raise ValueError(f"vocab_size={args.vocab_size} is smaller than the dataset's vocabulary ({data_vocab}); "
-                         "use 0 to take it from the data")
-    try:
-        args.check()
-    except ValueError as e:
-        raise ValueError(f"model config: {e}") from None
-    return args
-
-
 # ---- the training state, by tensor name ---------------------------------------------------------
-def state_pieces(raw_model, optimizers, rank, world_size):
-    """This rank's share of the training state, by tensor name, for save_checkpoint: {name: (tensor,
-    first row, full shape)}: the rows parallel.share_to_write gives it, and the part of Muon's state
-    that it keeps (Muon.state_rows)."""
-    pieces = {}
-
-    def add(name, tensor):
-        share = share_to_write(tensor, rank, world_size)
-        if share is not None:
-            pieces[name] = (share[0].detach(), share[1], tuple(tensor.shape))
-
-    for name, p in raw_model.named_parameters():
-        add(f"model/{name}", p)
-        for kind, opt in zip(("adamw", "muon"), optimizers):
-            if kind == "adamw":  # its state is shaped as p is
-                for key, value in opt.state.get(p, {}).items():
-                    add(f"adamw/{name}/{key}", value)
-            elif not replica(p):  # Muon: the part of its state this rank keeps, placed as muon.py says
-                pieces.update({f"muon/{name}/{key}": piece for key, piece in opt.state_rows(p).items()})
-    return pieces
-
-
-@torch.no_grad()
-def load_state(read, tensors, raw_model, optimizers, device):
-    """Set raw_model's weights and, when given, the optimizers' state from a checkpoint opened with
-    open_checkpoint (read, and its list of tensor names): each rank reads the rows it holds."""
-    def rows(name, like):
-        part, first = rows_held(like)
-        return read(name) if like.dim() == 0 else read(name, first, first + part.shape[0])
-
-    for name, p in raw_model.named_parameters():
-        rows_held(p)[0].copy_(rows(f"model/{name}", p))
-        for kind, opt in zip(("adamw", "muon"), optimizers):
-            keys = [t.rsplit("/", 1)[1] for t in tensors if t.startswith(f"{kind}/{name}/")]
-            if kind == "muon" and keys:  # the rows this rank keeps (muon.py)
-                opt.load_state_rows(p, lambda key, first, last: read(f"muon/{name}/{key}", first, last).to(device),
-                                    keys)
-            elif keys:
-                state = {}
-                for key in keys:
-                    like = torch.zeros((), dtype=torch.float32, device=device) if key == "step" else torch.zeros_like(p)
-                    rows_held(like)[0].copy_(rows(f"{kind}/{name}/{key}", like))
-                    state[key] = like
-                opt.state[p] = state
 
 
 # ---- reading ----------------------------------------------------------------------------------
