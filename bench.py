@@ -148,10 +148,13 @@ if memory_cap_gb and device_type == "cuda":  # allocations past the cap fail as 
     )
 torch.manual_seed(c["seed"])
 with torch.device(device):
-    raw_model = GPT(ModelArgs(vocab_size=vocab_size, block_size=block_size, n_layer=c["n_layer"], n_head=c["n_head"],
-                              n_kv_head=c["n_kv_head"], n_embd=c["n_embd"], mlp_ratio=c["mlp_ratio"],
-                              rope_base=c["rope_base"], qk_norm=c["qk_norm"], tie_embeddings=c["tie_embeddings"]))
-raw_model.checkpoint_blocks, raw_model.loss_chunk_tokens = c["activation_checkpointing"], c["loss_chunk_tokens"]
+    raw_model = GPT(
+        ModelArgs(vocab_size=vocab_size, block_size=block_size, n_layer=c["n_layer"], n_head=c["n_head"],
+                  n_kv_head=c["n_kv_head"], n_embd=c["n_embd"], mlp_ratio=c["mlp_ratio"], rope_base=c["rope_base"],
+                  qk_norm=c["qk_norm"], tie_embeddings=c["tie_embeddings"]),
+        checkpoint_blocks=c["activation_checkpointing"],
+        loss_chunk_tokens=c["loss_chunk_tokens"],
+    )
 if c["fp8"]:
     use_fp8(raw_model)
 model = torch.compile(raw_model) if compile else raw_model

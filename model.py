@@ -10,7 +10,7 @@ picks the flash kernel (with document masking, a kernel that takes a mask). Also
 initialisation's scales, the optimizers' parameter groups, FLOPs per token (for MFU) and
 generation with a KV cache.
 """
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 import math
 import re
 import zlib
@@ -52,49 +52,45 @@ class ModelArgs:
     def mlp_hidden_dim(self):
         return math.ceil(self.mlp_ratio * self.n_embd / 128) * 128
 
-    @classmethod
-    def from_dict(cls, args, where):
-        """ModelArgs from a checkpoint's meta.json or a Hugging Face config, checked whole (keys, types,
-        ranges): a ValueError naming where and the field otherwise."""
-        if not isinstance(args, dict):
-            raise ValueError(f"{where}: model_args must be a dict, got {type(args).__name__}")
-        for field in fields(cls):
-            if field.name not in args:
-                if field.name == "norm_eps":  # older checkpoints have the default
-                    continue
-                raise ValueError(f"{where}: model_args lacks {field.name!r}")
-            value, kind = args[field.name], type(field.default)
-            number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not (isinstance(value, bool) if kind is bool else number and (kind is float or isinstance(value, int))):
-                raise ValueError(f"{where}: model_args.{field.name} must be a {kind.__name__}, got {value!r}")
-        unknown = set(args) - {field.name for field in fields(cls)}
-        if unknown:
-            raise ValueError(f"{where}: model_args has unknown keys {sorted(unknown)}")
-        model_args = cls(**args)
-        try:
-            model_args.check()
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
-        return model_args
 
-    def check(self):
-        """ValueError naming every setting that cannot build a model (checked before any is built)."""
-        problems = [f"{name} must be at least 1, got {value}" for name, value in [
-            ("n_layer", self.n_layer), ("n_head", self.n_head), ("n_kv_head", self.n_kv_head), ("n_embd", self.n_embd),
-            ("block_size", self.block_size), ("vocab_size", self.vocab_size)] if not value >= 1]
-        problems += [f"{name} must be a finite number > 0, got {value}" for name, value in [
-            ("mlp_ratio", self.mlp_ratio), ("rope_base", self.rope_base), ("norm_eps", self.norm_eps)]
-            if not 0 < value < math.inf]
-        if self.vocab_size > MAX_VOCAB_SIZE:
-            problems.append(f"vocab_size={self.vocab_size} is larger than {MAX_VOCAB_SIZE:,}")
-        if not problems and self.n_embd % self.n_head:
-            problems.append(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        elif not problems and self.head_dim % 2:
-            problems.append(f"head_dim={self.head_dim} (n_embd/n_head) must be even for RoPE")
-        if not problems and self.n_head % self.n_kv_head:
-            problems.append(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
-        if problems:
-            raise ValueError("; ".join(problems))
+def check_model_args(values, where="model config"):
+    """ModelArgs from a dict (train.py's config, a checkpoint's meta.json, a Hugging Face config), or
+    a ModelArgs, checked whole: keys, types and every setting that cannot build a model. ValueError
+    naming where and every problem otherwise (before any model is built)."""
+    if isinstance(values, ModelArgs):
+        values = asdict(values)
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: model_args must be a dict, got {type(values).__name__}")
+    problems = [f"model_args has unknown keys {sorted(set(values) - {f.name for f in fields(ModelArgs)})}"] \
+        if set(values) - {f.name for f in fields(ModelArgs)} else []
+    for field in fields(ModelArgs):
+        if field.name not in values:
+            if field.name != "norm_eps":  # older checkpoints have the default
+                problems.append(f"model_args lacks {field.name!r}")
+            continue
+        value, kind = values[field.name], type(field.default)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (isinstance(value, bool) if kind is bool else number and (kind is float or isinstance(value, int))):
+            problems.append(f"model_args.{field.name} must be a {kind.__name__}, got {value!r}")
+    if problems:
+        raise ValueError(f"{where}: {'; '.join(problems)}")
+    a = ModelArgs(**values)
+    problems = [f"{name} must be at least 1, got {value}" for name, value in [
+        ("n_layer", a.n_layer), ("n_head", a.n_head), ("n_kv_head", a.n_kv_head), ("n_embd", a.n_embd),
+        ("block_size", a.block_size), ("vocab_size", a.vocab_size)] if not value >= 1]
+    problems += [f"{name} must be a finite number > 0, got {value}" for name, value in [
+        ("mlp_ratio", a.mlp_ratio), ("rope_base", a.rope_base), ("norm_eps", a.norm_eps)] if not 0 < value < math.inf]
+    if a.vocab_size > MAX_VOCAB_SIZE:
+        problems.append(f"vocab_size={a.vocab_size} is larger than {MAX_VOCAB_SIZE:,}")
+    if not problems and a.n_embd % a.n_head:
+        problems.append(f"n_embd={a.n_embd} is not divisible by n_head={a.n_head}")
+    elif not problems and a.head_dim % 2:
+        problems.append(f"head_dim={a.head_dim} (n_embd/n_head) must be even for RoPE")
+    if not problems and a.n_head % a.n_kv_head:
+        problems.append(f"n_head={a.n_head} is not divisible by n_kv_head={a.n_kv_head}")
+    if problems:
+        raise ValueError(f"{where}: {'; '.join(problems)}")
+    return a
 
 
 @dataclass
@@ -141,12 +137,22 @@ def apply_rope(x, cos, sin):
     return (x * cos + rotated * sin).type_as(x)
 
 
-class _ChunkedHeadLoss(torch.autograd.Function):
-    """The summed cross-entropy of x (N, C) through the head weight (V, C), computed chunk_tokens rows at a
-    time with its gradients in the same pass: softmax - one_hot is each chunk's logits' gradient, so no
-    (N, V) tensor outlives its chunk and backward only scales the two saved gradients. The same matmuls
-    as the unchunked loss (one forward, two backward), in compute_dtype, with the softmax in fp32, in
-    place of the logits: in flight, one fp32 (chunk, V) tensor and its compute_dtype copy."""
+def chunked_cross_entropy(x, weight, targets, *, chunk_tokens):
+    """The summed cross-entropy of the logits x @ weight.T (x: (N, C) hidden states, weight: the head's
+    (V, C), targets: (N,), NOT_LEARNED ignored), equal to GPT.loss's reference path in value and gradient,
+    computed chunk_tokens rows at a time: no (N, V) tensor outlives its chunk. Under autocast the
+    matmuls run in its dtype and the softmax in fp32, as in the reference."""
+    compute_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    with torch.autocast(x.device.type, enabled=False):
+        return _ChunkedCrossEntropy.apply(x, weight, targets, chunk_tokens, compute_dtype)
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Forward computes the loss and both gradients chunk by chunk, since the gradient of the summed
+    cross-entropy with respect to a row's logits is softmax(logits) - one_hot(target); backward only
+    scales them. The same matmuls as the reference (one forward, two backward). In flight: one fp32
+    (chunk, V) tensor, which each stage below rewrites in place (logits, then exp, then the gradient),
+    and its compute_dtype copy."""
 
     @staticmethod
     def forward(ctx, x, weight, targets, chunk_tokens, compute_dtype):
@@ -157,17 +163,20 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         for start in range(0, x.size(0), chunk_tokens):
             xs, ts = x[start:start + chunk_tokens].to(compute_dtype), targets[start:start + chunk_tokens]
             learned, target = ts != NOT_LEARNED, ts.clamp(min=0)[:, None]
-            # the softmax is computed in place of the logits: one fp32 (chunk, V) tensor at a time
-            probs = (xs @ w.t()).float()
-            target_logit, top = probs.gather(1, target), probs.amax(dim=-1, keepdim=True)
-            total = probs.sub_(top).exp_().sum(dim=-1, keepdim=True)
+            # 1) the logits, and what the loss needs of them: cross-entropy = logsumexp - the target's logit
+            logits = (xs @ w.t()).float()
+            target_logit, top = logits.gather(1, target), logits.amax(dim=-1, keepdim=True)
+            exp = logits.sub_(top).exp_()  # in place: the logits are not needed again
+            total = exp.sum(dim=-1, keepdim=True)
             # out of place: torch 2.11's compiler zeroes the gradient of an autograd.Function's output updated in place
             loss = loss + torch.where(learned[:, None], top + total.log() - target_logit, 0.0).sum()
-            probs.div_(total).scatter_add_(1, target, -learned[:, None].float())
-            grad = probs.mul_(learned[:, None]).to(compute_dtype)
-            del probs
-            grad_x[start:start + chunk_tokens] = grad @ w
-            grad_w += (grad.t() @ xs).float()
+            # 2) the logits' gradient, softmax - one_hot, zero where nothing is learned (in place again)
+            grad_logits = exp.div_(total).scatter_add_(1, target, -learned[:, None].float()).mul_(learned[:, None])
+            grad_logits = grad_logits.to(compute_dtype)
+            del logits, exp
+            # 3) through the head's matmul: the gradients of the hidden states and of the weight
+            grad_x[start:start + chunk_tokens] = grad_logits @ w
+            grad_w += (grad_logits.t() @ xs).float()
         ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
         return loss
 
@@ -251,10 +260,23 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, *, init=None, checkpoint_blocks=False, loss_chunk_tokens=0,
+                 document_token=None):
+        """args: the model's shape (what checkpoints and exports record). The training options, which
+        are not part of it:
+        init               the initialisation's scales (Init; the default: GPT-2's)
+        checkpoint_blocks  activation checkpointing: keep only each block's input for the backward pass
+                           and recompute the rest, about a third more compute for a fraction of the
+                           activation memory (models whose micro-batch would not fit otherwise)
+        loss_chunk_tokens  the head and the loss this many tokens at a time (chunked_cross_entropy): the
+                           (tokens, vocabulary) logits, and their gradient, exist one chunk at a time; 0: at once
+        document_token     with a token id, attention does not cross the documents that token starts (SDPA
+                           with a mask: not the flash kernel on CUDA)"""
         super().__init__()
-        args.check()
-        self.args = args
+        self.args = check_model_args(args)
+        self.init = init or Init()
+        self.checkpoint_blocks, self.loss_chunk_tokens, self.document_token = (checkpoint_blocks, loss_chunk_tokens,
+                                                                               document_token)
         self.embed_tokens = nn.Embedding(args.padded_vocab_size, args.n_embd)
         self.layers = nn.ModuleList([Block(args) for _ in range(args.n_layer)])
         self.norm = RMSNorm(args.n_embd, args.norm_eps)
@@ -265,17 +287,6 @@ class GPT(nn.Module):
         cos, sin = rope_cos_sin(args.head_dim, args.block_size, args.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        # activation checkpointing (a training setting, not part of the model): keep only each block's
-        # input for the backward pass and recompute the rest, about a third more compute for a fraction
-        # of the activation memory; for models whose micro-batch would not fit otherwise
-        self.checkpoint_blocks = False
-        # document masking (a training setting): with a token id here, attention does not cross the
-        # documents that token starts (SDPA with a mask: not the flash kernel on CUDA)
-        self.document_token = None
-        # the head and the loss a chunk of this many tokens at a time (a training setting): the (tokens,
-        # vocabulary) logits, and in training their gradient, then exist one chunk at a time; 0: all at once
-        self.loss_chunk_tokens = 0
-        self.init = Init()  # the initialisation's scales (a training setting: train.py sets it before materialize)
         self.init_weights()
 
     @torch.no_grad()
@@ -314,8 +325,12 @@ class GPT(nn.Module):
         return self
 
     def forward(self, idx, targets=None, loss_reduction="mean", cache=None):
-        """idx (B, T) token ids -> logits (B, T, padded_vocab), or the loss when targets are given.
-        Targets equal to -1 are ignored. loss_reduction='none' gives the per-token loss (B, T)."""
+        """idx (B, T) token ids -> logits (B, T, padded_vocab), or with targets the loss (self.loss)."""
+        x = self.trunk(idx, cache)
+        return self.lm_head(x) if targets is None else self.loss(x, targets, reduction=loss_reduction)
+
+    def trunk(self, idx, cache=None):
+        """idx (B, T) -> the final hidden states (B, T, n_embd): the embedding, the blocks, the last norm."""
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         assert start + T <= self.args.block_size, f"sequence of {start + T} exceeds block_size={self.args.block_size}"
@@ -331,26 +346,36 @@ class GPT(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, None, i, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, cache, i, mask)
-        x = self.norm(x)
         if cache is not None:
             cache.length += T
-        if targets is None:
-            return self.lm_head(x)
-        if self.loss_chunk_tokens and loss_reduction != "none" and torch.is_grad_enabled():
-            compute_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) \
-                else x.dtype
-            with torch.autocast(x.device.type, enabled=False):
-                loss = _ChunkedHeadLoss.apply(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1),
-                                              self.loss_chunk_tokens, compute_dtype)
-            return loss if loss_reduction == "sum" else loss / (targets != NOT_LEARNED).sum()
-        # per token, then reduced: all at once, or without gradients (evaluation) chunk by chunk too
-        n = self.loss_chunk_tokens if self.loss_chunk_tokens and not torch.is_grad_enabled() else B * T
-        rows = zip(x.view(B * T, -1).split(n), targets.reshape(-1).split(n))
-        loss = torch.cat([F.cross_entropy(self.lm_head(xs).float(), ts, ignore_index=NOT_LEARNED, reduction="none")
-                          for xs, ts in rows]).view(B, T)
-        if loss_reduction == "none":
-            return loss
-        return loss.sum() if loss_reduction == "sum" else loss.sum() / (targets != NOT_LEARNED).sum()
+        return self.norm(x)
+
+    def loss(self, x, targets, reduction="mean"):
+        """The cross-entropy of the head's logits on hidden states x (B, T, C) against targets (B, T); a
+        target NOT_LEARNED (-1) counts for nothing. reduction: 'none' (B, T) per token, 'sum' (what
+        training uses: train.py scales it by 1 / the learned targets of the whole step), 'mean'.
+        The reference is the plain F.cross_entropy below. With loss_chunk_tokens, training takes
+        chunked_cross_entropy instead: the same values and gradients (test_model.py keeps them equal)
+        without the (B*T, V) logits ever in memory.
+        Adding a term: one on the logits (a z-loss, label smoothing) goes in the reference path, and
+        needs loss_chunk_tokens=0 (the chunked path derives its gradient by hand: softmax - one-hot);
+        one on the hidden states or the weights adds to the result in either path. Training sums over
+        tokens (reduction='sum'), so a term is added as a sum over the learned tokens too."""
+        B, T, C = x.shape
+        x, targets = x.view(B * T, C), targets.reshape(B * T)
+        if self.loss_chunk_tokens and reduction != "none" and torch.is_grad_enabled():
+            total = chunked_cross_entropy(x, self.lm_head.weight, targets, chunk_tokens=self.loss_chunk_tokens)
+        else:
+            # the reference. Without gradients (evaluation), chunked too: the logits never all at once
+            rows = self.loss_chunk_tokens if self.loss_chunk_tokens and not torch.is_grad_enabled() else B * T
+            per_token = torch.cat([
+                F.cross_entropy(self.lm_head(xs).float(), ts, ignore_index=NOT_LEARNED, reduction="none")
+                for xs, ts in zip(x.split(rows), targets.split(rows))
+            ]).view(B, T)
+            if reduction == "none":
+                return per_token
+            total = per_token.sum()
+        return total if reduction == "sum" else total / (targets != NOT_LEARNED).sum()
 
     def configure_optimizers(self, *, learning_rate, weight_decay, betas, embed_lr=None, head_lr=None, norm_lr=None,
                              decay_embed_head=True, use_muon=False, muon_lr=0.0, muon_weight_decay=0.0,

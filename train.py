@@ -229,16 +229,20 @@ with fail_on(ValueError):
     model_args = model_args_for(start_ckpt, config, tokenizer=encoder_state, data_vocab=meta["vocab_size"],
                                 data_dir=data_dir)
 with torch.device("meta"):  # no memory yet: wrap gives each rank what it holds, initialised from the seed
-    gpt = GPT(model_args)
+    gpt = GPT(
+        model_args,
+        init=Init(embed_std=init_embed_std, head_std=init_head_std, zero_projections=init_zero_projections),
+        checkpoint_blocks=activation_checkpointing,
+        loss_chunk_tokens=loss_chunk_tokens,
+        document_token=meta["bos_id"] if document_masking else None,
+    )
 if fp8 and (problem := fp8_problem(gpt, device)):
     fail(f"fp8: {problem}; or --fp8=False")
 if fp8:
     use_fp8(gpt)
-gpt.checkpoint_blocks, gpt.loss_chunk_tokens = activation_checkpointing, loss_chunk_tokens
-gpt.document_token = meta["bos_id"] if document_masking else None
-gpt.init = Init(embed_std=init_embed_std, head_std=init_head_std, zero_projections=init_zero_projections)
-# gpt: the GPT module (sharded in place under FSDP2); model: what the step calls, compiled and wrapped (infra/parallel.py).
-# Evaluation runs gpt uncompiled: a no-grad graph would cost more to compile than it saves every eval_interval.
+# gpt: the GPT module (sharded in place under FSDP2); model: what the step calls, compiled and wrapped
+# (infra/parallel.py). Evaluation runs gpt uncompiled: a no-grad graph would cost more to compile than it
+# saves every eval_interval.
 model, muon_group = wrap(gpt, mode=data_parallel if distributed else "ddp", device=device, local_rank=local_rank,
                          world_size=world_size, shard_size=shard_size, compile=compile, bf16=dtype == "bfloat16",
                          reshard_after_forward=reshard_after_forward, seed=seed, ddp_bucket_mb=ddp_bucket_mb)

@@ -49,8 +49,8 @@ SHAPES = {  # name: (model, micro-batch), as configs/pretrain.py and Llama-3-8B
 def saved_bytes(args, n_layer, length):
     """The bytes autograd keeps after one bf16-autocast forward (and loss) of one sequence."""
     torch.manual_seed(0)
-    model = GPT(ModelArgs(**{**args, "n_layer": n_layer, "block_size": length}))
-    model.loss_chunk_tokens = 4096  # train.py's default: the loss keeps its gradients, not the logits
+    # train.py's default loss_chunk_tokens: the loss keeps its gradients, not the logits
+    model = GPT(ModelArgs(**{**args, "n_layer": n_layer, "block_size": length}), loss_chunk_tokens=4096)
     seen = {}
 
     def pack(t):

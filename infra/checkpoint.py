@@ -37,7 +37,7 @@ import time
 import torch
 
 from infra.import_hf import open_hf
-from model import GPT, ModelArgs, parameter_shapes
+from model import GPT, ModelArgs, check_model_args, parameter_shapes
 from infra.rundir import stop_signal
 import tokenizer as tok
 
@@ -379,7 +379,7 @@ def _open_directory(path, verify=False):
         for key in ("val_loss", "best_val_loss"):  # absent in older checkpoints; None without evaluations
             if meta.get(key) is not None:
                 _expect(f"{meta_path}: {key}", meta[key], (int, float), -1e30, 1e30, what="a finite number")
-        model_args = ModelArgs.from_dict(meta.get("model_args"), meta_path)
+        model_args = check_model_args(meta.get("model_args"), meta_path)
         tok.check_tokenizer_state(meta.get("tokenizer"), f"{meta_path}: tokenizer")
         tensors = _expect(f"{meta_path}: tensors", meta.get("tensors"), dict, what="a dict")
         named = CHECKPOINT_NAME.search(os.path.basename(os.path.normpath(path)))

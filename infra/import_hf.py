@@ -7,7 +7,7 @@ config.json is checked whole against the weights there before anything is read.
 import os
 
 from data import read_json
-from model import ModelArgs, parameter_shapes
+from model import ModelArgs, check_model_args, parameter_shapes
 import tokenizer as tok
 
 
@@ -74,7 +74,7 @@ def open_hf(directory):
                   "n_kv_head": config.get("num_key_value_heads", config["num_attention_heads"]), "n_embd": n_embd,
                   "mlp_ratio": mlp_hidden / n_embd, "rope_base": float(rope_base), "qk_norm": model_type == "qwen3",
                   "tie_embeddings": tie, "norm_eps": config.get("rms_norm_eps", 1e-5)}
-    if ModelArgs.from_dict(model_args, config_path).padded_vocab_size != config["vocab_size"]:
+    if check_model_args(model_args, config_path).padded_vocab_size != config["vocab_size"]:
         raise ValueError(f"{directory}: vocab_size {config['vocab_size']} is not the tokenizer's {enc.n_vocab} "
                          f"padded to a multiple of 128")
     expected = {f"model/{name}": shape for name, shape in parameter_shapes(ModelArgs(**model_args)).items()}

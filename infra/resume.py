@@ -19,7 +19,7 @@ from infra.checkpoint import (checkpoint_path, checkpoint_paths, open_checkpoint
                               save_checkpoint, set_aside_paths)
 from infra.parallel import finite, replica, rows_held, share_to_write
 from infra.rundir import Refused, lock_run_directory
-from model import ModelArgs
+from model import ModelArgs, check_model_args
 import tokenizer as tok
 
 
@@ -137,11 +137,7 @@ def model_args_for(start, settings, *, tokenizer, data_vocab, data_dir):
     if args.vocab_size < data_vocab:
         raise ValueError(f"vocab_size={args.vocab_size} is smaller than the dataset's vocabulary ({data_vocab}); "
                          "use 0 to take it from the data")
-    try:
-        args.check()
-    except ValueError as e:
-        raise ValueError(f"model config: {e}") from None
-    return args
+    return check_model_args(args)
 
 
 DIVERGED_NATS = 1.0  # a val loss this far above the run's best: the run has diverged (README, "Checkpoints")
