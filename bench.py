@@ -52,6 +52,7 @@ from data import ceil_div  # noqa: E402
 from infra.device import device_peak_flops, resolve_compile, resolve_device  # noqa: E402
 from fp8 import use_fp8  # noqa: E402
 from model import GPT, ModelArgs  # noqa: E402
+from muon import Muon  # noqa: E402
 from infra.parallel import compiled_step_problem  # noqa: E402
 
 printed = subprocess.run([sys.executable, TRAIN, *train_args, "--print_config"], capture_output=True, text=True)
@@ -158,10 +159,14 @@ with torch.device(device):
 if c["fp8"]:
     use_fp8(raw_model)
 model = torch.compile(raw_model) if compile else raw_model
-optimizers, optimizer_summary = raw_model.configure_optimizers(
-    learning_rate=c["learning_rate"], weight_decay=c["weight_decay"], betas=(c["beta1"], c["beta2"]),
-    use_muon=c["use_muon"], muon_lr=c["muon_lr"], muon_weight_decay=c["muon_weight_decay"],
-    muon_momentum=c["muon_momentum"])
+groups, optimizer_summary = raw_model.param_groups(learning_rate=c["learning_rate"], weight_decay=c["weight_decay"],
+                                                  use_muon=c["use_muon"])
+# train.py's optimizers (without its per-group learning rates, which cost nothing)
+optimizers = [torch.optim.AdamW(groups["adamw"], lr=c["learning_rate"], betas=(c["beta1"], c["beta2"]), fused=True)]
+if c["use_muon"]:
+    optimizers.append(Muon(groups["muon"], lr=c["muon_lr"], weight_decay=c["muon_weight_decay"],
+                           momentum=c["muon_momentum"], orthogonalize=c["muon_orthogonalize"],
+                           neuron_norm=c["muon_neuron_norm"]))
 for opt in optimizers:  # the divergence guard's flag, as train.py sets it: the optimizers' own code path
     opt.found_inf = torch.zeros((), device=device)
 x = torch.randint(0, vocab_size, (micro_batch_size, block_size), device=device)

@@ -377,44 +377,34 @@ class GPT(nn.Module):
             total = per_token.sum()
         return total if reduction == "sum" else total / (targets != NOT_LEARNED).sum()
 
-    def configure_optimizers(self, *, learning_rate, weight_decay, betas, embed_lr=None, head_lr=None, norm_lr=None,
-                             decay_embed_head=True, use_muon=False, muon_lr=0.0, muon_weight_decay=0.0,
-                             muon_momentum=0.95, muon_orthogonalize="newton_schulz", muon_cautious_decay=False,
-                             muon_neuron_norm=False, muon_group=None):
-        """[AdamW] or [AdamW, Muon], and a line saying which parameters went where.
-        AdamW decays matrices only (the embedding and the head too unless decay_embed_head is off);
-        1-D norm gains are not decayed. embed_lr, head_lr, norm_lr: those parameters' peak learning
-        rates (None: learning_rate); each group's "lr_scale" is its peak over learning_rate. With
-        use_muon the matrices inside the blocks (attention and MLP projections) go to Muon; the
-        embedding and the output head stay on AdamW. AdamW is fused, on CPU too: it can then
-        skip a step on a device-side flag (found_inf), which train.py's divergence guard relies on.
-        muon_group: the process group that shards or replicates the model (parallel.wrap)."""
+    def param_groups(self, *, learning_rate, weight_decay, embed_lr=None, head_lr=None, norm_lr=None,
+                     decay_embed_head=True, use_muon=False):
+        """The parameters by optimizer, for train.py to build them: ({"adamw": AdamW's groups, "muon": the
+        matrices inside the blocks, only with use_muon}, a line per group saying which parameters went
+        where). AdamW's groups: the embedding, the head, the matrices (unless Muon takes them) and the
+        1-D norm gains, each with its "name", peak "lr" (embed_lr, head_lr, norm_lr; None: learning_rate),
+        "weight_decay" (matrices only; the embedding and the head too with decay_embed_head) and
+        "lr_scale", its peak over learning_rate, which train.py's schedule multiplies."""
         named = dict(self.named_parameters())  # a tied head appears once, as the embedding
         embed = [named["embed_tokens.weight"]]
         head = [named["lm_head.weight"]] if "lm_head.weight" in named else []
         hidden = [p for name, p in named.items() if name.startswith("layers.") and p.dim() == 2]
-        muon_params = hidden if use_muon else []
-        matrices = [] if use_muon else hidden
         vectors = [p for p in named.values() if p.dim() < 2]
         embed_head_decay = weight_decay if decay_embed_head else 0.0
-        groups = [("embedding", embed, embed_lr, embed_head_decay), ("head", head, head_lr, embed_head_decay),
-                  ("matrices", matrices, None, weight_decay), ("norms", vectors, norm_lr, 0.0)]
-        adamw_groups = [{"params": ps, "lr": learning_rate if lr is None else lr, "weight_decay": wd, "name": name}
-                        for name, ps, lr, wd in groups if ps]
-        for group in adamw_groups:  # what train.py's schedule multiplies: 1.0 where the peak is learning_rate
+        adamw = [{"params": ps, "name": name, "lr": learning_rate if lr is None else lr, "weight_decay": wd}
+                 for name, ps, lr, wd in [("embedding", embed, embed_lr, embed_head_decay),
+                                          ("head", head, head_lr, embed_head_decay),
+                                          ("matrices", [] if use_muon else hidden, None, weight_decay),
+                                          ("norms", vectors, norm_lr, 0.0)] if ps]
+        for group in adamw:
             group["lr_scale"] = group["lr"] / learning_rate
-        optimizers = [torch.optim.AdamW(adamw_groups, lr=learning_rate, betas=betas, fused=True)]
-        if use_muon:
-            from muon import Muon
-            optimizers.append(Muon(muon_params, lr=muon_lr, weight_decay=muon_weight_decay, momentum=muon_momentum,
-                                   orthogonalize=muon_orthogonalize, cautious_decay=muon_cautious_decay,
-                                   neuron_norm=muon_neuron_norm, group=muon_group))
+        groups = {"adamw": adamw, **({"muon": hidden} if use_muon else {})}
         names = {id(p): re.sub(r"\.\d+\.", ".*.", name) for name, p in named.items()}
         lines = [(f"AdamW {g['name']}, lr {g['lr']:g}, weight decay {g['weight_decay']:g}", g["params"])
-                 for g in adamw_groups] + [(f"Muon, lr {muon_lr:g}", muon_params)]
+                 for g in adamw] + [("Muon", groups.get("muon", []))]
         summary = "\n".join(f"{line}: {len(ps)} tensors, {sum(p.numel() for p in ps):,} parameters "
                              f"({', '.join(sorted({names[id(p)] for p in ps}))})" for line, ps in lines if ps)
-        return optimizers, summary
+        return groups, summary
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())

@@ -103,13 +103,14 @@ from data import micro_batches, open_mixture, val_split_warnings
 from evaluate import evaluate_tasks, load_task, scores_line, validation, validation_line, validation_windows
 from fp8 import problem as fp8_problem, use_fp8
 from model import GPT, Init
+from muon import Muon
 import tokenizer as tok
 # the machinery (infra/): where a run starts, checkpoints, the run directory, parallelism, the device
 from infra.checkpoint import checkpoint_failure, wait_for_checkpoint
 from infra.device import (busy_cpu_warning, device_name, device_peak_flops, peak_memory_mb, resolve_compile,
                           resolve_device)
-from infra.parallel import (MODES, clip_grad_norm, compiled_step_problem, join_process_group, mean_over_ranks,
-                            ranks, reshard, state_bytes, sync_gradients, wrap)
+from infra.parallel import (MODES, clip_grad_norm, compiled_step_problem, found_inf_problem, join_process_group,
+                            mean_over_ranks, ranks, reshard, state_bytes, sync_gradients, wrap)
 from infra.resume import (Finished, Refused, load_state, model_args_for, save_training_state, start_counters,
                           start_point, training_meta)
 from infra.rundir import catch_stop_signals, end_run, fail, fail_on, log, log_line, open_run_log, stop_signal
@@ -246,19 +247,37 @@ if fp8:
 model, muon_group = wrap(gpt, mode=data_parallel if distributed else "ddp", device=device, local_rank=local_rank,
                          world_size=world_size, shard_size=shard_size, compile=compile, bf16=dtype == "bfloat16",
                          reshard_after_forward=reshard_after_forward, seed=seed, ddp_bucket_mb=ddp_bucket_mb)
-optimizers, optimizer_summary = gpt.configure_optimizers(  # after wrap: FSDP2 replaces the parameters
-    learning_rate=learning_rate, weight_decay=weight_decay, betas=(beta1, beta2), embed_lr=embed_lr or None,
-    head_lr=head_lr or None, norm_lr=norm_lr or None, decay_embed_head=decay_embed_head, use_muon=use_muon,
-    muon_lr=muon_lr, muon_weight_decay=muon_weight_decay, muon_momentum=muon_momentum,
-    muon_orthogonalize=muon_orthogonalize, muon_cautious_decay=muon_cautious_decay,
-    muon_neuron_norm=muon_neuron_norm, muon_group=muon_group)
-adamw, muon = optimizers[0], (optimizers[1] if use_muon else None)
-log(optimizer_summary)
+
+
+# ---- the optimizers, by name (checkpoints name their state so): AdamW, and Muon for the blocks' matrices ----
+groups, summary = gpt.param_groups(  # after wrap: FSDP2 replaces the parameters
+    learning_rate=learning_rate, weight_decay=weight_decay, embed_lr=embed_lr or None, head_lr=head_lr or None,
+    norm_lr=norm_lr or None, decay_embed_head=decay_embed_head, use_muon=use_muon,
+)
+# fused: on CPU too, so it can skip a step on a device-side flag (found_inf) with no host sync
+optimizers = {"adamw": torch.optim.AdamW(groups["adamw"], lr=learning_rate, betas=(beta1, beta2), fused=True)}
+if use_muon:
+    optimizers["muon"] = Muon(
+        groups["muon"],
+        lr=muon_lr,
+        weight_decay=muon_weight_decay,
+        momentum=muon_momentum,
+        orthogonalize=muon_orthogonalize,
+        cautious_decay=muon_cautious_decay,
+        neuron_norm=muon_neuron_norm,
+        group=muon_group,
+    )
+adamw, muon = optimizers["adamw"], optimizers.get("muon")
+log(summary)
+# the divergence guard skips a step by setting each optimizer's found_inf: one that ignores it is refused
+if problem := found_inf_problem(optimizers, gpt.parameters()):
+    fail(f"{problem}: a step with a non-finite loss would be applied; build it so that it skips its step "
+         f"when found_inf is nonzero (as torch's fused AdamW and muon.py do)")
 # Resuming is exact without saving any random generator's state: nothing draws from one after the
 # initialisation above (no dropout), and the data is a function of the step.
 if start_ckpt is not None:  # each rank reads the rows it holds
     with fail_on(ValueError):  # a weight that is not finite
-        load_state(read_tensor, start_ckpt["tensors"], gpt, optimizers if resuming else [], device)
+        load_state(read_tensor, start_ckpt["tensors"], gpt, optimizers if resuming else {}, device)
     log(f"resumed from {good_checkpoint} at step {step}" if resuming else
         f"weights from {parent} (step {start_ckpt['step']}); fresh optimizer, step count and schedule")
     del start_ckpt, read_tensor
@@ -374,7 +393,7 @@ while True:
     # a non-finite loss gives non-finite (all-reduced, so the same on every rank) gradients: then
     # every optimizer skips the step on this flag, with no host sync
     bad = ~torch.isfinite(grad_norm)
-    for opt in optimizers:
+    for opt in optimizers.values():
         opt.found_inf = bad.float()
         opt.step()
     if step == start_step:  # with the gradients and the optimizer state all there: what each rank holds

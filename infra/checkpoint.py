@@ -300,32 +300,37 @@ def _expect(where, value, kind, low=None, high=None, what="a value"):
 
 def _check_tensor_index(meta_path, tensors, shapes):
     """meta.json's tensor index against the model's parameter shapes: every weight there with its shape,
-    everything float32 (what training writes), and optimizer state, if any, whole for every parameter:
-    AdamW's exp_avg and exp_avg_sq shaped as the parameter and a scalar step, or Muon's state shaped as
-    the parameter or one value per row or column. ValueError naming the first tensor that is not so."""
+    everything float32 (what training writes), and optimizer state (<optimizer>/<parameter>/<key>), if
+    any, whole: each parameter's from one optimizer, shaped as the parameter, one value per row or
+    column (Muon's), or a scalar; AdamW's exactly exp_avg and exp_avg_sq shaped as the parameter and a
+    scalar step. ValueError naming the first tensor that is not so."""
     for name, shape in shapes.items():
         if f"model/{name}" not in tensors:
             raise ValueError(f"{meta_path}: the tensor model/{name} is missing")
         if tensors[f"model/{name}"].get("shape") != shape:
             raise ValueError(f"{meta_path}: model/{name} has shape {tensors[f'model/{name}'].get('shape')}, "
                              f"the model {shape}")
+    state = {}  # {parameter: {optimizer: {keys}}}
     for name, entry in tensors.items():
         if not isinstance(entry, dict) or entry.get("dtype") != "float32" or not isinstance(entry.get("shape"), list):
             raise ValueError(f"{meta_path}: {name} is not float32 (training writes nothing else): {str(entry)[:80]}")
         kind, _, rest = name.partition("/")
+        if kind == "model":
+            continue
         parameter, _, key = rest.rpartition("/")
-        if kind != "model" and (kind not in ("adamw", "muon") or parameter not in shapes):
+        if parameter not in shapes:
             raise ValueError(f"{meta_path}: {name} is the state of no parameter of this model")
-        if kind == "adamw" and entry["shape"] != ([] if key == "step" else shapes[parameter]):
+        full = shapes[parameter]
+        shaped = entry["shape"] == [] or (len(entry["shape"]) == len(full) and all(
+            size in (whole, 1) for size, whole in zip(entry["shape"], full)))  # or one per row/col
+        if not shaped or (kind == "adamw" and entry["shape"] != ([] if key == "step" else full)):
             raise ValueError(f"{meta_path}: {name} has shape {entry['shape']}, not its parameter's")
-        if kind == "muon" and not (len(entry["shape"]) == len(shapes[parameter]) and all(
-                size in (full, 1) for size, full in zip(entry["shape"], shapes[parameter]))):  # or one per row/col
-            raise ValueError(f"{meta_path}: {name} has shape {entry['shape']}, not its parameter's")
-    if any(not name.startswith("model/") for name in tensors):  # a training state: whole, or not at all
+        state.setdefault(parameter, {}).setdefault(kind, set()).add(key)
+    if state:  # a training state: whole, or not at all
         for parameter in shapes:
-            adamw = {key for key in ("exp_avg", "exp_avg_sq", "step") if f"adamw/{parameter}/{key}" in tensors}
-            muon = any(name.startswith(f"muon/{parameter}/") for name in tensors)
-            if not (adamw == {"exp_avg", "exp_avg_sq", "step"}) ^ muon or (adamw and muon):
+            kinds = state.get(parameter, {})
+            if len(kinds) != 1 or kinds.get("adamw", {"exp_avg", "exp_avg_sq", "step"}) != {"exp_avg", "exp_avg_sq",
+                                                                                               "step"}:
                 raise ValueError(f"{meta_path}: the optimizer state of {parameter} is missing or incomplete")
 
 
@@ -439,7 +444,7 @@ def _open_directory(path, verify=False):
 
 def load_checkpoint(path, set_aside_corrupt=False):
     """A whole checkpoint in CPU memory (open_checkpoint's metadata, and its tensors): "model" as
-    {parameter: tensor}, "optimizers" as {"adamw" or "muon": {parameter: {key: tensor}}}."""
+    {parameter: tensor}, "optimizers" as {optimizer name: {parameter: {key: tensor}}}."""
     meta, read = open_checkpoint(path, set_aside_corrupt, verify=True)
     checkpoint = {**meta, "model": {}, "optimizers": {}}
     for name in meta["tensors"]:

@@ -163,10 +163,43 @@ def mean_over_ranks(tensor):
 
 
 def state_bytes(raw_model, optimizers):
-    """The bytes of this rank's parameters, gradients and optimizer state (the local shards under FSDP2)."""
+    """The bytes of this rank's parameters, gradients and optimizer state ({name: optimizer}; the local
+    shards under FSDP2)."""
     tensors = [t for p in raw_model.parameters() for t in (p, p.grad) if t is not None]
-    tensors += [t for opt in optimizers for state in opt.state.values() for t in state.values() if torch.is_tensor(t)]
+    tensors += [t for opt in optimizers.values() for state in opt.state.values() for t in state.values()
+                if torch.is_tensor(t)]
     return sum(rows_held(t)[0].numel() * t.element_size() for t in tensors)
+
+
+@torch.no_grad()
+def found_inf_problem(optimizers, parameters):
+    """None, or a sentence naming the first optimizer ({name: optimizer}) that does not skip its step
+    when its found_inf attribute is a nonzero device scalar (train.py's divergence guard sets it on a
+    step whose loss or gradients are not finite). Each is probed with one step on gradients of ones
+    and found_inf = 1, every rank together: its weights must not move. The state an optimizer that
+    honours found_inf creates in the probe is the zeros its first step would create anyway."""
+    parameters = list(parameters)
+
+    def fingerprint():  # (this rank's rows of each weight: an update moves them, a skipped step not one bit)
+        return torch.stack([rows_held(p)[0].double().sum() for p in parameters])
+    problem = None
+    for name, opt in optimizers.items():
+        held = {id(p) for group in opt.param_groups for p in group["params"]}
+        for p in parameters:
+            p.grad = torch.ones_like(p) if id(p) in held else None
+        before, opt.found_inf = fingerprint(), torch.ones((), device=parameters[0].device)
+        try:
+            opt.step()
+            moved = not torch.equal(fingerprint(), before)
+        except Exception as e:  # (torch's unfused AdamW asserts that found_inf is None)
+            moved, problem = True, f"the optimizer {name!r} ({type(opt).__name__}) fails with found_inf set: {e}"
+        opt.found_inf = None
+        if moved:
+            problem = problem or f"the optimizer {name!r} ({type(opt).__name__}) ignores found_inf"
+            break
+    for p in parameters:
+        p.grad = None
+    return problem
 
 
 def compiled_step_problem(model, raw_model, x, y, loss_scale, *, autocast, low_precision):

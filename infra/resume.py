@@ -184,8 +184,9 @@ def save_training_state(gpt, optimizers, meta, *, out_dir, val_loss, good_checkp
 
 def state_pieces(raw_model, optimizers, rank, world_size):
     """This rank's share of the training state, by tensor name, for save_checkpoint: {name: (tensor,
-    first row, full shape)}: the rows parallel.share_to_write gives it, and the part of Muon's state
-    that it keeps (Muon.state_rows)."""
+    first row, full shape)}. optimizers: {name: optimizer}, whose state is named <name>/<parameter>/<key>:
+    the rows parallel.share_to_write gives this rank of a state shaped as its parameter (AdamW's), or
+    the part an optimizer that places its own state keeps (its state_rows: Muon's)."""
     pieces = {}
 
     def add(name, tensor):
@@ -195,29 +196,29 @@ def state_pieces(raw_model, optimizers, rank, world_size):
 
     for name, p in raw_model.named_parameters():
         add(f"model/{name}", p)
-        for kind, opt in zip(("adamw", "muon"), optimizers):
-            if kind == "adamw":  # its state is shaped as p is
+        for kind, opt in optimizers.items():
+            if not hasattr(opt, "state_rows"):  # its state is shaped as p is
                 for key, value in opt.state.get(p, {}).items():
-                    add(f"adamw/{name}/{key}", value)
-            elif not replica(p):  # Muon: the part of its state this rank keeps, placed as muon.py says
-                pieces.update({f"muon/{name}/{key}": piece for key, piece in opt.state_rows(p).items()})
+                    add(f"{kind}/{name}/{key}", value)
+            elif not replica(p):  # the part of its state this rank keeps, placed as the optimizer says
+                pieces.update({f"{kind}/{name}/{key}": piece for key, piece in opt.state_rows(p).items()})
     return pieces
 
 
 @torch.no_grad()
 def load_state(read, tensors, raw_model, optimizers, device):
-    """Set raw_model's weights and, when given, the optimizers' state from a checkpoint opened with
-    open_checkpoint (read, and its list of tensor names): each rank reads the rows it holds."""
+    """Set raw_model's weights and, when given ({name: optimizer}), the optimizers' state from a checkpoint
+    opened with open_checkpoint (read, and its list of tensor names): each rank reads the rows it holds."""
     def rows(name, like):
         part, first = rows_held(like)
         return read(name) if like.dim() == 0 else read(name, first, first + part.shape[0])
 
     for name, p in raw_model.named_parameters():
         rows_held(p)[0].copy_(rows(f"model/{name}", p))
-        for kind, opt in zip(("adamw", "muon"), optimizers):
+        for kind, opt in optimizers.items():
             keys = [t.rsplit("/", 1)[1] for t in tensors if t.startswith(f"{kind}/{name}/")]
-            if kind == "muon" and keys:  # the rows this rank keeps (muon.py)
-                opt.load_state_rows(p, lambda key, first, last: read(f"muon/{name}/{key}", first, last).to(device),
+            if hasattr(opt, "load_state_rows") and keys:  # the rows this rank keeps (muon.py)
+                opt.load_state_rows(p, lambda key, first, last: read(f"{kind}/{name}/{key}", first, last).to(device),
                                     keys)
             elif keys:
                 state = {}

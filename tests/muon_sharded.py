@@ -40,7 +40,7 @@ def run(out_dir, mode, neuron_norm):
         adamw.step()
     kept = sum(state["momentum_buffer"].numel() for state in optimizer.state.values())
     print(f"rank {rank}: momentum elements kept {kept} of {sum(p.numel() for p in hidden)}", flush=True)
-    save_checkpoint(out_dir, 3, state_pieces(model, [adamw, optimizer], rank, world_size),
+    save_checkpoint(out_dir, 3, state_pieces(model, {"adamw": adamw, "muon": optimizer}, rank, world_size),
                     checkpoint_meta(model, 3) if rank == 0 else None, rank=rank, world_size=world_size)
 
 

@@ -39,7 +39,7 @@ def make_checkpoint(directory, encoder, boost_padding=False, **overrides):
     save_checkpoint(
         str(directory),
         1,
-        state_pieces(model, [], 0, 1),
+        state_pieces(model, {}, 0, 1),
         {
             "step": 1,
             "tokens_seen": 0,

@@ -292,3 +292,25 @@ def test_prepare_on_a_full_disk_is_one_line_and_leaves_the_old_dataset(tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"cannot write {tmp_path}/ds: File too large" in error and "free some space or choose another --out" in error
     assert dataset() == before and sorted(os.listdir(tmp_path)) == ["docs", "ds"]
+
+
+def test_an_optimizer_that_ignores_found_inf_is_refused_at_start(data, tmp_path):
+    """The divergence guard skips a step by setting each optimizer's found_inf: an optimizer swapped in that
+    ignores it would apply the NaN steps. Probed at start, refused in one line, nothing written."""
+    from infra.parallel import found_inf_problem
+    from model import GPT, ModelArgs
+    from muon import Muon
+    model = GPT(ModelArgs(vocab_size=128, block_size=16, n_layer=1, n_head=2, n_kv_head=2, n_embd=16))
+    groups, _ = model.param_groups(learning_rate=1e-3, weight_decay=0.1, use_muon=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    honours = {"adamw": torch.optim.AdamW(groups["adamw"], lr=1e-3, fused=True), "muon": Muon(groups["muon"])}
+    assert found_inf_problem(honours, model.parameters()) is None
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert all(p.grad is None for p in model.parameters())
+    groups, _ = model.param_groups(learning_rate=1e-3, weight_decay=0.1, use_muon=True)  # (fused=True is in the old)
+    unfused = {"adamw": torch.optim.AdamW(groups["adamw"], lr=1e-3), "muon": Muon(groups["muon"])}
+    assert "the optimizer 'adamw' (AdamW) fails with found_inf set" in found_inf_problem(unfused, model.parameters())
+    result = run("tests/swapped_optimizer.py", *TINY, f"--data_dir={data}", f"--out_dir={tmp_path}/run", check=False)
+    error = one_line_error(result)
+    assert "the optimizer 'adamw' (IgnoresFoundInf) ignores found_inf: a step with a non-finite loss" in error
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -254,7 +254,7 @@ def test_rank_zero_notices_a_dead_rank_during_a_checkpoint_write(tmp_path, monke
     model = GPT(ModelArgs(vocab_size=300, block_size=16, n_layer=1, n_head=2, n_kv_head=2, n_embd=16))
     started = time.time()
     with pytest.raises(OSError, match="rank 1's part did not appear .* did rank 1 die"):
-        checkpoint.save_checkpoint(str(tmp_path), 1, state_pieces(model, [], 0, 2), checkpoint_meta(model, 1),
+        checkpoint.save_checkpoint(str(tmp_path), 1, state_pieces(model, {}, 0, 2), checkpoint_meta(model, 1),
                                    rank=0, world_size=2)
     assert time.time() - started < 30 and not checkpoint_paths(str(tmp_path)) and torch.is_tensor(model.lm_head.weight)
 
@@ -314,7 +314,7 @@ def test_a_checkpoint_of_another_model_copied_into_a_run_is_refused_not_resumed(
     other = GPT(ModelArgs(vocab_size=300, block_size=16, n_layer=1, n_head=2, n_kv_head=2, n_embd=16))
     meta = checkpoint_meta(other, 12)
     meta["config"] = json.loads((run / "ckpt_0000008" / "meta.json").read_text())["config"]
-    save_checkpoint(str(run), 12, state_pieces(other, [], 0, 1), meta, keep_last=0)
+    save_checkpoint(str(run), 12, state_pieces(other, {}, 0, 1), meta, keep_last=0)
     before = snapshot(run)
     error = one_line_error(run_script("train.py", *TINY, f"--data_dir={data}", f"--out_dir={run}",
                                       "--init_from=resume", "--max_iters=16", check=False))

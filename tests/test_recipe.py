@@ -34,17 +34,16 @@ def test_init_scales_and_zero_projections():
 @pytest.mark.parametrize("use_muon", [False, True])
 def test_each_adamw_group_has_its_learning_rate_and_decay(use_muon):
     model = GPT(ARGS)
-    optimizers, summary = model.configure_optimizers(learning_rate=1e-3, weight_decay=0.1, betas=(0.9, 0.95),
-                                                     embed_lr=2e-2, head_lr=5e-4, norm_lr=None,
-                                                     decay_embed_head=False, use_muon=use_muon, muon_lr=1e-3)
-    groups = {g["name"]: g for g in optimizers[0].param_groups}
+    by_optimizer, summary = model.param_groups(learning_rate=1e-3, weight_decay=0.1, embed_lr=2e-2, head_lr=5e-4,
+                                               norm_lr=None, decay_embed_head=False, use_muon=use_muon)
+    groups = {g["name"]: g for g in by_optimizer["adamw"]}
     assert groups["embedding"]["params"][0] is model.embed_tokens.weight
     assert groups["head"]["params"][0] is model.lm_head.weight
     assert (groups["embedding"]["lr"], groups["head"]["lr"], groups["norms"]["lr"]) == (2e-2, 5e-4, 1e-3)
     assert groups["embedding"]["lr_scale"] == 20 and groups["norms"]["lr_scale"] == 1.0
     assert groups["embedding"]["weight_decay"] == groups["head"]["weight_decay"] == groups["norms"]["weight_decay"] == 0
     assert ("matrices" in groups) != use_muon and "AdamW embedding, lr 0.02, weight decay 0" in summary
-    every = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
+    every = [p for g in by_optimizer["adamw"] for p in g["params"]] + by_optimizer.get("muon", [])
     assert sorted(map(id, every)) == sorted(map(id, model.parameters()))  # each parameter exactly once
 
 
