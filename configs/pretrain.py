@@ -15,7 +15,7 @@ micro_batch_size = 8
 batch_size = 128
 learning_rate = 6e-4
 min_lr = 6e-5
-# the recipe measured best on the tiny pretrain (BENCHMARKS.md, "Recipe"): Muon for the hidden matrices
+# the recipe measured best on the tiny pretrain (BENCHMARKS.md, "The recipe"): Muon for the hidden matrices
 # and QK-norm (the Qwen3 layout on export); --use_muon=False --qk_norm=False is plain AdamW Llama
 use_muon = True
 muon_lr = 6e-4

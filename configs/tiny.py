@@ -35,5 +35,5 @@ eval_tasks = (
 log_interval = 20
 device = "cpu"
 # compiled, a step takes about 20% less time on the CPU; compiling costs ~35 s the first time, a few
-# seconds later on (torch's compile cache in /tmp): it pays back within the first stage (BENCHMARKS.md)
+# seconds later on (torch's compile cache in /tmp): it pays back within the first stage (dev/LOG.md)
 compile = True

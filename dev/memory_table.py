@@ -1,5 +1,5 @@
 """
-An estimate of the GPU memory per rank in each data-parallel mode, for the README's table:
+An estimate of the GPU memory per rank in each data-parallel mode, for BENCHMARKS.md's table:
     python dev/memory_table.py                       # the 1B config and a Llama-3-8B shape on 8 GPUs
     python dev/memory_table.py --gpus=16 --shard_size=8
 The training state is counted exactly (bytes per parameter, as parallel.state_bytes measures them);
