@@ -114,8 +114,13 @@ if profile:
         on_trace_ready=write_profile,
         schedule=torch.profiler.schedule(skip_first=5, wait=0, warmup=2, active=3, repeat=1),
     )
-    register_optimizer_step_post_hook(
-        lambda optimizer, args, kwargs: profiler.step() if isinstance(optimizer, torch.optim.AdamW) else None)
+    probed = set()  # each optimizer's first step is train.py's found_inf probe, before any training step
+
+    def count_step(optimizer, args, kwargs):
+        if isinstance(optimizer, torch.optim.AdamW) and id(optimizer) in probed:
+            profiler.step()
+        probed.add(id(optimizer))
+    register_optimizer_step_post_hook(count_step)
     with tempfile.TemporaryDirectory() as out:
         sys.argv = [TRAIN, *train_args, f"--out_dir={out}/run", "--init_from=scratch"]
         profiler.start()

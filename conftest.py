@@ -121,6 +121,20 @@ def assert_same_state(a, b, exact=True):
             torch.testing.assert_close(tensors_a[key], tensors_b[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
+def rewrite_checkpoint_file(path, tensors):
+    """A checkpoint's safetensors file rewritten with tensors, its sha256 in meta.json updated to match:
+    what training itself would have written (NaN weights, say), not bytes damaged on disk."""
+    from safetensors.torch import save_file
+    save_file(tensors, str(path))
+    meta_path = os.path.join(os.path.dirname(path), "meta.json")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    with open(path, "rb") as f:
+        meta["files"][os.path.basename(path)]["sha256"] = hashlib.sha256(f.read()).hexdigest()
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+
+
 def one_line_error(result):
     """The one line a refused command prints (no traceback), after checking it exited non-zero."""
     assert result.returncode != 0, result.stdout[-2000:]

@@ -182,9 +182,15 @@ if problem := batch_size_problem(batch_sizes, micro_batch_size=micro_batch_size,
 
 # ---- where to start from: resume, a stage handoff, or scratch (infra/resume.py: start_point) ----
 try:
-    start_ckpt, read_tensor, resuming = start_point(out_dir, init_from, max_iters=max_iters, use_muon=use_muon,
-                                         init_from_unfinished=init_from_unfinished, master=master,
-                                         barrier=dist.barrier if distributed else lambda: None)
+    start_ckpt, read_tensor, resuming = start_point(
+        out_dir,
+        init_from,
+        max_iters=max_iters,
+        use_muon=use_muon,
+        init_from_unfinished=init_from_unfinished,
+        master=master,
+        barrier=dist.barrier if distributed else lambda: None,
+    )
 except Refused as e:
     fail(str(e))
 except Finished as e:
@@ -215,9 +221,19 @@ if use_loss_mask and nothing:  # (older datasets do not count them)
 for warning in val_split_warnings(datasets, eval_iters=eval_iters,
                                   tokens_per_eval_iter=micro_batch_size * world_size * block_size):
     log(warning)
-batches = micro_batches(datasets, mixture_weights, start_step=step, batch_size_at=batch_size_at,
-                        micro_batch_size=micro_batch_size, rank=rank, world_size=world_size, block_size=block_size,
-                        use_loss_mask=use_loss_mask, seed=seed, device=device)
+batches = micro_batches(
+    datasets,
+    mixture_weights,
+    start_step=step,
+    batch_size_at=batch_size_at,
+    micro_batch_size=micro_batch_size,
+    rank=rank,
+    world_size=world_size,
+    block_size=block_size,
+    use_loss_mask=use_loss_mask,
+    seed=seed,
+    device=device,
+)
 
 
 def next_batch():
@@ -244,9 +260,19 @@ if fp8:
 # gpt: the GPT module (sharded in place under FSDP2); model: what the step calls, compiled and wrapped
 # (infra/parallel.py). Evaluation runs gpt uncompiled: a no-grad graph would cost more to compile than it
 # saves every eval_interval.
-model, muon_group = wrap(gpt, mode=data_parallel if distributed else "ddp", device=device, local_rank=local_rank,
-                         world_size=world_size, shard_size=shard_size, compile=compile, bf16=dtype == "bfloat16",
-                         reshard_after_forward=reshard_after_forward, seed=seed, ddp_bucket_mb=ddp_bucket_mb)
+model, muon_group = wrap(
+    gpt,
+    mode=data_parallel if distributed else "ddp",
+    device=device,
+    local_rank=local_rank,
+    world_size=world_size,
+    shard_size=shard_size,
+    compile=compile,
+    bf16=dtype == "bfloat16",
+    reshard_after_forward=reshard_after_forward,
+    seed=seed,
+    ddp_bucket_mb=ddp_bucket_mb,
+)
 
 
 # ---- the optimizers, by name (checkpoints name their state so): AdamW, and Muon for the blocks' matrices ----
@@ -284,9 +310,16 @@ if start_ckpt is not None:  # each rank reads the rows it holds
 
 
 # ---- evaluation: the same validation windows at every evaluation, split between ranks -------------
-val_windows = validation_windows(datasets, micro_batches=eval_iters, micro_batch_size=micro_batch_size,
-                                 block_size=block_size, seed=seed, rank=rank, world_size=world_size,
-                                 full_pass=val_full_pass)
+val_windows = validation_windows(
+    datasets,
+    micro_batches=eval_iters,
+    micro_batch_size=micro_batch_size,
+    block_size=block_size,
+    seed=seed,
+    rank=rank,
+    world_size=world_size,
+    full_pass=val_full_pass,
+)
 token_bytes = torch.from_numpy(tok.token_byte_lengths(encoder)).to(device)
 with fail_on(OSError, ValueError, prefix="eval_tasks: "):
     tasks = [load_task(path, examples) for path, examples in eval_tasks.items()]

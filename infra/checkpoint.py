@@ -262,8 +262,10 @@ def open_checkpoint(path, set_aside_corrupt=False, verify=False):
     if path.startswith("hf:") or (os.path.isdir(path) and not checkpoint_paths(path)
                                    and os.path.exists(os.path.join(path, "config.json"))):
         directory = path.removeprefix("hf:")
-        meta, read = open_hf(directory)
-        return meta, _checked_read(directory, read)
+        meta, read_weight = open_hf(directory)  # by parameter name: the weights only, named here as ours are
+        meta["tensors"] = [f"model/{name}" for name in meta.pop("parameters")]
+        return meta, _checked_read(directory, lambda name, first=None, last=None: read_weight(
+            name.removeprefix("model/"), first, last))
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "meta.json")):
         return _open_directory(path, verify)
     if os.path.isdir(path):

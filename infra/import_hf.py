@@ -13,7 +13,9 @@ import tokenizer as tok
 
 def open_hf(directory):
     """A Llama- or Qwen3-layout safetensors model and its byte-level BPE tokenizer, opened as a
-    checkpoint of the weights alone (step 0, no optimizer state): what init_from='hf:<dir>' starts from."""
+    checkpoint of the weights alone (step 0, no optimizer state): what init_from='hf:<dir>' starts from.
+    (meta, read): meta as a checkpoint's, with "parameters" (our parameter names) for checkpoint.py to
+    name as tensors; read(parameter, first=None, last=None)."""
     from safetensors import safe_open
     config_path = os.path.join(directory, "config.json")
     if not os.path.isfile(config_path):
@@ -58,14 +60,14 @@ def open_hf(directory):
     files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
     if not files:
         raise ValueError(f"{directory}: no .safetensors files")
-    where = {}  # our tensor name -> (open file, its name there)
+    where = {}  # our parameter name -> (open file, its name there)
     for file in files:
         handle = safe_open(os.path.join(directory, file), framework="pt")
         for key in handle.keys():
-            where["model/" + key.removeprefix("model.")] = (handle, key)
+            where[key.removeprefix("model.")] = (handle, key)
     tie = config.get("tie_word_embeddings", False)
     if tie:  # one matrix for both: ours is the embedding's
-        where.pop("model/lm_head.weight", None)
+        where.pop("lm_head.weight", None)
     enc = tok.tokenizer_from_hf(directory)
     if enc.n_vocab > config["vocab_size"]:
         raise ValueError(f"{directory}: the tokenizer has {enc.n_vocab} tokens, the model {config['vocab_size']}")
@@ -77,11 +79,11 @@ def open_hf(directory):
     if check_model_args(model_args, config_path).padded_vocab_size != config["vocab_size"]:
         raise ValueError(f"{directory}: vocab_size {config['vocab_size']} is not the tokenizer's {enc.n_vocab} "
                          f"padded to a multiple of 128")
-    expected = {f"model/{name}": shape for name, shape in parameter_shapes(ModelArgs(**model_args)).items()}
+    expected = parameter_shapes(ModelArgs(**model_args))
     for name, shape in expected.items():  # the weights there are the model config.json describes
         if name not in where:
             raise ValueError(
-                f"{directory}: the weight {name.removeprefix('model/')} is missing (does num_hidden_layers="
+                f"{directory}: the weight {name} is missing (does num_hidden_layers="
                 f"{config['num_hidden_layers']} in {config_path} match the weights?)"
             )
         stored = list(where[name][0].get_slice(where[name][1]).get_shape())
@@ -90,7 +92,7 @@ def open_hf(directory):
     extra = sorted(set(where) - set(expected))
     if extra:
         raise ValueError(
-            f"{directory}: weights {config_path} does not describe, e.g. {extra[0].removeprefix('model/')} "
+            f"{directory}: weights {config_path} does not describe, e.g. {extra[0]} "
             f"(does num_hidden_layers={config['num_hidden_layers']} match the weights?)"
         )
 
@@ -99,4 +101,4 @@ def open_hf(directory):
         rows = handle.get_slice(key)
         return rows[first or 0:rows.get_shape()[0] if last is None else last].float()
     return {"model_args": model_args, "tokenizer": tok.tokenizer_state(enc), "config": {}, "step": 0, "tokens_seen": 0,
-            "parent": None, "path": "hf:" + directory, "tensors": list(where)}, read
+            "parent": None, "path": "hf:" + directory, "parameters": list(where)}, read

@@ -179,8 +179,8 @@ def test_resume_falls_back_over_an_invalid_newest_checkpoint(finished, data, tmp
 def test_non_finite_optimizer_state_is_refused_with_its_checksum_intact(finished, tmp_path):
     """NaN in the state that training itself wrote (so its checksum matches): refused by name on the verified
     read a resume makes."""
-    import hashlib
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
+    from conftest import rewrite_checkpoint_file
     from infra.checkpoint import open_checkpoint
     damaged = tmp_path / "ckpt_0000008"
     shutil.copytree(finished / "ckpt_0000008", damaged)
@@ -188,10 +188,7 @@ def test_non_finite_optimizer_state_is_refused_with_its_checksum_intact(finished
     tensors = load_file(path)
     name = next(n for n in tensors if n.startswith("adamw/") and "exp_avg_sq" in n)
     tensors[name][0] = float("nan")
-    save_file(tensors, path)
-    meta = json.loads((damaged / "meta.json").read_text())
-    meta["files"]["rank-00000.safetensors"]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
-    (damaged / "meta.json").write_text(json.dumps(meta))
+    rewrite_checkpoint_file(path, tensors)
     with pytest.raises(ValueError, match=f"{name} holds values that are not finite"):
         open_checkpoint(str(damaged), verify=True)
     meta, read = open_checkpoint(str(damaged))  # unverified, the weights still read (the NaN is in the state)
