@@ -15,41 +15,6 @@ TINY = ["tests/tiny_model.py", "--eval_iters=2", "--log_interval=1", "--micro_ba
 
 
 
-def final_parameters(out_dir):
-    from infra.checkpoint import load_checkpoint
-    return load_checkpoint(out_dir)["model"]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "variant", [[], ["--use_muon=True", "--muon_lr=1e-2"], ["chat"]], ids=["adamw", "muon", "masked"]
-)
-def test_two_processes_match_one(data, tmp_path, variant):
-    if variant == ["chat"]:  # the loss is normalised by the learned targets of all micro-batches and ranks
-        variant = [f"--data_dir={data}-chat", "--use_loss_mask=True"]
-    # evaluation: 3 micro-batches of 4 windows in all, whatever the world size (2 ranks: 6 windows each, padded to 8);
-    # the tasks' examples split between ranks (5 generative ones: 3 and 2, the second rank running a padding example)
-    tasks = "--eval_tasks={'%s-tasks/next_line.jsonl': 6, '%s-tasks/identifier.jsonl': 5}" % (data, data)
-    args = [*TINY, f"--data_dir={data}", *variant, "--max_iters=5", "--eval_interval=5", "--eval_iters=3", tasks]
-    run_script("train.py", *args, f"--out_dir={tmp_path}/one")
-    two = run_script("train.py", *args, f"--out_dir={tmp_path}/two", launcher=TORCHRUN)
-    assert "world size 2" in two.stdout and "step 0: scoring 2 tasks (11 examples)..." in two.stdout
-    assert records(f"{tmp_path}/one") == pytest.approx(records(f"{tmp_path}/two"), rel=1e-5)
-    assert records(f"{tmp_path}/one", "val_loss") == pytest.approx(records(f"{tmp_path}/two", "val_loss"), rel=1e-6)
-    one_tasks, two_tasks = (list(records(f"{tmp_path}/{run}", "tasks").values()) for run in ("one", "two"))
-    assert (
-        len(one_tasks) == 2
-        and one_tasks[-1]["identifier"]["examples"] == 5
-        and one_tasks[-1]["next_line"]["examples"] == 6
-    )
-    for a, b in zip(one_tasks, two_tasks):
-        assert a.keys() == b.keys() and all(a[name] == pytest.approx(b[name]) for name in a)
-    a, b = final_parameters(f"{tmp_path}/one"), final_parameters(f"{tmp_path}/two")
-    assert a.keys() == b.keys() and not any(k.startswith(("module.", "_orig_mod.")) for k in a)
-    for key in a:  # fp32, summed in another order: equal to rounding
-        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
-
-
 @pytest.mark.slow
 def test_torchrun_wraps_in_ddp_even_one_rank(data, tmp_path):
     # the GPU check's DDP part runs one rank: the wrapper must be there for its cost to be measured
@@ -170,7 +135,8 @@ def compiled_graphs(monkeypatch, tmp_path, shape, ddp_bucket_mb):
 @pytest.mark.slow
 def test_compiled_ddp_is_about_one_graph_per_block(monkeypatch, tmp_path):
     # configs/pretrain.py's 1B layout with 3 of its 20 blocks; each block's fp32 gradients are 177 MB
-    shape = dict(vocab_size=50264, block_size=64, n_layer=3, n_head=32, n_kv_head=8, n_embd=2048, qk_norm=True)
+    # (a small vocabulary: the embedding and the head are not what the buckets split)
+    shape = dict(vocab_size=512, block_size=64, n_layer=3, n_head=32, n_kv_head=8, n_embd=2048, qk_norm=True)
     printed = run_script("train.py", "--print_config").stdout
     default = ast.literal_eval(next(line for line in printed.splitlines() if line.startswith("ddp_bucket_mb = "))[16:])
     graphs = {mb: compiled_graphs(monkeypatch, tmp_path, shape, mb) for mb in (25, default)}
