@@ -96,7 +96,21 @@ seed = 1337
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 # ----------------------------------------------------------------------------------------------
 
-import torch  # after the config: --help answers without loading torch
+# ---- the config, checked before anything starts (before torch loads): each mistake one line -------
+from infra.rundir import fail  # (torch-free, as infra/settings.py is)
+from infra.settings import batch_size_problem, config_problem, schedule_batch_sizes
+
+distributed = "RANK" in os.environ  # under torchrun, whichever the mode (DDP, FSDP2, HSDP)
+rank, local_rank, world_size = (int(os.environ.get(k, default)) for k, default in
+                                (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1)))  # as torchrun sets them
+master = rank == 0  # rank 0 logs and writes every file
+if problem := config_problem(config, world_size=world_size):
+    fail(f"config: {problem}")
+batch_sizes = schedule_batch_sizes(batch_size, batch_size_schedule, max_iters)
+if problem := batch_size_problem(batch_sizes, micro_batch_size=micro_batch_size, world_size=world_size):
+    fail(problem)
+
+import torch  # after the config: --help and its mistakes answer without loading torch
 import torch.distributed as dist
 
 from data import micro_batches, open_mixture, val_split_warnings
@@ -109,22 +123,12 @@ import tokenizer as tok
 from infra.checkpoint import checkpoint_failure, wait_for_checkpoint
 from infra.device import (busy_cpu_warning, device_name, device_peak_flops, peak_memory_mb, resolve_compile,
                           resolve_device)
-from infra.parallel import (MODES, clip_grad_norm, compiled_step_problem, found_inf_problem, join_process_group,
-                            mean_over_ranks, ranks, reshard, state_bytes, sync_gradients, wrap)
+from infra.parallel import (clip_grad_norm, compiled_step_problem, found_inf_problem, join_process_group,
+                            mean_over_ranks, reshard, state_bytes, sync_gradients, wrap)
 from infra.resume import (Finished, Refused, load_state, model_args_for, save_training_state, start_counters,
                           start_point, training_meta)
-from infra.rundir import catch_stop_signals, end_run, fail, fail_on, log, log_line, open_run_log, stop_signal
-from infra.settings import batch_size_problem, config_problem, schedule_batch_sizes
+from infra.rundir import catch_stop_signals, end_run, fail_on, log, log_line, open_run_log, stop_signal
 
-# torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; rank 0 logs and writes every file
-distributed = "RANK" in os.environ  # under torchrun, whichever the mode (DDP, FSDP2, HSDP)
-rank, local_rank, world_size = ranks()
-master = rank == 0
-
-
-# ---- the config, checked before anything starts: each mistake a one-line error (infra/settings.py) ------
-if problem := config_problem(config, world_size=world_size, modes=MODES):
-    fail(f"config: {problem}")
 with fail_on(ValueError, prefix="config: "):
     device, device_type, dtype, autocast = resolve_device(device, dtype)
 if distributed:
@@ -175,9 +179,6 @@ def batch_size_at(step):
 
 
 sequences_per_micro_step = micro_batch_size * world_size
-batch_sizes = schedule_batch_sizes(batch_size, batch_size_schedule, max_iters)
-if problem := batch_size_problem(batch_sizes, micro_batch_size=micro_batch_size, world_size=world_size):
-    fail(problem)
 
 
 # ---- where to start from: resume, a stage handoff, or scratch (infra/resume.py: start_point) ----

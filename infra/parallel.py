@@ -16,7 +16,6 @@ and WORLD_SIZE), and which part of the training state each rank checkpoints and 
 Under FSDP2, torch.compile is applied to each block, as torchtitan does. Also here: which rows of
 each tensor a rank holds, and which it writes in a checkpoint (checkpoint.py names and stores them).
 """
-import os
 
 import torch
 import torch.distributed as dist
@@ -25,14 +24,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from muon import row_range
 
-MODES = ("ddp", "fsdp", "hsdp")
-
-
-def ranks():
-    """(rank, local_rank, world_size) as torchrun sets them; (0, 0, 1) in a process of its own."""
-    if "RANK" not in os.environ:
-        return 0, 0, 1
-    return tuple(int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
 
 
 def join_process_group(device, device_type, local_rank):

@@ -8,13 +8,14 @@ import math
 SCHEDULES = ("cosine", "linear", "wsd")
 WSD_DECAY_SHAPES = ("linear", "cosine", "sqrt")
 ORTHOGONALIZERS = ("newton_schulz", "polar_express")  # muon.ORTHOGONALIZERS' keys, named here without torch
+MODES = ("ddp", "fsdp", "hsdp")  # data_parallel: infra/parallel.py
 BATCH_SCHEDULE_KEYS = {"strategy", "start_batch_size", "interval_steps", "max_batch_size"}
 
 
-def config_problem(c, *, world_size, modes):
+def config_problem(c, *, world_size):
     """The first mistake in train.py's config c (a dict of every setting), or None."""
     for name, choices in [("lr_schedule", SCHEDULES), ("wsd_decay_shape", WSD_DECAY_SHAPES),
-                          ("muon_orthogonalize", ORTHOGONALIZERS), ("data_parallel", modes),
+                          ("muon_orthogonalize", ORTHOGONALIZERS), ("data_parallel", MODES),
                           ("val_full_pass", (True, False, None))]:
         if c[name] not in choices:
             return f"{name} must be one of {', '.join(map(repr, choices))}, got {c[name]!r}"

@@ -264,8 +264,8 @@ def test_settings_out_of_range_are_named_before_anything_starts(tmp_path):
                             ({"batch_size_schedule": {**schedule, "start_batch_size": "16"}}, "whole numbers"),
                             ({"batch_size_schedule": {**schedule, "interval_steps": 0.5}}, "whole numbers"),
                             ({"batch_size_schedule": {**schedule, "max_batch_size": 8}}, "max_batch_size >= start")]:
-        assert message in config_problem({**defaults, **change}, world_size=1, modes=("ddp",)), change
-    assert config_problem(defaults, world_size=1, modes=("ddp",)) is None
+        assert message in config_problem({**defaults, **change}, world_size=1), change
+    assert config_problem(defaults, world_size=1) is None
     # the schedule's sizes without a step-by-step loop: the same as the loop, and instant for 10**12 steps
     brute = {min(64, 16 * 2 ** (step // 100)) for step in range(251)}
     assert schedule_batch_sizes(64, schedule, 250) == brute == {16, 32, 64}
