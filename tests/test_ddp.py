@@ -13,8 +13,6 @@ TINY = ["tests/tiny_model.py", "--eval_iters=2", "--log_interval=1", "--micro_ba
         "--learning_rate=1e-2", "--warmup_iters=2"]
 
 
-
-
 @pytest.mark.slow
 def test_torchrun_wraps_in_ddp_even_one_rank(data, tmp_path):
     # the GPU check's DDP part runs one rank: the wrapper must be there for its cost to be measured
