@@ -1,28 +1,33 @@
 """
 Checkpoints: the one way to write and read them (train.py, sample.py, export_hf.py, evaluate.py),
 and to name the training state in them. A Hugging Face model directory opens as one too
-(init_from='hf:<dir>', import_hf.py).
+(init_from='hf:<dir>', import_hf.py). Where a run starts, and what it saves: resume.py.
 
 A checkpoint is a directory, out_dir/ckpt_<step>/, of safetensors and JSON files only, so reading
 one never runs anything:
     meta.json              format_version 2, step, tokens_seen, batch_size, model_args, config,
                            tokenizer (the whole tokenizer as text: a checkpoint decodes on its own),
-                           data_dir, parent (the checkpoint this run's weights started from), and
-                           every tensor's shape, dtype and pieces (which file holds which rows)
+                           data_dir, parent (the checkpoint this run's weights started from), val_loss
+                           and best_val_loss, every tensor's shape, dtype and pieces (which file holds
+                           which rows), and each file's sha256 ("files"; absent in older checkpoints)
     rank-NNNNN.safetensors the rows each rank wrote
-The tensors: model/<parameter>, adamw/<parameter>/<exp_avg, exp_avg_sq or step>, and
-muon/<parameter>/momentum_buffer (and second_moment, with neuron_norm): the whole training state as
-one process would hold it, whatever the world size and the mode (DDP, FSDP2) that wrote it, so it
-loads at any world size and in either mode, and a rank can read just the rows it needs. Each rank
-writes its own share at once (its shards under FSDP2, a slice of the replicas under DDP:
-parallel.share_to_write): no rank ever holds the whole state.
+The tensors: model/<parameter>, and <optimizer>/<parameter>/<key> for each optimizer by the name
+train.py gives it (adamw/<parameter>/<exp_avg, exp_avg_sq or step>, muon/<parameter>/momentum_buffer
+and, with neuron_norm, second_moment): the whole training state as one process would hold it,
+whatever the world size and the mode (DDP, FSDP2) that wrote it, so it loads at any world size and
+in either mode, and a rank can read just the rows it needs. Each rank writes its own share at once
+(its shards under FSDP2, a slice of the replicas under DDP: parallel.share_to_write): no rank ever
+holds the whole state.
 Writes are atomic: each rank writes into ckpt_<step>.tmp/ (in a background thread, from a CPU copy
-of its share), and rank 0 renames the directory once every rank's files are complete; a crash at
-any instant leaves the earlier checkpoints and at most a *.tmp directory, which nothing loads and
-the next start removes. Reading validates a checkpoint whole (meta.json's keys, types and ranges,
-every tensor's shape against the model it describes, the safetensors headers) and every weight
-read for being finite. The data position is the step: the windows of a step are a function of
-(seed, step).
+of its share, hashing the bytes as they go out), and rank 0 renames the directory once every rank's
+files are complete; a crash at any instant leaves the earlier checkpoints and at most a *.tmp
+directory, which nothing loads and the next start removes. Reading validates a checkpoint whole
+(meta.json's keys, types and ranges, the directory's step, every tensor's dtype and shape against the
+model and the optimizer state it describes, the safetensors headers). A verified read (a resume's
+rank 0, load_checkpoint) reads each file once into memory, checks its sha256 and every value for
+being finite, and serves the tensors from there; otherwise every tensor read is checked for being
+finite. A checkpoint that fails any of it is set aside as ckpt_<step>.corrupt and the one before it
+is used. The data position is the step: the windows of a step are a function of (seed, step).
 """
 import glob
 import hashlib
