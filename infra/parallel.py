@@ -195,14 +195,16 @@ def found_inf_problem(optimizers, parameters):
 
 def compiled_step_problem(model, raw_model, x, y, loss_scale, *, autocast, low_precision):
     """Whether the compiled model trains as the uncompiled one does, on this torch and this device: a
-    sentence naming the first disagreement, or None (the same on every rank). One micro-batch goes
-    through the compiled model, then through the uncompiled one with its loss negated, so that each
-    gradient accumulates to compiled - uncompiled: every parameter's difference is measured whole,
-    with no copy of the gradients. Compiler faults change numbers without an error (torch 2.11 zeroed
-    the chunked loss's gradients): this is the minute-one check. No optimizer steps and the gradients
-    are dropped, so training then starts exactly as it would without it. low_precision (bf16 or fp8):
-    compiled kernels round differently, so within 5%; in fp32 (TF32 on CUDA) within 1%."""
+    sentence naming torch's version, the device and the first disagreement, or None (the same on every
+    rank). One micro-batch goes through the compiled model, then through the uncompiled one with its
+    loss negated, so that each gradient accumulates to compiled - uncompiled: every parameter's
+    difference is measured whole, with no copy of the gradients. Compiler faults change numbers without
+    an error (torch 2.11 zeroed the chunked loss's gradients): this is the minute-one check. No optimizer
+    steps and the gradients are dropped, so training then starts exactly as it would without it.
+    low_precision (bf16 or fp8): compiled kernels round differently, so within 5%; in fp32 (TF32 on
+    CUDA) within 1%."""
     import torch.distributed as dist
+    disagree = f"compiled and uncompiled training disagree with torch {torch.__version__} on {x.device}: "
     rtol = 0.05 if low_precision else 0.01
 
     def one_pass(sign):
@@ -230,9 +232,10 @@ def compiled_step_problem(model, raw_model, x, y, loss_scale, *, autocast, low_p
         dist.all_reduce(summary, op=dist.ReduceOp.MAX)
     worst = int(summary[1:].argmax())
     if summary[0] > rtol:
-        return f"the loss of one micro-batch is {compiled_loss.item():.6g} compiled, {eager_loss.item():.6g} uncompiled"
+        return (f"{disagree}the loss of one micro-batch is {compiled_loss.item():.6g} compiled, "
+                f"{eager_loss.item():.6g} uncompiled")
     if summary[1 + worst] > rtol:
         name = [name for name, _ in raw_model.named_parameters()][worst]
-        return (f"the gradient of {name} has norm {compiled_norm[worst].item():.4g} compiled, and is "
+        return (f"{disagree}the gradient of {name} has norm {compiled_norm[worst].item():.4g} compiled, and is "
                 f"{difference[worst].item():.4g} away from the uncompiled one")
     return None

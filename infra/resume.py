@@ -106,14 +106,25 @@ def _foreign_shape(out_dir, source):
 
 
 def start_counters(source, resuming):
-    """(step, tokens_seen, parent, good_checkpoint) at the start. parent is the checkpoint the run's weights
-    came from; good_checkpoint is the newest of this run known to hold finite weights and evaluation. A
-    resumed run takes all four from its checkpoint; a handoff starts at step 0 with that checkpoint as parent."""
+    """(step, tokens_seen, parent, good_checkpoint, best_val_loss) at the start. parent is the checkpoint
+    the run's weights came from; good_checkpoint is the newest of this run known to hold finite weights
+    and evaluation; best_val_loss the run's lowest so far (a checkpoint far above it is refused:
+    DIVERGED_NATS). A resumed run takes all five from its checkpoint; a handoff starts at step 0 with
+    that checkpoint as parent."""
     if source is None:
-        return 0, 0, None, None
+        return 0, 0, None, None, None
     if resuming:
-        return source["step"], source["tokens_seen"], source["parent"], source["path"]
-    return 0, 0, source["path"], None
+        return source["step"], source["tokens_seen"], source["parent"], source["path"], source.get("best_val_loss")
+    return 0, 0, source["path"], None, None
+
+
+def shape_from_start(source, config):
+    """The model settings of config that the start checkpoint overrides, {name: its value}: the model's
+    shape is the checkpoint's, so a later stage's config need not repeat it (vocab_size 0 means the data's)."""
+    if source is None:
+        return {}
+    return {k: v for k, v in source["model_args"].items() if k in config and config[k] != v
+            and not (k == "vocab_size" and config[k] == 0)}
 
 
 def model_args_for(start, settings, *, tokenizer, data_vocab, data_dir):
