@@ -121,30 +121,8 @@ def jsonl_documents(path, field):
             yield f"{path}:{line_number}", record[field], None
 
 
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-CHAT_FORMATS = ('{"messages": [{"role": "system"|"user"|"assistant", "content": ...}]} (OpenAI) or '
-                '{"conversations": [{"from": "system"|"human"|"gpt", "value": ...}]} (ShareGPT)')
-
-
-def conversation(record):
-    """(messages, problem) of one chat record in either format: OpenAI's {"messages": [{"role", "content"}]}
-    or ShareGPT's {"conversations": [{"from", "value"}]}, the latter renamed to the former."""
-    if isinstance(record, dict) and "conversations" in record and "messages" not in record:
-        turns = record["conversations"]
-        if not isinstance(turns, list) or not all(isinstance(t, dict) and t.get("from") in SHAREGPT_ROLES
-                                                  and isinstance(t.get("value"), str) for t in turns):
-            return None, f"a ShareGPT turn is not {{'from': {'|'.join(SHAREGPT_ROLES)}, 'value': str}}"
-        messages = [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in turns]
-    elif isinstance(record, dict) and "messages" in record:
-        messages = record["messages"]
-    else:
-        return None, "neither a 'messages' (OpenAI) nor a 'conversations' (ShareGPT) list"
-    problem = tok.chat_problem(messages)
-    return (None, problem) if problem else ([{"role": m["role"], "content": m["content"]} for m in messages], None)
-
-
 def chat_documents(path):
-    """One conversation per line, in either format conversation() reads. A bad line is skipped and
+    """One conversation per line, in either format tokenizer.chat_messages reads. A bad line is skipped and
     reported rather than failing a whole dataset for it; a file with no conversation at all is refused."""
     found = False
     with open(path, encoding="utf-8", errors="surrogateescape") as f:
@@ -157,11 +135,11 @@ def chat_documents(path):
             except json.JSONDecodeError as e:
                 yield where, None, f"not valid JSON ({e.msg})"
                 continue
-            messages, problem = conversation(record)
+            messages, problem = tok.chat_messages(record)
             found |= problem is None
             yield where, messages, problem
     if not found:
-        fail(f"{path}: no line is a conversation; --chat=True takes one per line, {CHAT_FORMATS}")
+        fail(f"{path}: no line is a conversation; --chat=True takes one per line, {tok.CHAT_FORMATS}")
 
 
 def parquet_documents(path, field):
@@ -188,7 +166,7 @@ def hf_documents(name):
     stream = datasets.load_dataset(name, hf_config, split=hf_split, streaming=True)
     for row, record in enumerate(stream):
         if chat:  # conversations in a "messages" or "conversations" column, checked like a .jsonl line
-            yield f"{name}:{row}", *conversation(record)
+            yield f"{name}:{row}", *tok.chat_messages(record)
         else:
             yield f"{name}:{row}", record[text_field], None
 
@@ -226,7 +204,7 @@ def source_documents():
                 fail(f"{path}: not readable")
             if chat:
                 if not path.endswith(".jsonl"):
-                    fail(f"{path}: --chat=True takes .jsonl files of conversations, {CHAT_FORMATS}")
+                    fail(f"{path}: --chat=True takes .jsonl files of conversations, {tok.CHAT_FORMATS}")
                 yield from chat_documents(path)
             elif path.endswith(".jsonl"):
                 yield from jsonl_documents(path, text_field)
@@ -351,19 +329,10 @@ def build_tokenizer(spec):
         print(f"trained a BPE tokenizer of {enc.n_vocab} tokens on {progress.bytes / 1e6:,.1f} MB in "
               f"{time.time() - progress.start:.1f}s", file=sys.stderr, flush=True)
         return enc
-    if spec in tok.TIKTOKEN_NAMES:
-        return tok.from_tiktoken_name(spec)
-    if spec == "bytes":
-        return tok.byte_tokenizer()
-    if spec.startswith("hf:"):  # the tokenizer of a Hugging Face model directory
-        try:
-            return tok.tokenizer_from_hf(spec[3:])
-        except (FileNotFoundError, ValueError) as e:
-            fail(str(e))
-    if os.path.isfile(os.path.join(spec, "tokenizer.json")):
-        return tok.load_tokenizer(spec)
-    fail(f"unknown --tokenizer={spec}: use bpe, one of {', '.join(tok.TIKTOKEN_NAMES)}, bytes, "
-         f"a directory holding a tokenizer.json, or hf:<model directory>")
+    try:
+        return tok.named_tokenizer(spec)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
 
 
 def build(out):

@@ -11,6 +11,8 @@ reuses the pretrain tokenizer and no id ever changes:
     <|endoftext|>                 begins every document (BOS) and separates documents
     <|im_start|>, <|im_end|>      the chat template (ChatML): <|im_start|>role\\ncontent<|im_end|>\\n
     <|reserved_0..4|>             kept free for later formats (tool calls, ...)
+
+Also here: the chat template, and the reading of a chat record in OpenAI's or ShareGPT's form.
 """
 import base64
 import json
@@ -190,6 +192,21 @@ def tokenizer_from_hf(directory):
                              mergeable_ranks=ranks, special_tokens=specials)
 
 
+def named_tokenizer(spec):
+    """The tokenizer a name gives: a tiktoken encoding, "bytes", "hf:<model directory>" or a directory
+    holding a tokenizer.json. Raises ValueError (or FileNotFoundError) saying what is accepted."""
+    if spec in TIKTOKEN_NAMES:
+        return from_tiktoken_name(spec)
+    if spec == "bytes":
+        return byte_tokenizer()
+    if spec.startswith("hf:"):
+        return tokenizer_from_hf(spec[3:])
+    if os.path.isfile(os.path.join(spec, "tokenizer.json")):
+        return load_tokenizer(spec)
+    raise ValueError(f"unknown --tokenizer={spec}: use bpe, one of {', '.join(TIKTOKEN_NAMES)}, bytes, "
+                     f"a directory holding a tokenizer.json, or hf:<model directory>")
+
+
 # The chat template (ChatML) as Jinja, for Hugging Face's apply_chat_template; encode_chat is the
 # same rendering, token for token, with the loss mask that finetuning uses.
 CHAT_TEMPLATE = (
@@ -209,6 +226,29 @@ def chat_problem(messages):
     if bad is not None:
         return f"a message is not {{'role': {'|'.join(CHAT_ROLES)}, 'content': str}}: {str(bad)[:100]}"
     return None
+
+
+# A chat record in OpenAI's form, or ShareGPT's (renamed to OpenAI's).
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+CHAT_FORMATS = ('{"messages": [{"role": "system"|"user"|"assistant", "content": ...}]} (OpenAI) or '
+                '{"conversations": [{"from": "system"|"human"|"gpt", "value": ...}]} (ShareGPT)')
+
+
+def chat_messages(record):
+    """(messages, problem) of one chat record in either format: OpenAI's {"messages": [{"role", "content"}]}
+    or ShareGPT's {"conversations": [{"from", "value"}]}, the latter renamed to the former."""
+    if isinstance(record, dict) and "conversations" in record and "messages" not in record:
+        turns = record["conversations"]
+        if not isinstance(turns, list) or not all(isinstance(t, dict) and t.get("from") in SHAREGPT_ROLES
+                                                  and isinstance(t.get("value"), str) for t in turns):
+            return None, f"a ShareGPT turn is not {{'from': {'|'.join(SHAREGPT_ROLES)}, 'value': str}}"
+        messages = [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in turns]
+    elif isinstance(record, dict) and "messages" in record:
+        messages = record["messages"]
+    else:
+        return None, "neither a 'messages' (OpenAI) nor a 'conversations' (ShareGPT) list"
+    problem = chat_problem(messages)
+    return (None, problem) if problem else ([{"role": m["role"], "content": m["content"]} for m in messages], None)
 
 
 def encode_chat(enc, messages, add_generation_prompt=False):

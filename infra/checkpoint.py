@@ -232,9 +232,6 @@ def rotate(out_dir, keep_last, keep_every):
             shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
 
 
-# ---- the training state, by tensor name ---------------------------------------------------------
-
-
 # ---- reading ----------------------------------------------------------------------------------
 def set_aside_paths(out_dir):
     """The checkpoints of out_dir that failed to load and were set aside (ckpt_<step>.corrupt[-N])."""
