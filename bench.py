@@ -171,7 +171,7 @@ optimizers = [torch.optim.AdamW(groups["adamw"], lr=c["learning_rate"], betas=(c
 if c["use_muon"]:
     optimizers.append(Muon(groups["muon"], lr=c["muon_lr"], weight_decay=c["muon_weight_decay"],
                            momentum=c["muon_momentum"], orthogonalize=c["muon_orthogonalize"],
-                           neuron_norm=c["muon_neuron_norm"]))
+                           cautious_decay=c["muon_cautious_decay"], neuron_norm=c["muon_neuron_norm"]))
 for opt in optimizers:  # the divergence guard's flag, as train.py sets it: the optimizers' own code path
     opt.found_inf = torch.zeros((), device=device)
 x = torch.randint(0, vocab_size, (micro_batch_size, block_size), device=device)

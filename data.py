@@ -315,9 +315,10 @@ def learned_targets(datasets, split, windows, block_size):
     return count
 
 
-def open_mixture(mixture, block_size, align_to_documents=False):
+def open_mixture(mixture, block_size, align_to_documents=False, use_loss_mask=False):
     """(datasets, weights summing to 1, the tokenizer) of {dataset directory: weight}; a mixture's
-    datasets must share one tokenizer. Problems raise ValueError or FileNotFoundError."""
+    datasets must share one tokenizer, and with use_loss_mask each must have something to learn.
+    Problems raise ValueError or FileNotFoundError."""
     import tokenizer as tok
     if not isinstance(mixture, dict) or not mixture or not all(
             isinstance(w, (int, float)) and not isinstance(w, bool) and 0 < w < float("inf") for w in mixture.values()):
@@ -332,6 +333,10 @@ def open_mixture(mixture, block_size, align_to_documents=False):
         if not tok.same_ids(tok.tokenizer_state(encoder), tok.tokenizer_state(encoders[0])):
             raise ValueError(f"{dataset.directory} and {datasets[0].directory} use different tokenizers: a mixture "
                              f"needs one (prepare with --tokenizer=<the first dataset's directory>)")
+    nothing = [d.directory for d in datasets if d.meta["splits"]["train"].get("learned_tokens") == 0]
+    if use_loss_mask and nothing:  # (older datasets do not count them)
+        raise ValueError(f"{nothing[0]}: its train split has no assistant message, so use_loss_mask leaves nothing "
+                         f"to learn; prepare it from conversations with answers")
     return datasets, np.array(list(mixture.values()), dtype=np.float64) / sum(mixture.values()), encoders[0]
 
 

@@ -61,8 +61,8 @@ def check_model_args(values, where="model config"):
         values = asdict(values)
     if not isinstance(values, dict):
         raise ValueError(f"{where}: model_args must be a dict, got {type(values).__name__}")
-    problems = [f"model_args has unknown keys {sorted(set(values) - {f.name for f in fields(ModelArgs)})}"] \
-        if set(values) - {f.name for f in fields(ModelArgs)} else []
+    unknown = set(values) - {f.name for f in fields(ModelArgs)}
+    problems = [f"model_args has unknown keys {sorted(unknown)}"] if unknown else []
     for field in fields(ModelArgs):
         if field.name not in values:
             if field.name != "norm_eps":  # older checkpoints have the default

@@ -21,6 +21,8 @@ import os
 import numpy as np
 import tiktoken
 
+from data import read_json
+
 BOS = "<|endoftext|>"
 SPECIAL_TOKENS = [BOS, "<|im_start|>", "<|im_end|>"] + [f"<|reserved_{i}|>" for i in range(5)]
 
@@ -132,8 +134,7 @@ def load_tokenizer(directory):
     path = os.path.join(directory, "tokenizer.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no tokenizer.json in {directory}: prepare the data with prepare.py first")
-    with open(path) as f:
-        state = json.load(f)
+    state = read_json(path, fix="write it again (prepare.py, or export_hf.py for an export)")
     if "ranks_file" not in state:
         raise ValueError(f"{path} is not a tokenizer saved by this repo (a Hugging Face model's? use hf:{directory})")
     with open(os.path.join(directory, state.pop("ranks_file"))) as f:

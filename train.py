@@ -124,7 +124,7 @@ from infra.checkpoint import checkpoint_failure, wait_for_checkpoint
 from infra.device import (busy_cpu_warning, device_name, device_peak_flops, peak_memory_mb, resolve_compile,
                           resolve_device)
 from infra.parallel import (clip_grad_norm, compiled_step_problem, found_inf_problem, join_process_group,
-                            mean_over_ranks, reshard, state_bytes, sync_gradients, wrap)
+                            mean_over_ranks, reshard, state_bytes, stop_agreed, sync_gradients, wrap)
 from infra.resume import (Finished, Refused, load_state, model_args_for, save_training_state, shape_from_start,
                           start_counters, start_point, training_meta)
 from infra.rundir import catch_stop_signals, end_run, fail_on, log, log_line, open_run_log, stop_signal
@@ -202,12 +202,9 @@ tasks_scored = start_ckpt is not None and not resuming and start_ckpt.get("confi
 
 # ---- data: the windows of step s come from default_rng((seed, s)) -----------------------------------
 with fail_on(FileNotFoundError, ValueError):
-    datasets, mixture_weights, encoder = open_mixture(data_mixture or {data_dir: 1.0}, block_size, align_windows)
+    datasets, mixture_weights, encoder = open_mixture(data_mixture or {data_dir: 1.0}, block_size, align_windows,
+                                                      use_loss_mask=use_loss_mask)
 encoder_state, meta = tok.tokenizer_state(encoder), datasets[0].meta  # checkpoints embed the tokenizer
-nothing = [d.directory for d in datasets if d.meta["splits"]["train"].get("learned_tokens") == 0]
-if use_loss_mask and nothing:  # (older datasets do not count them)
-    fail(f"{nothing[0]}: its train split has no assistant message, so use_loss_mask leaves nothing to learn; "
-         f"prepare it from conversations with answers")
 for warning in val_split_warnings(datasets, eval_iters=eval_iters,
                                   tokens_per_eval_iter=micro_batch_size * world_size * block_size):
     log(warning)
@@ -267,8 +264,7 @@ adamw, muon = optimizers["adamw"], optimizers.get("muon")
 log(summary)
 # the divergence guard skips a step by setting each optimizer's found_inf: one that ignores it is refused
 if problem := found_inf_problem(optimizers, gpt.parameters()):
-    fail(f"{problem}: a step with a non-finite loss would be applied; build it so that it skips its step "
-         f"when found_inf is nonzero (as torch's fused AdamW and muon.py do)")
+    fail(problem)
 # Resuming is exact without saving any random generator's state: nothing draws from one after the
 # initialisation above (no dropout), and the data is a function of the step.
 if start_ckpt is not None:  # each rank reads the rows it holds
@@ -431,9 +427,7 @@ while True:
         fail(str(error))
 
     # on a stop signal: all ranks must stop at the same step, so they agree (a collective) on log steps
-    stop = stop_signal() is not None
-    if distributed:
-        stop = step % log_interval == 0 and mean_over_ranks(torch.tensor(float(stop), device=device)) > 0
+    stop = stop_agreed(stop_signal() is not None, at_log_step=step % log_interval == 0, device=device)
     if stop and step < max_iters:
         log(f"stopping at step {step} on a signal")
         write_checkpoint(step, tokens_seen, None, good_checkpoint)  # no evaluation at this step

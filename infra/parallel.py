@@ -25,7 +25,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from muon import row_range
 
 
-
 def join_process_group(device, device_type, local_rank):
     """Under torchrun: this rank's device (cuda:LOCAL_RANK on CUDA), then the process group (NCCL on
     CUDA, gloo on the CPU). Its timeout turns a rank that died or hung into an error on the others
@@ -153,6 +152,15 @@ def mean_over_ranks(tensor):
     return tensor.item()
 
 
+def stop_agreed(requested, *, at_log_step, device):
+    """Whether the run stops now on a stop request (a signal) that may have reached only some ranks:
+    all ranks must stop at the same step, so with several they agree by a collective, at log steps
+    only (no host sync in between); one process stops at once."""
+    if not dist.is_initialized():
+        return requested
+    return at_log_step and mean_over_ranks(torch.tensor(float(requested), device=device)) > 0
+
+
 def state_bytes(raw_model, optimizers):
     """The bytes of this rank's parameters, gradients and optimizer state ({name: optimizer}; the local
     shards under FSDP2)."""
@@ -190,7 +198,8 @@ def found_inf_problem(optimizers, parameters):
             break
     for p in parameters:
         p.grad = None
-    return problem
+    return problem and (f"{problem}: a step with a non-finite loss would be applied; build it so that it skips "
+                        f"its step when found_inf is nonzero (as torch's fused AdamW and muon.py do)")
 
 
 def compiled_step_problem(model, raw_model, x, y, loss_scale, *, autocast, low_precision):
@@ -203,7 +212,6 @@ def compiled_step_problem(model, raw_model, x, y, loss_scale, *, autocast, low_p
     steps and the gradients are dropped, so training then starts exactly as it would without it.
     low_precision (bf16 or fp8): compiled kernels round differently, so within 5%; in fp32 (TF32 on
     CUDA) within 1%."""
-    import torch.distributed as dist
     disagree = f"compiled and uncompiled training disagree with torch {torch.__version__} on {x.device}: "
     rtol = 0.05 if low_precision else 0.01
 

@@ -190,6 +190,13 @@ def test_prepare_replaces_lone_surrogates_and_skips_files_that_are_not_text(tmp_
     shutil.copy(docs / "program.txt", tmp_path / "bins" / "a.txt")
     result = run("prepare.py", str(tmp_path / "bins"), f"--out={tmp_path}/none", check=False)
     assert result.returncode != 0 and "the sources hold no text" in result.stderr and not (tmp_path / "none").exists()
+    # a tokenizer directory whose tokenizer.json is damaged: one line naming it, and no dataset
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / "tokenizer.json").write_text("{not json")
+    result = run("prepare.py", str(docs), f"--tokenizer={tmp_path}/damaged", f"--out={tmp_path}/none",
+                 "--val_fraction=0.2", check=False)
+    assert f"{tmp_path / 'damaged' / 'tokenizer.json'} is corrupt" in one_line_error(result)
+    assert not (tmp_path / "none").exists()
 
 
 def test_an_empty_split_is_named(tmp_path):
